@@ -1,0 +1,87 @@
+"""Semantic-FPN head and the light semantic decoder (SPEC section 3)."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from semask_jax.models import layers
+from semask_jax.models.resize import resize_bilinear, upsample2x
+
+# mmcv ConvModule: kaiming_normal(fan_out, relu) for the conv.
+_conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class ConvModule(nnx.Module):
+  """Conv3x3 (no bias) -> BatchNorm -> ReLU, named like mmcv's ConvModule."""
+
+  def __init__(self, in_ch: int, out_ch: int, *, dtype, rngs: nnx.Rngs):
+    self.conv = layers.Conv2d(in_ch, out_ch, 3, padding=1, use_bias=False,
+                              kernel_init=_conv_init, dtype=dtype, rngs=rngs)
+    self.bn = layers.BatchNorm(out_ch)
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    return jax.nn.relu(self.bn(self.conv(x), train=train))
+
+
+class Upsample(nnx.Module):
+  """Parameter-free x2 bilinear upsample; a module so that list indices match mmseg's."""
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    del train
+    return upsample2x(x)
+
+
+class FPNHead(nnx.Module):
+  """Semantic-FPN: per-level conv/upsample towers summed at stride 4, then conv_seg."""
+
+  def __init__(self, in_channels: Sequence[int], num_classes: int, *, channels: int = 256,
+               strides: Sequence[int] = (4, 8, 16, 32), dropout: float = 0.1,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    heads = []
+    for i, stride in enumerate(strides):
+      n = max(1, int(math.log2(stride // strides[0])))
+      units = []
+      for k in range(n):
+        units.append(ConvModule(in_channels[i] if k == 0 else channels, channels,
+                                dtype=dtype, rngs=rngs))
+        if stride != strides[0]:
+          units.append(Upsample())
+      heads.append(nnx.List(units))
+    self.scale_heads = nnx.List(heads)
+    self.conv_seg = layers.Conv2d(channels, num_classes, 1,
+                                  kernel_init=nnx.initializers.normal(0.01),
+                                  dtype=dtype, rngs=rngs)
+    self.conv_seg.bias[...] = jnp.zeros_like(self.conv_seg.bias[...])
+    self.dropout = dropout
+
+  def __call__(self, feats: Sequence[jax.Array], *, train: bool,
+               rng: jax.Array | None) -> jax.Array:
+    """feats: stride-4..32 maps [B, h_i, w_i, C_i] -> logits [B, h_0, w_0, K] float32."""
+    out = None
+    for i, head in enumerate(self.scale_heads):
+      y = feats[i]
+      for unit in head:
+        y = unit(y, train=train)
+      out = y if out is None else out + resize_bilinear(y, out.shape[1:3])
+    out = layers.dropout(out, self.dropout, rng, broadcast_dims=(1, 2))  # Dropout2d.
+    return self.conv_seg(out).astype(jnp.float32)
+
+
+def semantic_decoder(sems: Sequence[jax.Array], strides: Sequence[int] = (4, 8, 16, 32)
+                     ) -> jax.Array:
+  """Sum of the semantic maps, each brought to stride 4 by successive x2 upsamples.
+
+  Two or three x2 steps are not the same numbers as one x4 or x8 resize,
+  so the steps are kept as the reference takes them.
+  """
+  out = sems[0]
+  for i in range(1, len(sems)):
+    y = sems[i]
+    for _ in range(int(math.log2(strides[i] // strides[0]))):
+      y = upsample2x(y)
+    out = out + resize_bilinear(y, out.shape[1:3])
+  return out

@@ -1,0 +1,155 @@
+"""Small building blocks shared by the backbone and the decoders.
+
+Parameter leaf names follow Flax (`kernel`, `scale`, `bias`); module names
+follow the reference PyTorch checkpoint so that conversion is a name map.
+Norms, softmaxes and the loss run in float32 whatever the compute dtype.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# Every Linear of the reference backbone ends up trunc_normal(std=0.02) with
+# bounds (-2, 2) in absolute terms, i.e. effectively an untruncated normal.
+linear_init = nnx.initializers.normal(stddev=0.02)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, as torch.nn.GELU(); Flax's default is the tanh form."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel + bias with the reference initialisation; kernel [in, out]."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(linear_init(rngs.params(), (in_features, out_features), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """torch.nn.LayerNorm (eps 1e-5), computed in float32, output in `dtype`."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-5, dtype: jnp.dtype = jnp.float32):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+class Conv2d(nnx.Module):
+  """NHWC convolution with a [kh, kw, in, out] kernel and torch-style padding."""
+
+  def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1,
+               padding: int = 0, use_bias: bool = True, kernel_init=None,
+               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    shape = (kernel_size, kernel_size, in_ch, out_ch)
+    if kernel_init is None:  # torch's default Conv2d init: kaiming_uniform(a=sqrt(5)).
+      kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    self.kernel = nnx.Param(kernel_init(rngs.params(), shape, jnp.float32))
+    if use_bias:
+      bound = 1.0 / np.sqrt(in_ch * kernel_size * kernel_size)
+      self.bias = nnx.Param(jax.random.uniform(rngs.params(), (out_ch,), jnp.float32, -bound, bound))
+    else:
+      self.bias = None
+    self.stride = stride
+    self.padding = padding
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    p = self.padding
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+        window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class BatchNorm(nnx.Module):
+  """torch.nn.BatchNorm2d semantics over the last axis of NHWC inputs.
+
+  Training normalises with the biased batch variance and updates the running
+  variance with the unbiased one (as torch does), so that statistics carried
+  over from or to a reference checkpoint mean the same thing. Under jit with
+  the batch sharded over a mesh, the mean over the batch axis is a global
+  reduction: this is SyncBN without any explicit collective.
+  """
+
+  def __init__(self, dim: int, *, eps: float = 1e-5, momentum: float = 0.1):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.mean = nnx.BatchStat(jnp.zeros((dim,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((dim,), jnp.float32))
+    self.eps = eps
+    self.momentum = momentum
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      mean = x32.mean(axes)
+      var = jnp.square(x32 - mean).mean(axes)
+      n = np.prod([x.shape[a] for a in axes])
+      unbiased = var * (n / max(n - 1, 1))
+      m = self.momentum
+      self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+      self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+    else:
+      mean, var = self.mean[...], self.var[...]
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+    return y.astype(x.dtype)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None, *,
+            broadcast_dims: tuple[int, ...] = ()) -> jax.Array:
+  """Inverted dropout; identity when rng is None (eval) or rate == 0."""
+  if rng is None or rate == 0.0:
+    return x
+  shape = list(x.shape)
+  for d in broadcast_dims:
+    shape[d] = 1
+  keep = jax.random.bernoulli(rng, 1.0 - rate, shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Stochastic depth: drops the whole residual branch per sample."""
+  return dropout(x, rate, rng, broadcast_dims=tuple(range(1, x.ndim)))
+
+
+class KeyChain:
+  """Hands out distinct dropout keys to successive stochastic layers.
+
+  The model takes one key per call; every layer that needs randomness asks
+  for the next key in a fixed order, so a given (key, step) is reproducible.
+  Returns None throughout when the model runs deterministically.
+  """
+
+  def __init__(self, rng: jax.Array | None):
+    self._rng = rng
+    self._n = 0
+
+  def next(self) -> jax.Array | None:
+    if self._rng is None:
+      return None
+    self._n += 1
+    return jax.random.fold_in(self._rng, self._n)

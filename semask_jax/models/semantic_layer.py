@@ -1,0 +1,92 @@
+"""The SeMask semantic layer (SPEC section 2).
+
+After the Swin blocks of a stage, y = LN(x) goes through `num_sem_blocks`
+semantic-attention blocks. Each predicts a K-channel semantic prior q (the map
+supervised by the semantic decoder), uses it as query and a second K-channel
+projection as key over the tokens, and adds gamma * proj(attn @ v) to its input.
+The result replaces the stage's tokens (no skip around the layer).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from semask_jax.models import layers
+from semask_jax.models.windows import pad_to_multiple, window_partition, window_reverse
+
+
+class SemanticAttention(nnx.Module):
+  """One block of `class_injection`: single-head attention with class-space q/k.
+
+  attention='plain' is the paper's Table 3 ablation: q/k become ordinary C->C
+  projections (scaled by C^-0.5) while mlp_cls_q still predicts the semantic
+  map for the semantic decoder.
+  """
+
+  def __init__(self, dim: int, num_classes: int, *, use_gamma: bool, attention: str,
+               dropout: float, dtype, rngs: nnx.Rngs):
+    if attention not in ("semantic", "plain"):
+      raise ValueError(f"sem_attention must be 'semantic' or 'plain', got {attention!r}")
+    self.attention = attention
+    self.mlp_cls_q = layers.Linear(dim, num_classes, dtype=dtype, rngs=rngs)
+    if attention == "semantic":
+      self.mlp_cls_k = layers.Linear(dim, num_classes, dtype=dtype, rngs=rngs)
+      self.scale = 1.0  # The reference does not scale q k^T.
+    else:
+      self.mlp_q = layers.Linear(dim, dim, dtype=dtype, rngs=rngs)
+      self.mlp_k = layers.Linear(dim, dim, dtype=dtype, rngs=rngs)
+      self.scale = dim ** -0.5
+    self.mlp_v = layers.Linear(dim, dim, dtype=dtype, rngs=rngs)
+    self.mlp_res = layers.Linear(dim, dim, dtype=dtype, rngs=rngs)
+    self.gamma = nnx.Param(jnp.zeros((1,), jnp.float32)) if use_gamma else None
+    self.dropout = dropout
+
+  def __call__(self, y: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """y: [B, nW, N, C] token groups -> (new y, semantic map [B, nW, N, K])."""
+    sem = self.mlp_cls_q(y)
+    if self.attention == "semantic":
+      q, k = sem, self.mlp_cls_k(y)
+    else:
+      q, k = self.mlp_q(y), self.mlp_k(y)
+    logits = jnp.einsum("bwqc,bwkc->bwqk", q, k).astype(jnp.float32) * self.scale
+    attn = jax.nn.softmax(logits, axis=-1).astype(y.dtype)
+    f = self.mlp_res(jnp.einsum("bwqk,bwkc->bwqc", attn, self.mlp_v(y)))
+    f = layers.dropout(f, self.dropout, rng)
+    if self.gamma is not None:
+      f = f * self.gamma[...].astype(f.dtype)
+    return f + y, sem
+
+
+class SemanticLayer(nnx.Module):
+  """LN, then semantic attention windowed (no shift) or over the whole map."""
+
+  def __init__(self, dim: int, num_classes: int, num_blocks: int, *, window_size: int,
+               global_attention: bool, use_gamma: bool = True, attention: str = "semantic",
+               dropout: float = 0.1, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.window_size = window_size
+    self.global_attention = global_attention
+    self.norm1 = layers.LayerNorm(dim, dtype=dtype)
+    self.class_injection = nnx.List([
+        SemanticAttention(dim, num_classes, use_gamma=use_gamma, attention=attention,
+                          dropout=dropout, dtype=dtype, rngs=rngs)
+        for _ in range(num_blocks)])
+
+  def __call__(self, x: jax.Array, keys: layers.KeyChain) -> tuple[jax.Array, jax.Array]:
+    """x: [B, H, W, C] -> (y [B, H, W, C], semantic map [B, H, W, K] float32)."""
+    b, h, w, c = x.shape
+    y = self.norm1(x)
+    if self.global_attention:
+      y = y.reshape(b, 1, h * w, c)
+    else:  # Zero padding after the norm; padded tokens take part, no mask.
+      m = self.window_size
+      y = window_partition(pad_to_multiple(y, m), m)
+    for blk in self.class_injection:
+      y, sem = blk(y, keys.next())
+    if self.global_attention:
+      y, sem = y.reshape(b, h, w, c), sem.reshape(b, h, w, -1)
+    else:
+      hp, wp = -(-h // m) * m, -(-w // m) * m
+      y = window_reverse(y, m, hp, wp)[:, :h, :w]
+      sem = window_reverse(sem, m, hp, wp)[:, :h, :w]
+    return y, sem.astype(jnp.float32)

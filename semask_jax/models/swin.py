@@ -1,0 +1,212 @@
+"""SeMask Swin backbone, segmentation flavour (SPEC section 1).
+
+Layout is NHWC throughout ([B, H, W, C] token grids). Differences from the
+classification Swin that matter for equal numbers: any input size (zero
+padding to multiples of 4, of the window, and to even sizes before merging),
+padding after norm1 with padded tokens taking part in attention, and the
+shift in every odd block of every stage whatever the map size.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from semask_jax.models import layers
+from semask_jax.models.semantic_layer import SemanticLayer
+from semask_jax.models.windows import (pad_to_multiple, relative_position_index, shift_mask,
+                                       window_partition, window_reverse)
+
+
+# ----------------------------------------------------------------------------
+# Modules.
+# ----------------------------------------------------------------------------
+
+class Mlp(nnx.Module):
+  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+    self.fc1 = layers.Linear(dim, hidden, dtype=dtype, rngs=rngs)
+    self.fc2 = layers.Linear(hidden, dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(layers.gelu(self.fc1(x)))
+
+
+class WindowAttention(nnx.Module):
+  """Multi-head attention inside m x m windows with the relative position bias."""
+
+  def __init__(self, dim: int, num_heads: int, window_size: int, *, dtype, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.window_size = window_size
+    self.scale = (dim // num_heads) ** -0.5
+    self.relative_position_bias_table = nnx.Param(
+        layers.linear_init(rngs.params(), ((2 * window_size - 1) ** 2, num_heads), jnp.float32))
+    self.qkv = layers.Linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
+    self.proj = layers.Linear(dim, dim, dtype=dtype, rngs=rngs)
+    self.dtype = dtype
+
+  def relative_bias(self) -> jax.Array:
+    """[heads, N, N] float32."""
+    n = self.window_size ** 2
+    idx = relative_position_index(self.window_size).reshape(-1)
+    bias = self.relative_position_bias_table[...][idx].reshape(n, n, self.num_heads)
+    return bias.transpose(2, 0, 1)
+
+  def __call__(self, x: jax.Array, mask: np.ndarray | None) -> jax.Array:
+    """x: [B, nW, N, C]; mask: [nW, N, N] or None."""
+    b, nw, n, c = x.shape
+    h = self.num_heads
+    qkv = self.qkv(x).reshape(b, nw, n, 3, h, c // h)
+    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # [B, nW, N, h, d]
+    q = q * jnp.asarray(self.scale, q.dtype)
+    logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k).astype(jnp.float32)
+    logits = logits + self.relative_bias()[None, None]
+    if mask is not None:
+      logits = logits + jnp.asarray(mask)[None, :, None]
+    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bwhqk,bwkhd->bwqhd", attn, v).reshape(b, nw, n, c)
+    return self.proj(out)
+
+
+class SwinBlock(nnx.Module):
+  """(Shifted) window attention + MLP, pre-norm, with stochastic depth."""
+
+  def __init__(self, dim: int, num_heads: int, window_size: int, shift: int,
+               drop_path: float, *, dtype, rngs: nnx.Rngs):
+    self.window_size = window_size
+    self.shift = shift
+    self.drop_path = drop_path
+    self.norm1 = layers.LayerNorm(dim, dtype=dtype)
+    self.attn = WindowAttention(dim, num_heads, window_size, dtype=dtype, rngs=rngs)
+    self.norm2 = layers.LayerNorm(dim, dtype=dtype)
+    self.mlp = Mlp(dim, 4 * dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, keys: layers.KeyChain) -> jax.Array:
+    """x: [B, H, W, C]."""
+    b, h, w, c = x.shape
+    m, s = self.window_size, self.shift
+    y = pad_to_multiple(self.norm1(x), m)  # padding AFTER the norm: zeros attend.
+    hp, wp = y.shape[1:3]
+    if s:
+      y = jnp.roll(y, (-s, -s), axis=(1, 2))
+    y = window_partition(y, m)
+    y = self.attn(y, shift_mask(hp, wp, m, s) if s else None)
+    y = window_reverse(y, m, hp, wp)
+    if s:
+      y = jnp.roll(y, (s, s), axis=(1, 2))
+    y = y[:, :h, :w]
+    x = x + layers.drop_path(y, self.drop_path, keys.next())
+    x = x + layers.drop_path(self.mlp(self.norm2(x)), self.drop_path, keys.next())
+    return x
+
+
+class PatchMerging(nnx.Module):
+  """2x2 neighbourhood concat (reference channel order) -> LN(4C) -> Linear(4C, 2C)."""
+
+  def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
+    self.norm = layers.LayerNorm(4 * dim, dtype=dtype)
+    self.reduction = layers.Linear(4 * dim, 2 * dim, use_bias=False, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = pad_to_multiple(x, 2)
+    x = jnp.concatenate(
+        [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
+    return self.reduction(self.norm(x))
+
+
+class PatchEmbed(nnx.Module):
+  """Zero-pad to a multiple of 4, Conv 4x4 stride 4, LayerNorm."""
+
+  def __init__(self, embed_dim: int, patch_size: int = 4, *, dtype, rngs: nnx.Rngs):
+    self.patch_size = patch_size
+    self.proj = layers.Conv2d(3, embed_dim, patch_size, stride=patch_size, dtype=dtype, rngs=rngs)
+    self.norm = layers.LayerNorm(embed_dim, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.norm(self.proj(pad_to_multiple(x, self.patch_size)))
+
+
+class BasicLayer(nnx.Module):
+  """One stage: Swin blocks, an optional semantic layer, optional patch merging."""
+
+  def __init__(self, dim: int, depth: int, num_heads: int, window_size: int,
+               drop_paths: Sequence[float], *, num_classes: int, num_sem_blocks: int,
+               sem_window_size: int, sem_global: bool, use_gamma: bool, sem_attention: str,
+               sem_dropout: float, downsample: bool, remat: bool, dtype, rngs: nnx.Rngs):
+    self.blocks = nnx.List([
+        SwinBlock(dim, num_heads, window_size, 0 if j % 2 == 0 else window_size // 2,
+                  drop_paths[j], dtype=dtype, rngs=rngs)
+        for j in range(depth)])
+    self.semantic_layer = (
+        SemanticLayer(dim, num_classes, num_sem_blocks, window_size=sem_window_size,
+                      global_attention=sem_global, use_gamma=use_gamma,
+                      attention=sem_attention, dropout=sem_dropout, dtype=dtype, rngs=rngs)
+        if num_sem_blocks > 0 else None)
+    self.downsample = PatchMerging(dim, dtype=dtype, rngs=rngs) if downsample else None
+    self.remat = remat
+
+  def __call__(self, x: jax.Array, keys: layers.KeyChain
+               ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Returns (stage output, semantic map or None, input of the next stage or None)."""
+    for blk in self.blocks:
+      if self.remat:
+        # Keys are drawn outside the rematerialised function so the chain stays in order.
+        sub = [keys.next(), keys.next()]
+        x = nnx.remat(lambda b, x, k: b(x, _FixedKeys(k)))(blk, x, sub)
+      else:
+        x = blk(x, keys)
+    sem = None
+    if self.semantic_layer is not None:
+      x, sem = self.semantic_layer(x, keys)
+    nxt = self.downsample(x) if self.downsample is not None else None
+    return x, sem, nxt
+
+
+class _FixedKeys(layers.KeyChain):
+  """A KeyChain replaying a fixed list of keys (used under remat)."""
+
+  def __init__(self, ks):
+    super().__init__(None)
+    self._ks = list(ks)
+
+  def next(self):
+    return self._ks.pop(0)
+
+
+class SeMaskSwin(nnx.Module):
+  """SeMask Swin: four stages, feature maps at strides 4, 8, 16, 32 through norm0..norm3."""
+
+  def __init__(self, *, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int],
+               window_size: int, num_classes: int, num_sem_blocks: Sequence[int],
+               sem_window_size: int, sem_global: Sequence[bool], use_gamma: bool = True,
+               sem_attention: str = "semantic", sem_dropout: float = 0.1,
+               drop_path_rate: float = 0.3, remat: bool = False,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    self.num_stages = len(depths)
+    self.patch_embed = PatchEmbed(embed_dim, dtype=dtype, rngs=rngs)
+    dpr = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
+    stage_layers = []
+    for i, depth in enumerate(depths):
+      start = sum(depths[:i])
+      stage_layers.append(BasicLayer(
+          embed_dim * 2 ** i, depth, num_heads[i], window_size, dpr[start:start + depth],
+          num_classes=num_classes, num_sem_blocks=num_sem_blocks[i],
+          sem_window_size=sem_window_size, sem_global=sem_global[i], use_gamma=use_gamma,
+          sem_attention=sem_attention, sem_dropout=sem_dropout,
+          downsample=i < len(depths) - 1, remat=remat, dtype=dtype, rngs=rngs))
+    self.layers = nnx.List(stage_layers)
+    for i in range(len(depths)):
+      setattr(self, f"norm{i}", layers.LayerNorm(embed_dim * 2 ** i, dtype=dtype))
+
+  def __call__(self, x: jax.Array, keys: layers.KeyChain
+               ) -> tuple[list[jax.Array], list[jax.Array | None]]:
+    """x: [B, H, W, 3] -> (feats [B, H/4/2^i, W/4/2^i, C_i], sems [..., K] or None)."""
+    x = self.patch_embed(x)
+    feats, sems = [], []
+    for i, stage in enumerate(self.layers):
+      out, sem, x = stage(x, keys)
+      feats.append(getattr(self, f"norm{i}")(out))
+      sems.append(sem)
+    return feats, sems

@@ -1,0 +1,47 @@
+"""Device mesh and shardings: data parallelism over every device of every process.
+
+Parameters, optimizer state and batch-norm statistics are replicated; batches
+are split along the leading axis over the 'data' mesh axis. The axis is of type
+Auto (GSPMD propagation): under Explicit axes, the default of `jax.make_mesh`,
+the model's window reshapes of a sharded batch do not type-check.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = 'data'
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """1-D mesh over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else devices
+  if devices == jax.devices():
+    return jax.make_mesh((len(devices),), (DATA_AXIS,),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_sharded(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over the data axis, other axes whole."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places a host pytree (identical on every process) replicated on the mesh."""
+  sharding = replicated(mesh)
+  return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), tree)
+
+
+def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
+  n = mesh.size
+  if global_batch_size % n:
+    raise ValueError(f'config.batch_size={global_batch_size} (per micro step) is not divisible by '
+                     f'the {n} devices of the mesh; change batch_size or grad_accum_steps')
