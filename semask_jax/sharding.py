@@ -37,7 +37,12 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places a host pytree (identical on every process) replicated on the mesh."""
   sharding = replicated(mesh)
-  return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), tree)
+
+  def put(x: Any) -> jax.Array:
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+  return jax.tree_util.tree_map(put, tree)
 
 
 def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
