@@ -1,0 +1,255 @@
+"""Import PyTorch Swin / SeMask-FPN weights into the Flax model, and save them for training.
+
+Two sources (SPEC section 5):
+  * a Swin ImageNet checkpoint ({'model': state_dict}, no 'backbone.' prefix):
+    loaded into the backbone; norm.*, head.* and buffers are skipped; the
+    semantic layers, norm0..3 and the decoder keep their initialisation;
+    bias tables are resized bicubically when the windows differ;
+  * a trained SeMask-FPN / Swin-FPN checkpoint (mmcv {'state_dict': ...}):
+    every parameter and batch-norm statistic; the model config (variant,
+    window, class count) is read from the shapes.
+Anything that does not fit is refused with the missing, unexpected and
+mis-shaped keys listed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from convert_weights import names
+from convert_weights.bicubic import resize_bias_table
+from semask_jax.models import build_model, default_model_config
+
+StateDict = dict[str, np.ndarray]
+
+
+class ConversionError(ValueError):
+  """A checkpoint that does not fit the requested model."""
+
+
+@dataclasses.dataclass
+class ConversionReport:
+  source: str
+  used: list[str] = dataclasses.field(default_factory=list)        # torch keys loaded
+  skipped: list[str] = dataclasses.field(default_factory=list)     # torch keys deliberately dropped
+  new: list[str] = dataclasses.field(default_factory=list)         # model keys left at init
+  resized: list[str] = dataclasses.field(default_factory=list)      # bias tables interpolated
+  loaded: list[str] = dataclasses.field(default_factory=list)       # model names that were set
+
+  def summary(self) -> str:
+    return (f"{self.source}: used {len(self.used)} keys, skipped {len(self.skipped)} "
+            f"(buffers, norm.*, head.*), new {len(self.new)} (initialised), "
+            f"resized {len(self.resized)} bias tables")
+
+
+@dataclasses.dataclass
+class Conversion:
+  """In-memory result: the model with the weights in place, its config and the report."""
+  model: nnx.Module
+  config: Any
+  report: ConversionReport
+
+
+# ----------------------------------------------------------------------------
+# Reading .pth files.
+# ----------------------------------------------------------------------------
+
+def read_pth(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, Any]:
+  """torch.load a checkpoint on the CPU; the top-level dict, tensors as numpy."""
+  import torch  # Only needed to read .pth files.
+
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+  except Exception as e:  # noqa: BLE001 - report any unpickling failure with the file name.
+    hint = "" if allow_pickle else (" (if you trust this file, retry with allow_pickle=True / "
+                                    "--allow_pickle: it holds objects other than tensors)")
+    raise ConversionError(f"cannot read {path}: {e}{hint}") from e
+  if not isinstance(obj, dict):
+    raise ConversionError(f"{path}: expected a dict at the top level, got {type(obj).__name__}")
+  return obj
+
+
+def _to_numpy(sd: Mapping[str, Any]) -> StateDict:
+  out = {}
+  for k, v in sd.items():
+    if hasattr(v, "detach"):
+      v = v.detach().cpu().numpy()
+    out[k] = np.asarray(v)
+  return out
+
+
+def extract_state_dict(obj: Mapping[str, Any], source: str = "checkpoint") -> StateDict:
+  """The state dict of a Swin ({'model': ...}), mmcv ({'state_dict': ...}) or bare dict."""
+  for key in ("state_dict", "model"):
+    if key in obj and isinstance(obj[key], Mapping):
+      return _to_numpy(obj[key])
+  if all(hasattr(v, "shape") for v in obj.values()):
+    return _to_numpy(obj)
+  raise ConversionError(f"{source}: no 'state_dict' or 'model' entry; top-level keys "
+                        f"{sorted(obj)[:10]}")
+
+
+def _load(sd_or_path, allow_pickle: bool) -> tuple[StateDict, str]:
+  if isinstance(sd_or_path, (str, os.PathLike)):
+    return extract_state_dict(read_pth(sd_or_path, allow_pickle=allow_pickle),
+                              str(sd_or_path)), str(sd_or_path)
+  return extract_state_dict(sd_or_path, "state dict"), "state dict"
+
+
+# ----------------------------------------------------------------------------
+# The model side.
+# ----------------------------------------------------------------------------
+
+def model_leaves(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Variable]]:
+  """torch key -> (model path, variable) for every Param and BatchStat of the model."""
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))):
+    out[names.torch_key(path)] = (path, var)
+  return out
+
+
+def _is_buffer(key: str) -> bool:
+  return key.endswith(names.BUFFER_SUFFIXES)
+
+
+def _refuse(source: str, missing, unexpected, mismatched) -> None:
+  if not (missing or unexpected or mismatched):
+    return
+  def block(title, keys):
+    if not keys:
+      return ""
+    shown = "\n    ".join(keys[:40]) + (f"\n    ... and {len(keys) - 40} more" if len(keys) > 40 else "")
+    return f"\n  {title} ({len(keys)}):\n    {shown}"
+  raise ConversionError(
+      f"{source} does not fit the requested model:"
+      + block("missing keys", missing) + block("unexpected keys", unexpected)
+      + block("mis-shaped keys", mismatched))
+
+
+def load_state_dict(model: nnx.Module, sd: StateDict, *, source: str = "state dict",
+                    backbone_only: bool = False) -> ConversionReport:
+  """Copies a torch state dict into `model` in place, or raises ConversionError.
+
+  backbone_only: `sd` is a Swin ImageNet state dict (keys without 'backbone.');
+  the model keys it cannot provide (semantic layers, norm0..3, the decoder)
+  keep their initialisation; bias tables are resized when the windows differ.
+  """
+  report = ConversionReport(source=source)
+  leaves = model_leaves(model)
+  consumed, missing, mismatched, updates = set(), [], [], []
+  for mkey, (path, var) in leaves.items():
+    if backbone_only:
+      ckey = mkey[len("backbone."):] if mkey.startswith("backbone.") else None
+      if ckey is None or _NEW_IN_SEGMENTATION.search(ckey):
+        report.new.append(mkey)
+        continue
+    else:
+      ckey = mkey
+    if ckey not in sd:
+      missing.append(ckey)
+      continue
+    consumed.add(ckey)
+    value = names.to_model_layout(path, np.asarray(sd[ckey]))
+    want = tuple(var[...].shape)
+    if (backbone_only and value.shape != want and value.ndim == 2
+        and path[-1] == "relative_position_bias_table" and value.shape[1] == want[1]):
+      value = resize_bias_table(value, (math.isqrt(want[0]) + 1) // 2)
+      report.resized.append(ckey)
+    if value.shape != want:
+      model_shape = names.to_torch_layout(path, np.empty(want, np.float32)).shape
+      mismatched.append(f"{ckey}: checkpoint {tuple(sd[ckey].shape)}, model {tuple(model_shape)}")
+      continue
+    updates.append((var, value, ckey, names.model_name(path)))
+  skip = _SKIP_SWIN if backbone_only else _SKIP_SEMASK
+  unexpected = []
+  for key in sd:
+    if key in consumed:
+      continue
+    (report.skipped if skip.search(key) else unexpected).append(key)
+  _refuse(source, missing, unexpected, mismatched)
+  for var, value, ckey, mname in updates:
+    var[...] = jax.numpy.asarray(value, var[...].dtype)
+    report.used.append(ckey)
+    report.loaded.append(mname)
+  return report
+
+
+# Keys of a Swin ImageNet checkpoint the segmentation model does not use.
+_SKIP_SWIN = re.compile(r"(relative_position_index|attn_mask|num_batches_tracked)$|^(norm|head)\.")
+_SKIP_SEMASK = re.compile(r"(relative_position_index|attn_mask|num_batches_tracked)$")
+# Backbone keys that a Swin ImageNet checkpoint cannot have.
+_NEW_IN_SEGMENTATION = re.compile(r"semantic_layer\.|^norm\d+\.")
+
+
+# ----------------------------------------------------------------------------
+# Config inference from shapes.
+# ----------------------------------------------------------------------------
+
+def infer_model_config(sd: StateDict, *, source: str = "state dict"):
+  """A model config matching a trained SeMask-FPN / Swin-FPN state dict's shapes."""
+  def get(key):
+    if key not in sd:
+      raise ConversionError(f"{source}: key {key!r} not found; is this a SeMask-FPN "
+                            "(mmseg) checkpoint?")
+    return sd[key]
+
+  embed_dim = get("backbone.patch_embed.proj.weight").shape[0]
+  num_classes, fpn_channels = get("decode_head.conv_seg.weight").shape[:2]
+  depths, heads, nsb = [], [], []
+  for i in range(4):
+    blocks = {int(m.group(1)) for k in sd
+              if (m := re.match(rf"backbone\.layers\.{i}\.blocks\.(\d+)\.", k))}
+    if not blocks:
+      raise ConversionError(f"{source}: no blocks for stage {i}")
+    depths.append(max(blocks) + 1)
+    heads.append(get(f"backbone.layers.{i}.blocks.0.attn.relative_position_bias_table").shape[1])
+    nsb.append(len({int(m.group(1)) for k in sd if (m := re.match(
+        rf"backbone\.layers\.{i}\.semantic_layer\.class_injection\.(\d+)\.", k))}))
+  table_rows = get("backbone.layers.0.blocks.0.attn.relative_position_bias_table").shape[0]
+  window = (math.isqrt(table_rows) + 1) // 2
+  cfg = default_model_config("T", int(num_classes), num_sem_blocks=tuple(nsb))
+  cfg.embed_dim = int(embed_dim)
+  cfg.depths = tuple(depths)
+  cfg.num_heads = tuple(int(h) for h in heads)
+  cfg.window_size = cfg.sem_window_size = int(window)
+  cfg.fpn_channels = int(fpn_channels)
+  cfg.use_gamma = any(k.endswith(".gamma") for k in sd) or not any(nsb)
+  cfg.sem_attention = "plain" if any(".mlp_q." in k for k in sd) else "semantic"
+  return cfg
+
+
+# ----------------------------------------------------------------------------
+# Entry points.
+# ----------------------------------------------------------------------------
+
+def convert_semask(sd_or_path, config=None, *, allow_pickle: bool = False,
+                   seed: int = 0) -> Conversion:
+  """A trained SeMask-FPN / Swin-FPN checkpoint (.pth path or state dict) -> Conversion.
+
+  With config=None the model config is read from the shapes; a given config
+  must fit the checkpoint exactly.
+  """
+  sd, source = _load(sd_or_path, allow_pickle)
+  if config is None:
+    config = infer_model_config(sd, source=source)
+  model = build_model(config, rngs=nnx.Rngs(seed))
+  report = load_state_dict(model, sd, source=source)
+  return Conversion(model, config, report)
+
+
+def convert_swin_imagenet(sd_or_path, config, *, allow_pickle: bool = False,
+                          seed: int = 0) -> Conversion:
+  """A Swin ImageNet checkpoint -> the backbone of a SeMask-FPN / Swin-FPN model `config`."""
+  sd, source = _load(sd_or_path, allow_pickle)
+  model = build_model(config, rngs=nnx.Rngs(seed))
+  report = load_state_dict(model, sd, source=source, backbone_only=True)
+  return Conversion(model, config, report)
