@@ -1,0 +1,79 @@
+r"""Command line: convert PyTorch checkpoints into an orbax directory for `config.init_from`.
+
+  # Swin ImageNet backbone -> SeMask-T FPN for ADE20K (150 classes):
+  python -m convert_weights swin_imagenet --pth swin_tiny_patch4_window7_224.pth \
+      --variant T --num_classes 150 --out /tmp/semask_t_in1k
+  # ... or the Swin-FPN baseline:
+  python -m convert_weights swin_imagenet --pth swin_tiny_patch4_window7_224.pth \
+      --variant T --num_classes 150 --num_sem_blocks 0,0,0,0 --out /tmp/swin_t_fpn_in1k
+  # A trained SeMask-FPN checkpoint (variant, window and classes read from the shapes):
+  python -m convert_weights semask --pth semask_tiny_fpn_ade20k.pth --out /tmp/semask_t_ade
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from convert_weights.checkpoint import save_conversion
+from convert_weights.core import ConversionError, convert_semask, convert_swin_imagenet
+from semask_jax.models import VARIANTS, default_model_config
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(t) for t in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m convert_weights", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="kind", required=True)
+  s = sub.add_parser("swin_imagenet", help="a Swin ImageNet .pth into a new model's backbone")
+  s.add_argument("--pth", required=True, help="swin_*_patch4_window*_*.pth ({'model': ...})")
+  s.add_argument("--variant", required=True, choices=sorted(VARIANTS))
+  s.add_argument("--num_classes", type=int, required=True)
+  s.add_argument("--num_sem_blocks", type=_ints, default=(1, 1, 1, 1),
+                 help="per stage; 0,0,0,0 = the Swin-FPN baseline (default 1,1,1,1)")
+  s.add_argument("--window_size", type=int, default=None,
+                 help="model window (default: the variant's); bias tables are resized bicubically")
+  s.add_argument("--seed", type=int, default=0, help="seed of the new layers' initialisation")
+  t = sub.add_parser("semask", help="a trained SeMask-FPN / Swin-FPN .pth (mmseg layout)")
+  t.add_argument("--pth", required=True, help="mmcv checkpoint ({'state_dict': ...})")
+  for q in (s, t):
+    q.add_argument("--out", required=True, help="output directory (must not exist yet)")
+    q.add_argument("--allow_pickle", action="store_true",
+                   help="torch.load with weights_only=False (only for files you trust)")
+    q.add_argument("--verbose", action="store_true", help="list every key")
+  return p
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    if args.kind == "swin_imagenet":
+      cfg = default_model_config(args.variant, args.num_classes,
+                                 num_sem_blocks=args.num_sem_blocks)
+      if args.window_size:
+        cfg.window_size = cfg.sem_window_size = args.window_size
+      conv = convert_swin_imagenet(args.pth, cfg, allow_pickle=args.allow_pickle, seed=args.seed)
+    else:
+      conv = convert_semask(args.pth, allow_pickle=args.allow_pickle)
+  except (ConversionError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  r = conv.report
+  print(r.summary())
+  groups = (("used", r.used), ("skipped", r.skipped), ("new", r.new), ("resized", r.resized))
+  if args.verbose:
+    for name, keys in groups:
+      for k in keys:
+        print(f"  {name}: {k}")
+  out = save_conversion(conv, args.out)
+  print(f"wrote {out} (use it as config.init_from)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
