@@ -1,0 +1,104 @@
+"""Shared config builder: the reference SeMask-FPN / Swin-FPN recipe (SPEC section 6).
+
+Each experiment file calls `semask_fpn_config(dataset, variant)` and changes
+what its experiment changes. Steps (`total_steps`, `*_every_steps`) count
+optimizer updates of `batch_size` images, i.e. mmseg iterations.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from input_pipeline import default_data_config
+from semask_jax.models import default_model_config
+
+# Per-dataset recipe: lr, weight decay, total batch, warmup ratio, OHEM variants.
+RECIPES = {
+    'ade20k': dict(lr=1e-4, wd=1e-4, batch=16, warmup_ratio=1e-6, ohem=('L',), crop=512),
+    'cityscapes': dict(lr=1e-3, wd=5e-2, batch=8, warmup_ratio=1e-5, ohem=(), crop=768),
+    'coco_stuff10k': dict(lr=1e-4, wd=1e-4, batch=16, warmup_ratio=1e-6,
+                          ohem=('T', 'S', 'B', 'L'), crop=512),
+}
+OHEM_MIN_KEPT = 100_000
+PRETRAINED = {  # converted Swin ImageNet checkpoints (python -m convert_weights ...)
+    'T': 'pretrained/swin_tiny_patch4_window7_224',
+    'S': 'pretrained/swin_small_patch4_window7_224',
+    'B': 'pretrained/swin_base_patch4_window12_384_22k',
+    'L': 'pretrained/swin_large_patch4_window12_384_22k',
+}
+
+
+def parse_variant(arg: str | None, default: str = 'T') -> str:
+  variant = (arg or default).upper()
+  if variant not in PRETRAINED:
+    raise ValueError(f'config argument must be one of T, S, B, L; got {arg!r}')
+  return variant
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Fields every experiment has (values of the reference ADE20K recipe)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.init_from = ''  # converted checkpoint dir (Swin ImageNet or trained SeMask-FPN)
+  c.batch_size = 16  # images per optimizer update, over all devices and processes
+  c.grad_accum_steps = 1  # micro steps per update (optax.MultiSteps)
+  c.total_steps = 80_000
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 4_000
+  c.eval_every_steps = 8_000  # 0: only at the end
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+  c.max_nonfinite_steps = 20  # stop once more micro steps than this had a NaN/inf loss
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.cate_w = 0.4  # alpha
+  c.loss.reduction = 'reference'  # mean over all pixels (mmseg); 'valid': non-ignored only
+  c.loss.ohem_min_kept = config_dict.placeholder(int)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.poly_power = 1.0
+  c.optimizer.min_lr = 0.0
+  c.optimizer.warmup_steps = 1500
+  c.optimizer.warmup_ratio = 1e-6
+  c.optimizer.no_decay_keys = ('absolute_pos_embed', 'relative_position_bias_table', 'norm')
+  c.optimizer.grad_clip_norm = config_dict.placeholder(float)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 8  # images per eval step over all devices (a multiple of the device count)
+  c.eval.mode = 'whole'  # or 'slide'
+  c.eval.crop_size = (512, 512)  # slide only
+  c.eval.stride = (341, 341)  # slide only
+  c.eval.scales = (1.0,)  # multi-scale: (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+  c.eval.flip = False
+
+  c.predict = ml_collections.ConfigDict()
+  c.predict.opacity = 0.5
+  return c
+
+
+def semask_fpn_config(dataset: str, variant: str, *, semask: bool = True
+                      ) -> ml_collections.ConfigDict:
+  """SeMask-FPN (or, semask=False, the Swin-FPN baseline) with `dataset`'s reference recipe."""
+  r = RECIPES[dataset]
+  c = base_config()
+  c.data = default_data_config(dataset)
+  nsb = (1, 1, 1, 1) if semask else (0, 0, 0, 0)
+  c.model = default_model_config(variant, c.data.num_classes, num_sem_blocks=nsb)
+  c.init_from = PRETRAINED[variant]
+  c.batch_size = r['batch']
+  c.optimizer.learning_rate = r['lr']
+  c.optimizer.weight_decay = r['wd']
+  c.optimizer.warmup_ratio = r['warmup_ratio']
+  if variant == 'L' and r['crop'] == 512:
+    c.data.crop_size = (640, 640)
+  if variant in r['ohem']:
+    c.loss.ohem_min_kept = OHEM_MIN_KEPT
+  crop = tuple(c.data.crop_size)
+  c.eval.crop_size = crop
+  c.eval.stride = tuple(s * 2 // 3 for s in crop)
+  return c

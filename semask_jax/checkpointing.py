@@ -1,0 +1,78 @@
+"""Checkpoints of a run: train state (params, optimizer, BN statistics, step, RNG) + data iterator.
+
+One orbax CheckpointManager in `workdir/checkpoints`, asynchronous, keeping the
+last `keep` steps. The grain iterator state is saved next to the arrays (one
+JSON file a process), so a restarted run continues with the very batches an
+uninterrupted run would have drawn.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+STATE = 'state'
+DATA = 'data_iter'
+
+
+class Checkpointer:
+  """Saves and restores (train state, data iterator) pairs by step."""
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                       DATA: grain.checkpoint.CheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_iter: Any | None = None, *, force: bool = False) -> bool:
+    items = {STATE: ocp.args.StandardSave(state)}
+    if data_iter is not None:
+      items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:
+      logging.info('Saving checkpoint of step %d to %s', step, self.directory)
+    return saved
+
+  def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
+    """Restores the train state into the shapes/shardings of `abstract_state`; the iterator in place."""
+    items = {STATE: ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      if not self._has_item(step, DATA):
+        raise FileNotFoundError(
+            f'checkpoint {self.directory}/{step} has no {DATA!r} item: cannot resume the data stream')
+      items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError) as e:
+      raise ValueError(f'checkpoint {self.directory}/{step} does not match this config\'s model '
+                       f'or optimizer (was the config changed since it was written?): {e}') from e
+    return restored[STATE]
+
+  def _has_item(self, step: int, name: str) -> bool:
+    return os.path.isdir(os.path.join(self.directory, str(step), name))
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs with the shardings of `tree` (the restore target)."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
