@@ -13,6 +13,7 @@ per split: `split=<name> examples=<n> skipped=<m>`.
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 
 import tensorflow_datasets as tfds
@@ -34,6 +35,10 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, skip_bad: bool = False
             ) -> list[tuple[str, int, int]]:
   """Builds (or finds) the data set; returns (split, examples, skipped) rows."""
   builder = builders.get_builder(dataset, data_dir, skip_bad=skip_bad)
+  manual = pathlib.Path(manual_dir)
+  if not builder.is_prepared() and (not manual.is_dir() or not any(manual.iterdir())):
+    raise FileNotFoundError(f'manual_dir {manual_dir} is missing or empty.\n'
+                            f'{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
   builder.download_and_prepare(
       file_format='array_record',
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))

@@ -30,10 +30,13 @@ INVALID = -1  # LUT entry for raw label values that have no train id.
 class BadExamplesError(RuntimeError):
   """Raised after generation when bad examples were found and not skipped."""
 
-  def __init__(self, bad: list[tuple[str, str, str]]):
+  def __init__(self, bad: list[tuple[str, str, str]], empty_split: str | None = None):
     self.bad = bad
     lines = [f'{len(bad)} bad example(s):'] + [f'  [{s}] {f}: {why}' for s, f, why in bad]
-    lines.append('Fix or remove them, or re-run with --skip_bad to write the good ones.')
+    if empty_split:
+      lines.append(f'Split {empty_split!r} has no good example, so nothing can be written.')
+    else:
+      lines.append('Fix or remove them, or re-run with --skip_bad to write the good ones.')
     super().__init__('\n'.join(lines))
 
 
@@ -237,6 +240,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
           f'{self.name}: no examples for split(s) {empty} in {dl_manager.manual_dir}.\n'
           f'{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
     self._pending = set(self.SPLITS)
+    self._all_pairs = pairs
     self.info.metadata['skipped'] = {}
     return {s: self._generate_examples(tree, s, pairs[s]) for s in self.SPLITS}
 
@@ -255,23 +259,35 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
     return {'image': image, 'label': encode_png(label),
             'file_name': p.image, 'height': h, 'width': w}
 
-  def _generate_examples(self, tree: Tree, split: str, pairs: list[Pair]
-                         ) -> Iterator[tuple[str, dict]]:
-    skipped = []
+  def _validate(self, tree: Tree, split: str, pairs: list[Pair]) -> Iterator[tuple[str, dict]]:
+    """Good examples of `pairs`; bad ones are recorded in self._bad."""
     for p in pairs:
       try:
         ex = self._example(tree, p)
       except ValueError as e:
-        skipped.append([p.image, str(e)])
         self._bad.append((split, p.image, str(e)))
         continue
       yield p.key, ex
-    self.info.metadata['skipped'][split] = skipped
+
+  def _generate_examples(self, tree: Tree, split: str, pairs: list[Pair]
+                         ) -> Iterator[tuple[str, dict]]:
+    num_bad, num_good = len(self._bad), 0
+    for key, ex in self._validate(tree, split, pairs):
+      num_good += 1
+      yield key, ex
+    self.info.metadata['skipped'][split] = [[f, why] for _, f, why in self._bad[num_bad:]]
     self._pending.discard(split)
+    if num_good == 0:
+      # TFDS cannot write an empty split: stop now, but scan the remaining
+      # splits first so that the report still names every bad file.
+      for s in sorted(self._pending):
+        for _ in self._validate(tree, s, self._all_pairs[s]):
+          pass
+      self._pending.clear()
     if not self._pending:
       tree.close()
-      if self._bad and not self.skip_bad:
-        raise BadExamplesError(self._bad)
+      if num_good == 0 or (self._bad and not self.skip_bad):
+        raise BadExamplesError(self._bad, empty_split=split if num_good == 0 else None)
 
 
 def skipped_counts(builder: tfds.core.DatasetBuilder) -> dict[str, int]:
