@@ -28,6 +28,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
 
 from input_pipeline import synthetic
@@ -76,6 +77,18 @@ def _process_layout(process_index: int | None, process_count: int | None) -> tup
   return process_index, process_count
 
 
+def make_loader(source: Any, sampler: Any, ops: list, cfg: ml_collections.ConfigDict,
+            shard: grain.sharding.ShardOptions) -> grain.DataLoader:
+  """grain DataLoader with the config's worker count and prefetch depth."""
+  if int(cfg.worker_count) > 0 and not flags.FLAGS.is_parsed():
+    # grain's worker processes read absl flags; outside absl.app (notebooks,
+    # scripts) mark the defaults as parsed, as grain's docs advise.
+    flags.FLAGS.mark_as_parsed()
+  return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
+                          worker_count=int(cfg.worker_count),
+                          worker_buffer_size=int(cfg.prefetch), shard_options=shard)
+
+
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size % process_count:
     raise ValueError(f'global_batch_size {global_batch_size} is not divisible by '
@@ -100,10 +113,7 @@ def create_train_iterator(data_cfg: ml_collections.ConfigDict, *, seed: int,
   sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard,
                                         shuffle=True, num_epochs=None, seed=int(seed))
   ops = T.train_transforms(data_cfg) + [grain.transforms.Batch(b, drop_remainder=True)]
-  loader = grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
-                            worker_count=int(data_cfg.worker_count),
-                            worker_buffer_size=int(data_cfg.prefetch), shard_options=shard)
-  return iter(loader)
+  return iter(make_loader(source, sampler, ops, data_cfg, shard))
 
 
 # ------------------------------------------------------------------------ eval
@@ -192,10 +202,7 @@ def create_eval_iterator(data_cfg: ml_collections.ConfigDict, *, global_batch_si
   ops = [T.EvalTransform(tuple(data_cfg.test_scale), pad_hw, label_pad_hw,
                          tuple(data_cfg.mean), tuple(data_cfg.std)),
          grain.transforms.Batch(b, drop_remainder=False)]
-  return grain.DataLoader(data_source=padded, sampler=sampler, operations=ops,
-                          worker_count=int(data_cfg.worker_count),
-                          worker_buffer_size=int(data_cfg.prefetch),
-                          shard_options=grain.sharding.NoSharding())
+  return make_loader(padded, sampler, ops, data_cfg, grain.sharding.NoSharding())
 
 
 def make_global_batch(local_batch: dict, mesh: jax.sharding.Mesh,

@@ -169,40 +169,32 @@ def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray
 
 
 def rgb_to_hsv_u8(rgb: np.ndarray) -> np.ndarray:
-  """cv2.COLOR_RGB2HSV on uint8: H in [0, 180), S and V in [0, 255]."""
-  x = rgb.astype(np.float32)
-  r, g, b = x[..., 0], x[..., 1], x[..., 2]
-  v = x.max(-1)
-  diff = v - x.min(-1)
-  safe = np.where(diff == 0, 1.0, diff)
-  s = np.where(v == 0, 0.0, diff * 255.0 / np.where(v == 0, 1.0, v))
-  h = np.where(v == r, 60.0 * (g - b) / safe,
-               np.where(v == g, 120.0 + 60.0 * (b - r) / safe,
-                        240.0 + 60.0 * (r - g) / safe))
-  h = np.where(diff == 0, 0.0, h)
-  h = np.where(h < 0, h + 360.0, h)
-  hu = np.rint(h / 2.0) % 180
+  """cv2.COLOR_RGB2HSV on uint8: H in [0, 180) (2-degree units), S and V in [0, 255]."""
+  r, g, b = (rgb[..., c].astype(np.float32) for c in range(3))
+  v = np.maximum(np.maximum(r, g), b)
+  diff = v - np.minimum(np.minimum(r, g), b)
+  inv = np.divide(60.0, diff, out=np.zeros_like(diff), where=diff > 0)
+  h = np.where(v == r, (g - b) * inv, np.where(v == g, (b - r) * inv + 120.0,
+                                               (r - g) * inv + 240.0))
+  hu = np.rint(h * 0.5)  # in [-60, 180]; wrap without the slow float modulo
+  hu[hu < 0] += 180.0
+  hu[hu >= 180] -= 180.0
+  s = np.divide(diff * 255.0, v, out=np.zeros_like(v), where=v > 0)
   return np.stack([hu, np.rint(s), v], -1).astype(np.uint8)
 
 
 def hsv_to_rgb_u8(hsv: np.ndarray) -> np.ndarray:
-  """cv2.COLOR_HSV2RGB on uint8 (H in [0, 180))."""
-  x = hsv.astype(np.float32)
-  h = x[..., 0] * 2.0 / 60.0  # sector position in [0, 6)
-  s = x[..., 1] / 255.0
-  v = x[..., 2]
-  i = np.floor(h).astype(np.int64) % 6
-  f = h - np.floor(h)
-  p = v * (1 - s)
-  q = v * (1 - s * f)
-  t = v * (1 - s * (1 - f))
-  choices_r = [v, q, p, p, t, v]
-  choices_g = [t, v, v, q, p, p]
-  choices_b = [p, p, t, v, v, q]
-  r = np.choose(i, choices_r)
-  g = np.choose(i, choices_g)
-  b = np.choose(i, choices_b)
-  return np.clip(np.rint(np.stack([r, g, b], -1)), 0, 255).astype(np.uint8)
+  """cv2.COLOR_HSV2RGB on uint8 (H in [0, 180)): c = V - V S clip(min(k, 4 - k), 0, 1)
+  with k = (n + H / 60) mod 6, n = 5, 3, 1 for R, G, B."""
+  h, s, v = (hsv[..., c].astype(np.float32) for c in range(3))
+  h6 = h * np.float32(2.0 / 60.0)
+  vs = v * s * np.float32(1.0 / 255.0)
+  out = np.empty(hsv.shape, np.float32)
+  for c, n in enumerate((5.0, 3.0, 1.0)):
+    k = h6 + np.float32(n)  # in [1, 11): wrap into [0, 6) without the slow float modulo
+    k[k >= 6.0] -= 6.0
+    out[..., c] = v - vs * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
+  return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)
