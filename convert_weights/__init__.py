@@ -3,9 +3,10 @@ from convert_weights.bicubic import resize_bias_table
 from convert_weights.checkpoint import load_into_model, read_conversion_meta, save_conversion
 from convert_weights.core import (Conversion, ConversionError, ConversionReport,
                                   convert_semask, convert_swin_imagenet, extract_state_dict,
-                                  infer_model_config, load_state_dict, model_leaves, read_pth)
+                                  infer_model_config, load_state_dict, model_leaves, plan_state_dict,
+                                  read_pth)
 
 __all__ = ["Conversion", "ConversionError", "ConversionReport", "convert_semask",
            "convert_swin_imagenet", "extract_state_dict", "infer_model_config",
-           "load_into_model", "load_state_dict", "model_leaves", "read_conversion_meta",
+           "load_into_model", "load_state_dict", "model_leaves", "plan_state_dict", "read_conversion_meta",
            "read_pth", "resize_bias_table", "save_conversion"]

@@ -17,6 +17,7 @@ import dataclasses
 import math
 import os
 import re
+import types
 from typing import Any, Mapping
 
 import jax
@@ -121,7 +122,20 @@ def _is_buffer(key: str) -> bool:
   return key.endswith(names.BUFFER_SUFFIXES)
 
 
-def _refuse(source: str, missing, unexpected, mismatched) -> None:
+def _describe(sd: StateDict, prefix: str) -> str:
+  """'embed 128, depths (2, 2, 18, 2), window 12' read off a (partial) state dict."""
+  try:
+    embed = sd[prefix + "patch_embed.proj.weight"].shape[0]
+    depths = tuple(1 + max((int(m.group(1)) for k in sd if (m := re.match(
+        rf"{re.escape(prefix)}layers\.{i}\.blocks\.(\d+)\.", k))), default=-1)
+                   for i in range(4))
+    rows = sd[prefix + "layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]
+    return f"embed {embed}, depths {depths}, window {(math.isqrt(rows) + 1) // 2}"
+  except (KeyError, ValueError):
+    return "an unrecognised layout"
+
+
+def _refuse(source: str, missing, unexpected, mismatched, hint: str = "") -> None:
   if not (missing or unexpected or mismatched):
     return
   def block(title, keys):
@@ -130,23 +144,29 @@ def _refuse(source: str, missing, unexpected, mismatched) -> None:
     shown = "\n    ".join(keys[:40]) + (f"\n    ... and {len(keys) - 40} more" if len(keys) > 40 else "")
     return f"\n  {title} ({len(keys)}):\n    {shown}"
   raise ConversionError(
-      f"{source} does not fit the requested model:"
+      f"{source} does not fit the requested model{hint}:"
       + block("missing keys", missing) + block("unexpected keys", unexpected)
       + block("mis-shaped keys", mismatched))
 
 
-def load_state_dict(model: nnx.Module, sd: StateDict, *, source: str = "state dict",
-                    backbone_only: bool = False) -> ConversionReport:
-  """Copies a torch state dict into `model` in place, or raises ConversionError.
+def plan_state_dict(model: nnx.Module, sd: StateDict, *, source: str = "state dict",
+                    backbone_only: bool = False
+                    ) -> tuple[ConversionReport, dict[str, np.ndarray]]:
+  """What loading `sd` into `model` would do, without touching the model.
 
+  Returns the report and {model name: value in the model's layout}, or raises
+  ConversionError listing every missing, unexpected and mis-shaped key. Works
+  on an abstract model (nnx.eval_shape) too.
   backbone_only: `sd` is a Swin ImageNet state dict (keys without 'backbone.');
   the model keys it cannot provide (semantic layers, norm0..3, the decoder)
   keep their initialisation; bias tables are resized when the windows differ.
   """
   report = ConversionReport(source=source)
-  leaves = model_leaves(model)
-  consumed, missing, mismatched, updates = set(), [], [], []
-  for mkey, (path, var) in leaves.items():
+  consumed, missing, mismatched, updates = set(), [], [], {}
+  torch_shapes = {}
+  for mkey, (path, var) in model_leaves(model).items():
+    want = tuple(var.get_value().shape)
+    torch_shapes[mkey] = names.torch_shape(path, want)
     if backbone_only:
       ckey = mkey[len("backbone."):] if mkey.startswith("backbone.") else None
       if ckey is None or _NEW_IN_SEGMENTATION.search(ckey):
@@ -159,27 +179,38 @@ def load_state_dict(model: nnx.Module, sd: StateDict, *, source: str = "state di
       continue
     consumed.add(ckey)
     value = names.to_model_layout(path, np.asarray(sd[ckey]))
-    want = tuple(var[...].shape)
     if (backbone_only and value.shape != want and value.ndim == 2
         and path[-1] == "relative_position_bias_table" and value.shape[1] == want[1]):
       value = resize_bias_table(value, (math.isqrt(want[0]) + 1) // 2)
       report.resized.append(ckey)
     if value.shape != want:
-      model_shape = names.to_torch_layout(path, np.empty(want, np.float32)).shape
-      mismatched.append(f"{ckey}: checkpoint {tuple(sd[ckey].shape)}, model {tuple(model_shape)}")
+      mismatched.append(f"{ckey}: checkpoint {tuple(sd[ckey].shape)}, "
+                        f"model {torch_shapes[mkey]}")
       continue
-    updates.append((var, value, ckey, names.model_name(path)))
+    updates[names.model_name(path)] = value
+    report.used.append(ckey)
+    report.loaded.append(names.model_name(path))
   skip = _SKIP_SWIN if backbone_only else _SKIP_SEMASK
   unexpected = []
   for key in sd:
-    if key in consumed:
-      continue
-    (report.skipped if skip.search(key) else unexpected).append(key)
-  _refuse(source, missing, unexpected, mismatched)
-  for var, value, ckey, mname in updates:
+    if key not in consumed:
+      (report.skipped if skip.search(key) else unexpected).append(key)
+  if missing or unexpected or mismatched:
+    model_shapes = {k: types.SimpleNamespace(shape=shape) for k, shape in torch_shapes.items()}
+    hint = (f" (checkpoint: {_describe(sd, '' if backbone_only else 'backbone.')}; "
+            f"model: {_describe(model_shapes, 'backbone.')})")
+    _refuse(source, missing, unexpected, mismatched, hint)
+  return report, updates
+
+
+def load_state_dict(model: nnx.Module, sd: StateDict, *, source: str = "state dict",
+                    backbone_only: bool = False) -> ConversionReport:
+  """Copies a torch state dict into `model` in place (see plan_state_dict), or raises."""
+  report, updates = plan_state_dict(model, sd, source=source, backbone_only=backbone_only)
+  leaves = {names.model_name(p): var for p, var in model_leaves(model).values()}
+  for name, value in updates.items():
+    var = leaves[name]
     var[...] = jax.numpy.asarray(value, var[...].dtype)
-    report.used.append(ckey)
-    report.loaded.append(mname)
   return report
 
 

@@ -47,6 +47,16 @@ def to_model_layout(path: tuple, value: np.ndarray) -> np.ndarray:
   return value
 
 
+def torch_shape(path: tuple, shape: tuple) -> tuple:
+  """The torch shape of a model leaf of shape `shape`."""
+  if path[-1] == "kernel":
+    if len(shape) == 2:
+      return (shape[1], shape[0])
+    if len(shape) == 4:
+      return (shape[3], shape[2], shape[0], shape[1])
+  return tuple(shape)
+
+
 def to_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
   """Inverse of to_model_layout."""
   if path[-1] == "kernel":

@@ -11,16 +11,13 @@ from flax import nnx
 from semask_jax.models import layers
 from semask_jax.models.resize import resize_bilinear, upsample2x
 
-# mmcv ConvModule: kaiming_normal(fan_out, relu) for the conv.
-_conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
 class ConvModule(nnx.Module):
   """Conv3x3 (no bias) -> BatchNorm -> ReLU, named like mmcv's ConvModule."""
 
   def __init__(self, in_ch: int, out_ch: int, *, dtype, rngs: nnx.Rngs):
+    # mmcv ConvModule: kaiming_normal(fan_out, relu) for the conv.
     self.conv = layers.Conv2d(in_ch, out_ch, 3, padding=1, use_bias=False,
-                              kernel_init=_conv_init, dtype=dtype, rngs=rngs)
+                              kernel_std=(2.0 / (out_ch * 9)) ** 0.5, dtype=dtype, rngs=rngs)
     self.bn = layers.BatchNorm(out_ch)
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -53,7 +50,7 @@ class FPNHead(nnx.Module):
       heads.append(nnx.List(units))
     self.scale_heads = nnx.List(heads)
     self.conv_seg = layers.Conv2d(channels, num_classes, 1,
-                                  kernel_init=nnx.initializers.normal(0.01),
+                                  kernel_std=0.01,
                                   dtype=dtype, rngs=rngs)
     self.conv_seg.bias[...] = jnp.zeros_like(self.conv_seg.bias[...])
     self.dropout = dropout

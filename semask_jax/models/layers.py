@@ -11,9 +11,36 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# Every Linear of the reference backbone ends up trunc_normal(std=0.02) with
-# bounds (-2, 2) in absolute terms, i.e. effectively an untruncated normal.
-linear_init = nnx.initializers.normal(stddev=0.02)
+def _draw(rngs: nnx.Rngs, shape: tuple[int, ...], kind: str, scale: float) -> jax.Array:
+  """Initial values drawn on the host from the next 'params' key of `rngs`.
+
+  Building a model eagerly then costs no XLA compilation per parameter shape
+  (tens of seconds on a CPU for the B/L variants) and stays a deterministic
+  function of the seed. Under tracing (nnx.eval_shape, jit) the same
+  distribution is drawn with jax.random instead.
+  """
+  key = rngs.params()
+  if isinstance(key, jax.core.Tracer):
+    if kind == "normal":
+      return scale * jax.random.normal(key, shape, jnp.float32)
+    return jax.random.uniform(key, shape, jnp.float32, -scale, scale)
+  gen = np.random.default_rng(np.asarray(jax.random.key_data(key)))
+  values = gen.normal(0.0, scale, shape) if kind == "normal" else gen.uniform(-scale, scale, shape)
+  return jnp.asarray(values, jnp.float32)
+
+
+def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> jax.Array:
+  return _draw(rngs, shape, "normal", std)
+
+
+def uniform_init(rngs: nnx.Rngs, shape: tuple[int, ...], bound: float) -> jax.Array:
+  return _draw(rngs, shape, "uniform", bound)
+
+
+def linear_init(rngs: nnx.Rngs, shape: tuple[int, ...]) -> jax.Array:
+  """Every Linear of the reference backbone ends up trunc_normal(std=0.02) with
+  bounds (-2, 2) in absolute terms, i.e. effectively an untruncated normal."""
+  return normal_init(rngs, shape, 0.02)
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -26,7 +53,7 @@ class Linear(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
                dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
-    self.kernel = nnx.Param(linear_init(rngs.params(), (in_features, out_features), jnp.float32))
+    self.kernel = nnx.Param(linear_init(rngs, (in_features, out_features)))
     self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
     self.dtype = dtype
 
@@ -58,17 +85,15 @@ class Conv2d(nnx.Module):
   """NHWC convolution with a [kh, kw, in, out] kernel and torch-style padding."""
 
   def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1,
-               padding: int = 0, use_bias: bool = True, kernel_init=None,
+               padding: int = 0, use_bias: bool = True, kernel_std: float | None = None,
                dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     shape = (kernel_size, kernel_size, in_ch, out_ch)
-    if kernel_init is None:  # torch's default Conv2d init: kaiming_uniform(a=sqrt(5)).
-      kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-    self.kernel = nnx.Param(kernel_init(rngs.params(), shape, jnp.float32))
-    if use_bias:
-      bound = 1.0 / np.sqrt(in_ch * kernel_size * kernel_size)
-      self.bias = nnx.Param(jax.random.uniform(rngs.params(), (out_ch,), jnp.float32, -bound, bound))
+    fan_in = in_ch * kernel_size * kernel_size
+    if kernel_std is None:  # torch's default Conv2d init: kaiming_uniform(a=sqrt(5)).
+      self.kernel = nnx.Param(uniform_init(rngs, shape, 1.0 / np.sqrt(fan_in)))
     else:
-      self.bias = None
+      self.kernel = nnx.Param(normal_init(rngs, shape, kernel_std))
+    self.bias = nnx.Param(uniform_init(rngs, (out_ch,), 1.0 / np.sqrt(fan_in))) if use_bias else None
     self.stride = stride
     self.padding = padding
     self.dtype = dtype

@@ -42,7 +42,7 @@ class WindowAttention(nnx.Module):
     self.window_size = window_size
     self.scale = (dim // num_heads) ** -0.5
     self.relative_position_bias_table = nnx.Param(
-        layers.linear_init(rngs.params(), ((2 * window_size - 1) ** 2, num_heads), jnp.float32))
+        layers.linear_init(rngs, ((2 * window_size - 1) ** 2, num_heads)))
     self.qkv = layers.Linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
     self.proj = layers.Linear(dim, dim, dtype=dtype, rngs=rngs)
     self.dtype = dtype
