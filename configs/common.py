@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = 80_000
   c.log_every_steps = 50
   c.checkpoint_every_steps = 4_000
-  c.eval_every_steps = 8_000  # 0: only at the end
+  c.eval_every_steps = 8_000  # and at the end; 0: no evaluation during training
   c.keep_checkpoints = 3
   c.async_checkpointing = True
   c.max_nonfinite_steps = 20  # stop once more micro steps than this had a NaN/inf loss

@@ -30,11 +30,12 @@ def poly_warmup_schedule(base_lr: float, max_iters: int, *, power: float = 1.0,
 
   def schedule(count: jax.Array) -> jax.Array:
     it = jnp.asarray(count, jnp.float32)
-    progress = jnp.clip(it / max_iters, 0.0, 1.0)
-    regular = (base_lr - min_lr) * (1.0 - progress) ** power + min_lr
+    # Written so that float32 keeps full relative precision near it = 0 and it = max_iters.
+    remaining = jnp.clip((max_iters - it) / max_iters, 0.0, 1.0)  # 1 - it / max_iters
+    regular = (base_lr - min_lr) * remaining ** power + min_lr
     if warmup_iters <= 0:
       return regular
-    k = 1.0 - (1.0 - it / warmup_iters) * (1.0 - warmup_ratio)
+    k = warmup_ratio + (it / warmup_iters) * (1.0 - warmup_ratio)  # 1 - (1 - it/w)(1 - ratio)
     return jnp.where(it < warmup_iters, regular * k, regular)
 
   return schedule
