@@ -82,18 +82,18 @@ def generate_scene(seed: int, split: str, index: int, *, height: int = 80, width
   _check_num_classes(num_classes)
   rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
   h, w = height, width
-  # Background: muted colours, blotchy low-frequency field plus grain.
-  base = rng.uniform(70, 170, size=3).astype(np.float32)
+  # Background: muted (low-saturation) colours, blotchy low-frequency field plus grain.
+  base = rng.uniform(80, 160, size=3).astype(np.float32)
   field = _smooth_noise(rng, h, w, cell=max(4, min(h, w) // 5))[..., None]
-  tint = rng.uniform(-40, 40, size=3).astype(np.float32)
+  tint = rng.uniform(-25, 25, size=3).astype(np.float32)
   image = base + (field - 0.5) * tint * 2 + rng.normal(0, 8, (h, w, 3)).astype(np.float32)
   label = np.zeros((h, w), np.uint8)
   yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
   num_objects = int(rng.integers(2, max_objects + 1))
-  min_r, max_r = 0.1 * min(h, w), 0.26 * min(h, w)
+  min_r, max_r = 0.13 * min(h, w), 0.28 * min(h, w)
   for _ in range(num_objects):
-    # 75% object classes, 25% distractor pairs (labelled background).
-    if rng.random() < 0.75:
+    # 80% object classes, 20% distractor pairs (labelled background).
+    if rng.random() < 0.8:
       k = int(rng.integers(1, num_classes))
       shape, colour = PAIRS[k - 1]
     else:
@@ -106,7 +106,7 @@ def generate_scene(seed: int, split: str, index: int, *, height: int = 80, width
     if not mask.any():
       continue
     # Texture: jittered colour, stripes of random frequency/orientation, grain.
-    rgb = np.asarray(COLOURS[colour], np.float32) + rng.uniform(-25, 25, size=3)
+    rgb = np.asarray(COLOURS[colour], np.float32) + rng.uniform(-20, 20, size=3)
     theta, freq = rng.uniform(0, np.pi), rng.uniform(0.3, 1.2)
     stripes = np.sin(freq * (np.cos(theta) * xx + np.sin(theta) * yy) + rng.uniform(0, 6.3))
     tex = rgb * (1.0 + 0.18 * stripes[..., None]) + rng.normal(0, 10, (h, w, 3))

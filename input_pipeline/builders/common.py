@@ -174,7 +174,8 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
   def __init__(self, *, skip_bad: bool = False, **kwargs):
     self.skip_bad = skip_bad
     self._bad: list[tuple[str, str, str]] = []
-    self._pending: set[str] = set()
+    self._pending: set[str] = set()  # splits whose generator has not finished
+    self._all_pairs: dict[str, list[Pair]] = {}
     super().__init__(**kwargs)
 
   @tfds.core.utils.classproperty
