@@ -1,0 +1,234 @@
+"""Model structure and behaviour beyond the golden vectors: sizes, variants, ablations,
+dtypes, sharding, remat, training-mode layers and the loss reductions."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from convert_weights import convert_semask
+from semask_jax.losses import ohem_weights, segmentation_loss
+from semask_jax.models import (build_model, default_model_config, model_config_from_dict,
+                               resolve_sem_global)
+from semask_jax.models.layers import BatchNorm
+from tests.golden_utils import golden_files, jit_forward, load_vector
+
+
+def tiny_config(num_classes=5, **overrides):
+  cfg = default_model_config("T", num_classes)
+  cfg.embed_dim, cfg.depths, cfg.num_heads = 16, (2, 2, 2, 2), (1, 2, 4, 8)
+  cfg.window_size = cfg.sem_window_size = 4
+  cfg.fpn_channels = 16
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+def n_params(model):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("variant,classes,expected", [
+    ("T", 150, 34_655_748), ("T", 19, 34_243_753), ("T", 171, 34_721_793),
+    ("S", 150, 55_973_652), ("B", 150, 96_485_826), ("L", 150, 210_791_934)])
+def test_parameter_counts_equal_the_reference(variant, classes, expected):
+  cfg = default_model_config(variant, classes)
+  model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
+  assert n_params(model) == expected
+
+
+def test_reference_rule_for_global_semantic_attention():
+  assert resolve_sem_global(default_model_config("T", 150)) == (False, False, True, True)
+  assert resolve_sem_global(default_model_config("L", 171)) == (False, False, True, True)
+  assert resolve_sem_global(default_model_config("B", 150)) == (False,) * 4
+  assert resolve_sem_global(default_model_config("T", 19)) == (False,) * 4
+  cfg = default_model_config("T", 19)
+  cfg.sem_global = (True, True, True, True)
+  assert resolve_sem_global(cfg) == (True,) * 4
+
+
+@pytest.mark.parametrize("shape", [(3, 37, 53), (2, 9, 130)])
+def test_any_input_size_and_batch(shape):
+  b, h, w = shape
+  model = build_model(tiny_config(), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (b, h, w, 3))
+  out = jit_forward(model)(nnx.state(model), x)
+  sizes = [(-(-h // 4), -(-w // 4))]
+  for _ in range(3):
+    sizes.append(((sizes[-1][0] + 1) // 2, (sizes[-1][1] + 1) // 2))
+  for i in range(4):
+    assert out["feats"][i].shape == (b, *sizes[i], 16 * 2 ** i)
+    assert out["sems"][i].shape == (b, *sizes[i], 5)
+  assert out["seg_logits"].shape == out["cls_logits"].shape == (b, *sizes[0], 5)
+  assert np.isfinite(np.asarray(out["seg_logits"])).all()
+
+
+def test_swin_fpn_baseline_and_ablations():
+  base = build_model(tiny_config(num_sem_blocks=(0, 0, 0, 0)), rngs=nnx.Rngs(0))
+  names = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(base, nnx.Param))]
+  assert not any("semantic_layer" in n for n in names)
+  out = base(jnp.zeros((1, 32, 32, 3)))
+  assert "cls_logits" not in out
+  _, aux = segmentation_loss(out, jnp.zeros((1, 32, 32), jnp.int32))
+  assert set(aux) == {"loss_ce"}
+
+  no_gamma = build_model(tiny_config(use_gamma=False), rngs=nnx.Rngs(0))
+  assert not any(p[-1] == "gamma" for p, _ in nnx.to_flat_state(nnx.state(no_gamma, nnx.Param)))
+  plain = build_model(tiny_config(sem_attention="plain"), rngs=nnx.Rngs(0))
+  inj = plain.backbone.layers[0].semantic_layer.class_injection[0]
+  assert inj.mlp_q.kernel.shape == (16, 16) and not hasattr(inj, "mlp_cls_k")
+  two = build_model(tiny_config(num_sem_blocks=(1, 2, 2, 2)), rngs=nnx.Rngs(0))
+  assert len(two.backbone.layers[3].semantic_layer.class_injection) == 2
+  for m in (no_gamma, plain, two):
+    assert np.isfinite(np.asarray(m(jnp.ones((1, 30, 30, 3)))["cls_logits"])).all()
+
+
+def test_fresh_semantic_layer_is_its_layer_norm():
+  """gamma is initialised to 0, so a new semantic layer returns LN(x) (SPEC 2)."""
+  model = build_model(tiny_config(), rngs=nnx.Rngs(0))
+  layer = model.backbone.layers[1].semantic_layer
+  x = jax.random.normal(jax.random.key(0), (2, 6, 7, 32))
+  y, sem = layer(x, __import__("semask_jax.models.layers", fromlist=["KeyChain"]).KeyChain(None))
+  np.testing.assert_allclose(y, layer.norm1(x), atol=1e-6)
+  assert sem.shape == (2, 6, 7, 5)
+
+
+def test_bad_config_is_refused_with_the_key():
+  cfg = tiny_config()
+  with pytest.raises(ValueError, match="unknown keys \\['emb_dim'\\]"):
+    build_model({**cfg.to_dict(), "emb_dim": 3}, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="num_heads"):
+    build_model(tiny_config(num_heads=(1, 2, 4)), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="sem_attention"):
+    build_model(tiny_config(sem_attention="cross"), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def golden_model():
+  path = [p for p in golden_files() if "city" in p.stem] or golden_files()
+  vec, meta, sd = load_vector(path[0])
+  return vec, meta, sd
+
+
+BF16_REL_ERR = 3e-2  # bf16 has an 8-bit mantissa (~4e-3 per op); errors add up over ~20 layers.
+
+
+def test_bfloat16_forward_is_close_to_float32(golden_model):
+  vec, meta, sd = golden_model
+  images = jnp.asarray(vec["image"].transpose(0, 2, 3, 1))
+  outs = {}
+  for dtype in ("float32", "bfloat16"):
+    cfg = model_config_from_dict(meta["config"])
+    cfg.dtype = dtype
+    model = convert_semask(sd, cfg).model
+    outs[dtype] = jit_forward(model)(nnx.state(model), images)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  for k in ("seg_logits", "cls_logits"):
+    ref, got = np.asarray(outs["float32"][k]), np.asarray(outs["bfloat16"][k])
+    assert got.dtype == np.float32
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    assert rel <= BF16_REL_ERR, (k, rel)
+    assert rel > 0  # bf16 really ran
+
+
+def test_sharded_forward_over_8_devices_equals_single_device(golden_model):
+  assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
+  vec, meta, sd = golden_model
+  model = convert_semask(sd, model_config_from_dict(meta["config"])).model
+  images = jnp.asarray(np.tile(vec["image"].transpose(0, 2, 3, 1), (8, 1, 1, 1)))
+  images = images + jnp.arange(8.0)[:, None, None, None] * 0.1  # 8 different images
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  state = nnx.state(model)
+  fwd = jit_forward(model)
+  single = fwd(state, images)
+  sharded_images = jax.device_put(images, NamedSharding(mesh, P("data")))
+  replicated = jax.device_put(state, NamedSharding(mesh, P()))
+  multi = fwd(replicated, sharded_images)
+  assert len(multi["seg_logits"].sharding.device_set) == 8
+  for k in ("seg_logits", "cls_logits"):
+    np.testing.assert_allclose(np.asarray(multi[k]), np.asarray(single[k]), rtol=1e-5, atol=1e-5)
+
+
+def _train_step_fn(model):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def step(params, rest, images, labels, rng):
+    def loss_fn(params):
+      m = nnx.merge(graphdef, params, rest, copy=True)
+      out = m(images, train=True, rng=rng)
+      loss, _ = segmentation_loss(out, labels)
+      return loss, nnx.state(m, nnx.BatchStat)
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, grads, stats
+  return step, params, rest
+
+
+def test_batchnorm_statistics_of_the_global_batch_under_sharding():
+  """SyncBN: with the batch sharded over 8 devices the statistics are the global batch's."""
+  model = build_model(tiny_config(depths=(1, 1, 1, 1), drop_path_rate=0.0, sem_dropout=0.0,
+                                  head_dropout=0.0), rngs=nnx.Rngs(0))
+  step, params, rest = _train_step_fn(model)
+  images = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+  labels = jax.random.randint(jax.random.key(1), (8, 32, 32), 0, 5)
+  ref = step(params, rest, images, labels, jax.random.key(2))
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
+  rep = lambda t: jax.device_put(t, NamedSharding(mesh, P()))
+  got = step(rep(params), rep(rest), shard(images), shard(labels), jax.random.key(2))
+  np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got[1:]), jax.tree.leaves(ref[1:])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+  res = []
+  for remat in (False, True):
+    model = build_model(tiny_config(depths=(2, 1, 1, 1), remat=remat), rngs=nnx.Rngs(0))
+    step, params, rest = _train_step_fn(model)
+    images = jax.random.normal(jax.random.key(0), (2, 40, 36, 3))
+    labels = jax.random.randint(jax.random.key(1), (2, 40, 36), 0, 5)
+    res.append(step(params, rest, images, labels, jax.random.key(3)))
+  for a, b in zip(jax.tree.leaves(res[0]), jax.tree.leaves(res[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_train_mode_randomness_is_keyed():
+  model = build_model(tiny_config(depths=(1, 1, 1, 1)), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  graphdef, state = nnx.split(model)
+  run = jax.jit(lambda rng: nnx.merge(graphdef, state, copy=True)(x, train=True, rng=rng)["seg_logits"])
+  a, b, c = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-4
+
+
+def test_batchnorm_matches_torch_update_rule():
+  import torch
+  x = np.random.default_rng(0).normal(2.0, 3.0, size=(4, 5, 6, 3)).astype(np.float32)
+  bn = BatchNorm(3)
+  y = bn(jnp.asarray(x), train=True)
+  tbn = torch.nn.BatchNorm2d(3, eps=1e-5, momentum=0.1)
+  ty = tbn(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(np.asarray(y), ty, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(bn.mean[...]), tbn.running_mean.numpy(), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(bn.var[...]), tbn.running_var.numpy(), rtol=1e-5)
+
+
+def test_loss_reductions_and_ohem():
+  logits = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+  labels = np.array(jax.random.randint(jax.random.key(1), (2, 8, 8), 0, 3))
+  labels[0, :4] = 255
+  out = {"seg_logits": logits}
+  ref, _ = segmentation_loss(out, jnp.asarray(labels), reduction="reference")
+  valid, _ = segmentation_loss(out, jnp.asarray(labels), reduction="valid")
+  n_valid = (labels != 255).sum()
+  np.testing.assert_allclose(float(valid), float(ref) * labels.size / n_valid, rtol=1e-6)
+  # OHEM keeps exactly B * min_kept of the hardest valid pixels.
+  ce = jnp.asarray(np.random.default_rng(0).random((2, 8, 8)), jnp.float32)
+  w = np.asarray(ohem_weights(ce, jnp.asarray(labels != 255), min_kept=10))
+  assert w.sum() == 20 and (w[labels == 255] == 0).all()
+  assert np.asarray(ce)[w == 1].min() >= np.asarray(ce)[(w == 0) & (labels != 255)].max()
+  all_kept = np.asarray(ohem_weights(ce, jnp.asarray(labels != 255), min_kept=1000))
+  np.testing.assert_array_equal(all_kept, labels != 255)
