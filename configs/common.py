@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 8_000  # and at the end; 0: no evaluation during training
   c.keep_checkpoints = 3
   c.async_checkpointing = True
+  c.xla_cpu_fast_compile = False  # -O0 on the CPU backend: faster compiles for small CPU runs
   c.max_nonfinite_steps = 20  # stop once more micro steps than this had a NaN/inf loss
 
   c.loss = ml_collections.ConfigDict()

@@ -25,6 +25,7 @@ def get_config(arg: str | None = None):
   m.drop_path_rate = 0.1
   c.model = m
   c.init_from = ''
+  c.xla_cpu_fast_compile = True
   c.batch_size = 8
   c.total_steps = 600
   c.log_every_steps = 25

@@ -29,6 +29,7 @@ def get_config(arg: str | None = None):
   m.fpn_channels = 16
   c.model = m
   c.init_from = ''
+  c.xla_cpu_fast_compile = True
   c.batch_size = 8
   c.total_steps = 6
   c.log_every_steps = 1

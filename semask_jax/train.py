@@ -56,21 +56,9 @@ class NonFiniteLossError(RuntimeError):
 # ----------------------------------------------------------------------------- model / state
 
 
-# Initialisers are cheap to run but slow to optimise; on CPU, -O0 cuts their compile 3x.
-_FAST_COMPILE_CPU = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
-
-
 def create_model(config: ml_collections.ConfigDict) -> nnx.Module:
-  """Builds the model from config.model and loads `config.init_from` if set.
-
-  The parameters are initialised by one jitted program (eagerly, every
-  initialiser shape would compile on its own: ~90 compilations).
-  """
-  init = lambda: build_model(config.model, rngs=nnx.Rngs(config.seed))  # noqa: E731
-  graphdef, _ = nnx.split(nnx.eval_shape(init))
-  options = _FAST_COMPILE_CPU if jax.default_backend() == 'cpu' else None
-  state = jax.jit(lambda: nnx.state(init())).lower().compile(compiler_options=options)()
-  model = nnx.merge(graphdef, state)
+  """Builds the model from config.model and loads `config.init_from` if set."""
+  model = build_model(config.model, rngs=nnx.Rngs(config.seed))
   if config.get('init_from'):
     path = config.init_from
     if not os.path.exists(path):
@@ -141,11 +129,23 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation,
   return train_step
 
 
-def jit_train_step(train_step: Callable, state_sharding: Any, mesh: jax.sharding.Mesh) -> Callable:
+# XLA:CPU spends minutes optimising the backward pass of a small model; -O0 compiles
+# 2-3x faster and runs tiny models about as fast (config.xla_cpu_fast_compile).
+_FAST_COMPILE_CPU = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+
+
+def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  if config.get('xla_cpu_fast_compile') and jax.default_backend() == 'cpu':
+    return dict(_FAST_COMPILE_CPU)
+  return None
+
+
+def jit_train_step(train_step: Callable, state_sharding: Any, mesh: jax.sharding.Mesh,
+                   options: dict[str, Any] | None = None) -> Callable:
   batch_sharding = sharding_lib.data_sharded(mesh)
   return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,), compiler_options=options)
 
 
 def init_train_state(config: ml_collections.ConfigDict, model: nnx.Module, mesh: jax.sharding.Mesh
@@ -181,7 +181,8 @@ def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
 
   step = evaluate_lib.make_eval_step(model_fn_from_state, num_classes, config.eval)
   replicated = sharding_lib.replicated(mesh)
-  eval_step = jax.jit(step, out_shardings=replicated, donate_argnums=(0,))
+  eval_step = jax.jit(step, out_shardings=replicated, donate_argnums=(0,),
+                      compiler_options=compiler_options(config))
   to_global = lambda b: input_pipeline.make_global_batch(b, mesh)  # noqa: E731
 
   def run(state: TrainState) -> dict[str, Any]:
@@ -275,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info('Parameters: %d', optim.count_params(state.params))
   state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
   train_step = jit_train_step(make_train_step(graphdef, rest, tx, schedule, config),
-                              state_sharding, mesh)
+                              state_sharding, mesh, compiler_options(config))
   run_eval = make_eval_fn(config, graphdef, rest, mesh)
 
   train_iter = input_pipeline.create_train_iterator(config.data, seed=config.seed,
@@ -294,6 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   results: dict[str, Any] = {}
   pending: list[dict[str, jax.Array]] = []
   t_last, micro_last = time.time(), micro
+  last_loss = float('nan')
   try:
     with _SigtermFlag() as sigterm:
       while micro < total_micro:
@@ -316,6 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           eta = (total_micro - micro) * (now - t_last) / max(micro - micro_last, 1)
           t_last, micro_last = now, micro
           avg['images_per_s'] = ips
+          last_loss = avg['loss']
           writer.write_scalars(update, avg)
           if jax.process_index() == 0:
             logging.info(progress_line(update, config.total_steps, avg, ips, eta))
@@ -334,10 +337,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           if jax.process_index() == 0:
             logging.info('eval step %d: mIoU %.4f aAcc %.4f mAcc %.4f', update,
                          results['mIoU'], results['aAcc'], results['mAcc'])
-        if sigterm.any_process():
+        # Multi-process: the flag is agreed on (a collective) at log steps only.
+        if ((jax.process_count() == 1 or update % config.log_every_steps == 0 or last)
+            and sigterm.any_process()):
           ckpt.save(micro, state, train_iter, force=True)
           logging.warning('Stopped by SIGTERM after step %d; checkpoint saved.', update)
           break
+      logging.info('process %d of %d finished at step %d; last loss %.8g', jax.process_index(),
+                   jax.process_count(), micro // k, last_loss)  # every process: for checks
   finally:
     writer.close()
     ckpt.close()
