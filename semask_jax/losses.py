@@ -24,8 +24,13 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array
   logits = resize_bilinear(logits.astype(jnp.float32), labels.shape[1:3])
   valid = labels != IGNORE_INDEX
   safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  ce = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  # CE = logsumexp(z) - z[label]. The label's logit is picked with a one-hot
+  # product (a fused select-and-reduce) rather than take_along_axis, whose
+  # backward pass is a scatter into the full-resolution [B, H, W, K] map.
+  k = logits.shape[-1]
+  onehot = safe[..., None] == jnp.arange(k, dtype=jnp.int32)
+  picked = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+  ce = jax.nn.logsumexp(logits, axis=-1) - picked
   return jnp.where(valid, ce, 0.0), valid
 
 

@@ -16,6 +16,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 _KEYS = ("embed_dim", "depths", "num_heads", "window_size", "sem_window_size", "num_classes",
          "num_sem_blocks", "sem_global", "use_gamma", "sem_attention", "sem_dropout",
          "drop_path_rate", "fpn_channels", "head_dropout", "dtype", "remat")
+# Keys that older configs may lack, with their defaults.
+_OPTIONAL_KEYS = {"remat_policy": "full"}
+# What a rematerialised Swin block keeps from its forward pass (see swin.REMAT_POLICIES).
+REMAT_POLICIES = ("full", "dots", "dots_no_batch", "attn")
 
 
 def reference_sem_global(embed_dim: int, num_classes: int, num_stages: int = 4) -> tuple[bool, ...]:
@@ -45,7 +49,7 @@ def default_model_config(variant: str = "T", num_classes: int = 150, *,
       num_classes=num_classes, num_sem_blocks=tuple(num_sem_blocks),
       use_gamma=True, sem_attention="semantic", sem_dropout=0.1,
       drop_path_rate=0.3, fpn_channels=256, head_dropout=0.1,
-      dtype="float32", remat=False))
+      dtype="float32", remat=False, remat_policy="full"))
   # None means "the reference rule" (resolve_sem_global); a tuple of 4 bools overrides it.
   cfg.sem_global = ml_collections.FieldReference(None, field_type=tuple)
   return cfg
@@ -59,7 +63,7 @@ def model_config_from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """
   cfg = default_model_config("T", int(d.get("num_classes", 150)))
   for k, v in d.items():
-    if k in _KEYS and k != "sem_global":
+    if (k in _KEYS or k in _OPTIONAL_KEYS) and k != "sem_global":
       cfg[k] = tuple(v) if isinstance(v, list) else v
   if d.get("sem_global") is not None:
     cfg.sem_global = tuple(bool(g) for g in d["sem_global"])
@@ -72,7 +76,7 @@ def validate_model_config(cfg: Mapping[str, Any]) -> None:
   """Clear errors for typos and inconsistent settings before building anything."""
   keys = set(cfg.keys())
   missing = [k for k in _KEYS if k not in keys]
-  unknown = sorted(keys - set(_KEYS))
+  unknown = sorted(keys - set(_KEYS) - set(_OPTIONAL_KEYS))
   if missing or unknown:
     raise ValueError(f"model config: missing keys {missing}, unknown keys {unknown}")
   n = len(cfg["depths"])
@@ -91,3 +95,6 @@ def validate_model_config(cfg: Mapping[str, Any]) -> None:
                      "or all positive (SeMask-FPN: the semantic decoder sums every stage)")
   if cfg["dtype"] not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"model config: dtype {cfg['dtype']!r} not in float32/bfloat16/float16")
+  policy = cfg.get("remat_policy", "full")
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"model config: remat_policy {policy!r} not in {REMAT_POLICIES}")

@@ -26,10 +26,49 @@ def _axis_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.
   return i0, i1, w1
 
 
+@functools.lru_cache(maxsize=None)
+def _phase_taps(in_size: int, factor: int) -> tuple[tuple[int, float], ...]:
+  """For out = factor * in (factor a power of two): per output phase r, the offset
+  (-1 or 0) of its first source tap and the weight of the second, read off the
+  exact taps of an interior position (the same float32 numbers as _axis_taps;
+  power-of-two factors make them exact, so every interior value is bit-identical
+  to the gather form)."""
+  i0, _, w1 = _axis_taps(in_size, in_size * factor)
+  i = 1  # in_size >= 3: position 1 has both taps inside the map
+  return tuple((int(i0[factor * i + r]) - i, float(w1[factor * i + r])) for r in range(factor))
+
+
+def _upsample_axis(x: jax.Array, axis: int, factor: int) -> jax.Array:
+  """Exact integer up-sampling along `axis` with slices instead of gathers.
+
+  Output position factor*i + r mixes x[i-1], x[i] or x[i], x[i+1] with fixed
+  weights, edges clamped (at the edges both taps are the same pixel, as in
+  torch). No gather, so the backward pass has no scatter, only pads and adds:
+  on CPU a scatter-add is one slow serial loop.
+  """
+  n = x.shape[axis]
+  first = jax.lax.slice_in_dim(x, 0, 1, axis=axis)
+  last = jax.lax.slice_in_dim(x, n - 1, n, axis=axis)
+  prev = jnp.concatenate([first, jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis=axis)
+  nxt = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis), last], axis=axis)
+  phases = []
+  for off, w in _phase_taps(n, factor):
+    a, b = (prev, x) if off < 0 else (x, nxt)
+    wb = jnp.asarray(w, x.dtype)
+    phases.append(a * (1 - wb) + b * wb)
+  y = jnp.stack(phases, axis=axis + 1)
+  shape = list(x.shape)
+  shape[axis] = n * factor
+  return y.reshape(shape)
+
+
 def _resize_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
   in_size = x.shape[axis]
   if in_size == out_size:
     return x
+  factor = out_size // in_size
+  if in_size > 2 and factor * in_size == out_size and factor & (factor - 1) == 0:
+    return _upsample_axis(x, axis, factor)
   i0, i1, w1 = _axis_taps(in_size, out_size)
   shape = [1] * x.ndim
   shape[axis] = out_size

@@ -21,7 +21,8 @@ class SeMaskFPN(nnx.Module):
                num_sem_blocks, sem_window_size: int, sem_global, use_gamma: bool = True,
                sem_attention: str = "semantic", sem_dropout: float = 0.1,
                drop_path_rate: float = 0.3, fpn_channels: int = 256, head_dropout: float = 0.1,
-               remat: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+               remat: bool = False, remat_policy: str = "full", dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.num_classes = num_classes
     self.has_semantic = any(n > 0 for n in num_sem_blocks)
     self.backbone = SeMaskSwin(
@@ -29,7 +30,7 @@ class SeMaskFPN(nnx.Module):
         num_classes=num_classes, num_sem_blocks=num_sem_blocks,
         sem_window_size=sem_window_size, sem_global=sem_global, use_gamma=use_gamma,
         sem_attention=sem_attention, sem_dropout=sem_dropout, drop_path_rate=drop_path_rate,
-        remat=remat, dtype=dtype, rngs=rngs)
+        remat=remat, remat_policy=remat_policy, dtype=dtype, rngs=rngs)
     self.decode_head = FPNHead([embed_dim * 2 ** i for i in range(len(depths))], num_classes,
                                channels=fpn_channels, strides=STRIDES, dropout=head_dropout,
                                dtype=dtype, rngs=rngs)
@@ -67,5 +68,6 @@ def build_model(cfg: Mapping[str, Any], *, rngs: nnx.Rngs) -> SeMaskFPN:
       sem_global=resolve_sem_global(cfg), use_gamma=cfg["use_gamma"],
       sem_attention=cfg["sem_attention"], sem_dropout=cfg["sem_dropout"],
       drop_path_rate=cfg["drop_path_rate"], fpn_channels=cfg["fpn_channels"],
-      head_dropout=cfg["head_dropout"], remat=cfg["remat"],
+      head_dropout=cfg["head_dropout"], remat=bool(cfg["remat"]),
+      remat_policy=cfg.get("remat_policy", "full"),
       dtype=jnp.dtype(cfg["dtype"]), rngs=rngs)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from semask_jax.models import layers
 from semask_jax.models.semantic_layer import SemanticLayer
@@ -56,9 +57,16 @@ class WindowAttention(nnx.Module):
 
   def __call__(self, x: jax.Array, mask: np.ndarray | None) -> jax.Array:
     """x: [B, nW, N, C]; mask: [nW, N, N] or None."""
-    b, nw, n, c = x.shape
-    h = self.num_heads
-    qkv = self.qkv(x).reshape(b, nw, n, 3, h, c // h)
+    return self.proj(self.attend(self.qkv(x), mask))
+
+  def attend(self, qkv: jax.Array, mask: np.ndarray | None) -> jax.Array:
+    """The attention proper, between the qkv and proj Linears.
+
+    qkv: [B, nW, N, 3C] -> [B, nW, N, C] (heads concatenated, before proj).
+    """
+    b, nw, n, c3 = qkv.shape
+    c, h = c3 // 3, self.num_heads
+    qkv = qkv.reshape(b, nw, n, 3, h, c // h)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # [B, nW, N, h, d]
     q = q * jnp.asarray(self.scale, q.dtype)
     logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k).astype(jnp.float32)
@@ -66,8 +74,8 @@ class WindowAttention(nnx.Module):
     if mask is not None:
       logits = logits + jnp.asarray(mask)[None, :, None]
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bwhqk,bwkhd->bwqhd", attn, v).reshape(b, nw, n, c)
-    return self.proj(out)
+    attn = checkpoint_name(attn, "attn")
+    return jnp.einsum("bwhqk,bwkhd->bwqhd", attn, v).reshape(b, nw, n, c)
 
 
 class SwinBlock(nnx.Module):
@@ -87,16 +95,21 @@ class SwinBlock(nnx.Module):
     """x: [B, H, W, C]."""
     b, h, w, c = x.shape
     m, s = self.window_size, self.shift
-    y = pad_to_multiple(self.norm1(x), m)  # padding AFTER the norm: zeros attend.
+    # qkv runs on the real tokens only; the tokens that padding adds after norm1
+    # are zeros, whose qkv is exactly the bias, so they are filled in as such.
+    # proj runs after the crop. Same numbers as padding first, without the
+    # wasted Linear work on padded tokens (stage 3 at 512: 21^2 vs 16^2 tokens).
+    y = self.attn.qkv(self.norm1(x))
+    y = pad_to_multiple(y, m, fill=self.attn.qkv.bias[...].astype(y.dtype))
     hp, wp = y.shape[1:3]
     if s:
       y = jnp.roll(y, (-s, -s), axis=(1, 2))
     y = window_partition(y, m)
-    y = self.attn(y, shift_mask(hp, wp, m, s) if s else None)
+    y = self.attn.attend(y, shift_mask(hp, wp, m, s) if s else None)
     y = window_reverse(y, m, hp, wp)
     if s:
       y = jnp.roll(y, (s, s), axis=(1, 2))
-    y = y[:, :h, :w]
+    y = self.attn.proj(y[:, :h, :w])
     x = x + layers.drop_path(y, self.drop_path, keys.next())
     x = x + layers.drop_path(self.mlp(self.norm2(x)), self.drop_path, keys.next())
     return x
@@ -134,7 +147,8 @@ class BasicLayer(nnx.Module):
   def __init__(self, dim: int, depth: int, num_heads: int, window_size: int,
                drop_paths: Sequence[float], *, num_classes: int, num_sem_blocks: int,
                sem_window_size: int, sem_global: bool, use_gamma: bool, sem_attention: str,
-               sem_dropout: float, downsample: bool, remat: bool, dtype, rngs: nnx.Rngs):
+               sem_dropout: float, downsample: bool, remat: bool, dtype, rngs: nnx.Rngs,
+               remat_policy: str = "full"):
     self.blocks = nnx.List([
         SwinBlock(dim, num_heads, window_size, 0 if j % 2 == 0 else window_size // 2,
                   drop_paths[j], dtype=dtype, rngs=rngs)
@@ -146,6 +160,7 @@ class BasicLayer(nnx.Module):
         if num_sem_blocks > 0 else None)
     self.downsample = PatchMerging(dim, dtype=dtype, rngs=rngs) if downsample else None
     self.remat = remat
+    self.remat_policy = remat_policy
 
   def __call__(self, x: jax.Array, keys: layers.KeyChain
                ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
@@ -154,7 +169,8 @@ class BasicLayer(nnx.Module):
       if self.remat:
         # Keys are drawn outside the rematerialised function so the chain stays in order.
         sub = [keys.next(), keys.next()]
-        x = nnx.remat(lambda b, x, k: b(x, _FixedKeys(k)))(blk, x, sub)
+        x = nnx.remat(lambda b, x, k: b(x, _FixedKeys(k)),
+                      policy=remat_policy_fn(self.remat_policy))(blk, x, sub)
       else:
         x = blk(x, keys)
     sem = None
@@ -162,6 +178,27 @@ class BasicLayer(nnx.Module):
       x, sem = self.semantic_layer(x, keys)
     nxt = self.downsample(x) if self.downsample is not None else None
     return x, sem, nxt
+
+
+def remat_policy_fn(name: str):
+  """What a rematerialised Swin block saves for the backward pass.
+
+  full: nothing but its input (least memory, one extra forward per block);
+  dots: every matmul output (the backward recomputes only element-wise work);
+  dots_no_batch: the Linear outputs, not the attention matmuls (whose
+    [windows, heads, N, N] logits are the largest activations);
+  attn: everything except what is tagged 'attn' (logits / softmax).
+  """
+  cp = jax.checkpoint_policies
+  if name == "full":
+    return None
+  if name == "dots":
+    return cp.dots_saveable
+  if name == "dots_no_batch":
+    return cp.dots_with_no_batch_dims_saveable
+  if name == "attn":
+    return cp.save_anything_except_these_names("attn")
+  raise ValueError(f"unknown remat policy {name!r}")
 
 
 class _FixedKeys(layers.KeyChain):
@@ -182,7 +219,7 @@ class SeMaskSwin(nnx.Module):
                window_size: int, num_classes: int, num_sem_blocks: Sequence[int],
                sem_window_size: int, sem_global: Sequence[bool], use_gamma: bool = True,
                sem_attention: str = "semantic", sem_dropout: float = 0.1,
-               drop_path_rate: float = 0.3, remat: bool = False,
+               drop_path_rate: float = 0.3, remat: bool = False, remat_policy: str = "full",
                dtype=jnp.float32, rngs: nnx.Rngs):
     self.num_stages = len(depths)
     self.patch_embed = PatchEmbed(embed_dim, dtype=dtype, rngs=rngs)
@@ -195,7 +232,8 @@ class SeMaskSwin(nnx.Module):
           num_classes=num_classes, num_sem_blocks=num_sem_blocks[i],
           sem_window_size=sem_window_size, sem_global=sem_global[i], use_gamma=use_gamma,
           sem_attention=sem_attention, sem_dropout=sem_dropout,
-          downsample=i < len(depths) - 1, remat=remat, dtype=dtype, rngs=rngs))
+          downsample=i < len(depths) - 1, remat=remat, remat_policy=remat_policy,
+          dtype=dtype, rngs=rngs))
     self.layers = nnx.List(stage_layers)
     for i in range(len(depths)):
       setattr(self, f"norm{i}", layers.LayerNorm(embed_dim * 2 ** i, dtype=dtype))

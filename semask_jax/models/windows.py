@@ -28,12 +28,17 @@ def window_reverse(x: jax.Array, m: int, h: int, w: int) -> jax.Array:
   return x.reshape(b, h, w, c)
 
 
-def pad_to_multiple(x: jax.Array, m: int) -> jax.Array:
-  """Zero-pads [B, H, W, C] bottom/right to multiples of m."""
+def pad_to_multiple(x: jax.Array, m: int, fill: jax.Array | None = None) -> jax.Array:
+  """Pads [B, H, W, C] bottom/right to multiples of m with zeros, or with the
+  per-channel vector `fill` [C]."""
   _, h, w, _ = x.shape
   ph, pw = (-h) % m, (-w) % m
   if ph or pw:
     x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+    if fill is not None:
+      valid = np.zeros((1, h + ph, w + pw, 1), bool)
+      valid[:, :h, :w] = True
+      x = jnp.where(valid, x, fill)
   return x
 
 

@@ -1,0 +1,425 @@
+r"""Throughput, FLOPs, utilisation and memory of SeMask-FPN on the local device.
+
+  python -m semask_jax.bench --config configs/ade20k_semask_fpn.py:T --mode train \
+      --batch 2 --size 512 --json /tmp/t.json
+  python -m semask_jax.bench --variant B --num_classes 150 --mode infer --batch 1 --size 512
+
+Reported (and written to --json):
+  compile_s            lowering + XLA compilation of the benchmarked step
+  images_per_s         batch / median wall time of --runs timed steps after --warmup
+  flops_per_image      model FLOPs counted from the jaxpr: 2 per multiply-add of every
+                       dot_general and conv_general_dilated (the mmcv/fvcore convention).
+                       infer: the forward pass; train: forward + backward of the
+                       un-rematerialised step (recomputation is not useful work).
+  forward_flops_per_image   the forward pass alone (the paper's "GFLOPs" column)
+  hw_flops_per_image   the same count of the step as compiled (includes remat recompute)
+  xla_flops_per_image  XLA's own cost analysis of the compiled step (None if unavailable)
+  matmul_flops_per_s   a dense square matmul of --dtype measured in the same run, timed
+                       alternately with the step (median)
+  utilization          achieved FLOP/s over the matmul rate: the median over runs of
+                       flops_per_image * batch / step time / (the faster of the two
+                       matmul timings around that step): robust to a loaded machine
+  peak_memory_bytes    device peak_bytes_in_use where the backend keeps memory statistics
+                       (GPU, TPU), else the process's peak RSS (CPU; includes the compiler)
+  xla_memory_bytes     arguments + outputs + temporaries of the compiled step (XLA's
+                       memory analysis; outputs aliased with donated inputs counted once)
+
+It runs unchanged on CPU, GPU and TPU (single device: the step is jitted, not sharded).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from semask_jax.losses import segmentation_loss
+from semask_jax.models import build_model, default_model_config
+
+# ----------------------------------------------------------------------------
+# FLOP counting on the jaxpr.
+# ----------------------------------------------------------------------------
+
+
+def _dot_general_flops(eqn) -> int:
+  lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+  (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
+  batch = int(np.prod([lhs[d] for d in lb], dtype=np.int64))
+  contract = int(np.prod([lhs[d] for d in lc], dtype=np.int64))
+  lfree = int(np.prod([s for d, s in enumerate(lhs) if d not in lc and d not in lb],
+                      dtype=np.int64))
+  rb = eqn.params["dimension_numbers"][1][1]
+  rfree = int(np.prod([s for d, s in enumerate(rhs) if d not in rc and d not in rb],
+                      dtype=np.int64))
+  return 2 * batch * contract * lfree * rfree
+
+
+def _conv_flops(eqn) -> int:
+  rhs = eqn.invars[1].aval.shape
+  out = eqn.outvars[0].aval.shape
+  dn = eqn.params["dimension_numbers"]
+  # rhs_spec: (out feature dim, in feature dim, spatial dims...)
+  rhs_spec = dn.rhs_spec
+  kin = rhs[rhs_spec[1]]
+  kspatial = int(np.prod([rhs[d] for d in rhs_spec[2:]], dtype=np.int64))
+  # Every output element takes kin * kspatial multiply-adds (feature groups are
+  # already reflected in kin = in_features / feature_group_count).
+  return 2 * int(np.prod(out, dtype=np.int64)) * kin * kspatial
+
+
+def _subjaxprs(eqn):
+  for v in eqn.params.values():
+    vals = v if isinstance(v, (tuple, list)) else (v,)
+    for x in vals:
+      if isinstance(x, jax.extend.core.ClosedJaxpr):
+        yield x.jaxpr
+      elif isinstance(x, jax.extend.core.Jaxpr):
+        yield x
+
+
+def count_jaxpr_flops(jaxpr) -> int:
+  """2 x multiply-adds of dot_general and conv_general_dilated in a (closed) jaxpr.
+
+  Recurses into sub-jaxprs (pjit, remat, custom_jvp/vjp, ...); scan bodies are
+  multiplied by their length, cond takes its most expensive branch. while loops
+  count one trip (the trip count is not static).
+  """
+  if isinstance(jaxpr, jax.extend.core.ClosedJaxpr):
+    jaxpr = jaxpr.jaxpr
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      total += _dot_general_flops(eqn)
+    elif name == "conv_general_dilated":
+      total += _conv_flops(eqn)
+    elif name == "scan":
+      total += eqn.params["length"] * count_jaxpr_flops(eqn.params["jaxpr"])
+    elif name == "cond":
+      total += max(count_jaxpr_flops(b) for b in eqn.params["branches"])
+    else:
+      for sub in _subjaxprs(eqn):
+        total += count_jaxpr_flops(sub)
+  return total
+
+
+def count_flops(fn: Callable, *args, **kwargs) -> int:
+  """FLOPs (2 per multiply-add of matmuls and convolutions) of fn(*args) from its jaxpr."""
+  return count_jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs))
+
+
+# ----------------------------------------------------------------------------
+# Model and steps.
+# ----------------------------------------------------------------------------
+
+
+def load_model_config(config: str | None, variant: str, num_classes: int):
+  """config 'path/to/file.py[:ARG]' -> get_config(ARG).model; else default_model_config."""
+  if not config:
+    return default_model_config(variant, num_classes)
+  path, _, arg = config.partition(":")
+  spec = importlib.util.spec_from_file_location("_bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if root not in sys.path:  # configs import `configs.common`, `input_pipeline`.
+    sys.path.insert(0, root)
+  spec.loader.exec_module(module)
+  cfg = module.get_config(arg or None)
+  return cfg.model if "model" in cfg else cfg
+
+
+def _abstract_state(cfg):
+  """(graphdef, abstract state) without running any initialiser."""
+  model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
+  return nnx.split(model)
+
+
+def make_infer_fn(graphdef):
+  def infer(state, images):
+    model = nnx.merge(graphdef, state, copy=True)
+    return model(images, train=False)["seg_logits"]
+  return infer
+
+
+def make_train_fns(graphdef, tx):
+  """(loss_and_grad(params, rest, images, labels, rng), step(carry, images, labels, rng))."""
+
+  def loss_fn(params, rest, images, labels, rng):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    out = model(images, train=True, rng=rng)
+    loss, _ = segmentation_loss(out, labels)
+    _, _, new_rest = nnx.split(model, nnx.Param, ...)
+    return loss, new_rest
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(carry, images, labels, rng):
+    params, rest, opt_state = carry
+    (loss, rest), grads = grad_fn(params, rest, images, labels, rng)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, rest, opt_state), loss
+
+  return grad_fn, step
+
+
+# ----------------------------------------------------------------------------
+# Device measurements.
+# ----------------------------------------------------------------------------
+
+
+def _block(x):
+  return jax.tree_util.tree_map(lambda a: a.block_until_ready(), x)
+
+
+def make_matmul(dtype, n: int | None = None) -> tuple[Callable[[], Any], float]:
+  """(call, flops): a chain of dense n x n x n matmuls of `dtype`, jitted and warmed up."""
+  platform_name = jax.devices()[0].platform
+  if n is None:
+    n = 2048 if platform_name == "cpu" else 8192
+  reps = 2 if platform_name == "cpu" else 16
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype) / np.sqrt(n)
+  b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
+
+  @jax.jit
+  def chain(a, b):
+    def body(_, x):
+      return jnp.dot(x, b, preferred_element_type=jnp.float32).astype(dtype)
+    return jax.lax.fori_loop(0, reps, body, a)
+
+  call = lambda: chain(a, b)  # noqa: E731
+  _block(call())
+  return call, 2.0 * n ** 3 * reps
+
+
+def matmul_rate(dtype, n: int | None = None, runs: int = 5) -> float:
+  """Achieved FLOP/s of dense n x n x n matmuls of `dtype` (median of `runs`)."""
+  call, flops = make_matmul(dtype, n)
+  return flops / statistics.median(_time(call, 0, runs))
+
+
+def peak_memory() -> tuple[int, str]:
+  stats = None
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    stats = None
+  if stats and stats.get("peak_bytes_in_use"):
+    return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  rss *= 1 if sys.platform == "darwin" else 1024
+  return int(rss), "process peak RSS"
+
+
+def _xla_costs(compiled, batch: int) -> tuple[float | None, int | None]:
+  flops = mem = None
+  try:
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+      ca = ca[0] if ca else None
+    if ca and ca.get("flops", -1) > 0:
+      flops = float(ca["flops"]) / batch
+  except Exception:  # pylint: disable=broad-except
+    pass
+  try:
+    ma = compiled.memory_analysis()
+    if ma is not None:
+      mem = int(ma.argument_size_in_bytes + ma.output_size_in_bytes
+                - ma.alias_size_in_bytes + ma.temp_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return flops, mem
+
+
+def _time(fn: Callable[[], Any], warmup: int, runs: int) -> list[float]:
+  for _ in range(warmup):
+    _block(fn())
+  times = []
+  for _ in range(runs):
+    t = time.perf_counter()
+    _block(fn())
+    times.append(time.perf_counter() - t)
+  return times
+
+
+# ----------------------------------------------------------------------------
+# The benchmark.
+# ----------------------------------------------------------------------------
+
+
+def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int = 150,
+              mode: str = "infer", batch: int = 1, size: int = 512, dtype: str = "float32",
+              remat: str = "none", warmup: int = 1, runs: int = 5,
+              matmul_n: int | None = None, model_overrides: dict | None = None
+              ) -> dict[str, Any]:
+  cfg = load_model_config(config, variant, num_classes)
+  cfg.dtype = dtype
+  cfg.remat = remat not in ("none", "", None, False)
+  if cfg.remat:
+    cfg.remat_policy = "full" if remat is True else remat
+  for k, v in (model_overrides or {}).items():
+    cfg[k] = v
+  cdtype = jnp.dtype(dtype)
+  k = int(cfg.num_classes)
+
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.standard_normal((batch, size, size, 3), np.float32))
+  labels_np = rng.integers(0, k, (batch, size, size)).astype(np.int32)
+  labels_np[:, : size // 8] = 255  # some ignored pixels
+  labels = jnp.asarray(labels_np)
+  key = jax.random.key(1)
+
+  # FLOPs from the jaxpr, on abstract values (no initialisation, no compile).
+  graphdef, abstract = _abstract_state(cfg)
+  fwd_flops = count_flops(make_infer_fn(graphdef), abstract, images) / batch
+  tx = optax.adamw(1e-4, weight_decay=1e-4)
+  if mode == "train":
+    g_abs, p_abs, r_abs = nnx.split(
+        nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    grad_fn, _ = make_train_fns(g_abs, tx)
+    hw_flops = count_flops(grad_fn, p_abs, r_abs, images, labels, key) / batch
+    cfg_plain = cfg.copy_and_resolve_references()
+    cfg_plain.remat = False
+    g0, p0, r0 = nnx.split(
+        nnx.eval_shape(lambda: build_model(cfg_plain, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    model_flops = count_flops(make_train_fns(g0, tx)[0], p0, r0, images, labels, key) / batch
+  else:
+    model_flops = hw_flops = fwd_flops
+
+  # Real model (host-side init), then compile and time.
+  model = build_model(cfg, rngs=nnx.Rngs(0))
+  t0 = time.perf_counter()
+  if mode == "infer":
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(make_infer_fn(graphdef))
+    compiled = fn.lower(state, images).compile()
+    compile_s = time.perf_counter() - t0
+    call = lambda: compiled(state, images)  # noqa: E731
+  elif mode == "train":
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    _, step = make_train_fns(graphdef, tx)
+    carry = (params, rest, tx.init(params))
+    fn = jax.jit(step, donate_argnums=0)
+    compiled = fn.lower(carry, images, labels, key).compile()
+    compile_s = time.perf_counter() - t0
+    holder = [carry]
+
+    def call():
+      holder[0], loss = compiled(holder[0], images, labels, key)
+      return loss
+  else:
+    raise ValueError(f"mode must be infer or train, got {mode!r}")
+  del model
+
+  xla_flops, xla_mem = _xla_costs(compiled, batch)
+  # The matmul reference and the step are timed alternately, so that both see
+  # the same machine load; utilization is the median of the per-run ratios.
+  mm_call, mm_flops = make_matmul(cdtype, matmul_n)
+  for _ in range(warmup):
+    _block(call())
+  times, rates = [], []
+  for _ in range(runs):
+    rates.append(mm_flops / _time(mm_call, 0, 1)[0])
+    times.append(_time(call, 0, 1)[0])
+  rates.append(mm_flops / _time(mm_call, 0, 1)[0])
+  if mode == "train":
+    final_loss = float(call())
+    if not np.isfinite(final_loss):
+      raise FloatingPointError(f"training step produced loss {final_loss}")
+  median = statistics.median(times)
+  images_per_s = batch / median
+  mm = statistics.median(rates)
+  utilization = statistics.median(
+      [model_flops * batch / t / max(r0, r1) for t, r0, r1 in zip(times, rates, rates[1:])])
+  peak, peak_kind = peak_memory()
+  dev = jax.devices()[0]
+  return dict(
+      config=config or f"variant={variant},num_classes={num_classes}",
+      variant=variant if not config else None,
+      num_classes=k, embed_dim=int(cfg.embed_dim), window_size=int(cfg.window_size),
+      mode=mode, batch=batch, size=size, dtype=dtype, remat=str(remat),
+      compile_s=compile_s, step_times_s=times, median_step_s=median,
+      images_per_s=images_per_s,
+      flops_per_image=model_flops, forward_flops_per_image=fwd_flops,
+      hw_flops_per_image=hw_flops, xla_flops_per_image=xla_flops,
+      achieved_flops_per_s=model_flops * images_per_s,
+      matmul_flops_per_s=mm, matmul_flops_per_s_samples=rates,
+      utilization=utilization,
+      peak_memory_bytes=peak, peak_memory_kind=peak_kind, xla_memory_bytes=xla_mem,
+      device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
+      host=platform.node(), cpu_count=os.cpu_count(),
+      jax_version=jax.__version__,
+      date=datetime.datetime.now().isoformat(timespec="seconds"),
+  )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  p = argparse.ArgumentParser(prog="python -m semask_jax.bench", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default=None,
+                 help="config file with get_config(arg), as PATH[:ARG]; its .model is used")
+  p.add_argument("--variant", default="T", help="T|S|B|L when no --config is given")
+  p.add_argument("--num_classes", type=int, default=150)
+  p.add_argument("--mode", choices=("infer", "train"), default="infer")
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--size", type=int, default=512)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--remat", default="none",
+                 help="none | full | dots | dots_no_batch | attn: rematerialise each Swin block "
+                 "in the backward pass, saving nothing / all matmul outputs / Linear outputs / "
+                 "all but the attention matrices")
+  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--runs", type=int, default=5)
+  p.add_argument("--matmul_n", type=int, default=None,
+                 help="side of the reference matmul (default 2048 on CPU, 8192 elsewhere)")
+  p.add_argument("--override", action="append", default=[],
+                 help="model config override KEY=VALUE (Python literal), e.g. fpn_channels=128")
+  p.add_argument("--json", default=None, help="write the result here")
+  a = p.parse_args(argv)
+  import ast
+  overrides = {}
+  for o in a.override:
+    kk, _, vv = o.partition("=")
+    try:
+      overrides[kk] = ast.literal_eval(vv)
+    except (ValueError, SyntaxError):
+      overrides[kk] = vv
+  res = run_bench(config=a.config, variant=a.variant.upper(), num_classes=a.num_classes,
+                  mode=a.mode, batch=a.batch, size=a.size, dtype=a.dtype, remat=a.remat,
+                  warmup=a.warmup, runs=a.runs, matmul_n=a.matmul_n, model_overrides=overrides)
+  g = 1e9
+  print(f"{res['config']} {a.mode} batch={a.batch} size={a.size} {a.dtype} remat={a.remat} "
+        f"on {res['device']}")
+  print(f"  compile {res['compile_s']:.1f} s; step median {res['median_step_s'] * 1e3:.1f} ms "
+        f"-> {res['images_per_s']:.3f} img/s")
+  xf = res["xla_flops_per_image"]
+  print(f"  GFLOP/img: model {res['flops_per_image'] / g:.1f} (forward "
+        f"{res['forward_flops_per_image'] / g:.1f}, as compiled {res['hw_flops_per_image'] / g:.1f}"
+        f", XLA {'n/a' if xf is None else f'{xf / g:.1f}'})")
+  print(f"  achieved {res['achieved_flops_per_s'] / g:.1f} GFLOP/s; matmul "
+        f"{res['matmul_flops_per_s'] / g:.1f} GFLOP/s; utilization {res['utilization']:.3f}")
+  xm = res["xla_memory_bytes"]
+  print(f"  peak memory {res['peak_memory_bytes'] / 2**30:.2f} GiB ({res['peak_memory_kind']})"
+        f"; XLA step memory {'n/a' if xm is None else f'{xm / 2**30:.2f} GiB'}")
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(res, f, indent=1)
+  return res
+
+
+if __name__ == "__main__":
+  main()
