@@ -1,0 +1,52 @@
+"""Prediction writes colour masks (data set palette) and overlays at each image's original size."""
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import input_pipeline
+from configs import tiny
+from semask_jax import predict
+from semask_jax import sharding as sharding_lib
+from semask_jax import train
+
+
+def test_colorize_and_overlay():
+  palette = np.array([[0, 0, 0], [255, 0, 0], [0, 0, 255]], np.uint8)
+  mask = np.array([[0, 1], [2, 255]])
+  color = predict.colorize(mask, palette)
+  np.testing.assert_array_equal(color[0, 1], [255, 0, 0])
+  np.testing.assert_array_equal(color[1, 0], [0, 0, 255])
+  np.testing.assert_array_equal(color[1, 1], [0, 0, 0])  # ignore / out of range
+  image = np.full((2, 2, 3), 100, np.uint8)
+  out = predict.overlay(image, color, 0.5)
+  np.testing.assert_array_equal(out[0, 1], [178, 50, 50])
+
+
+def test_predict_folder_writes_images_of_the_original_size(tmp_path):
+  config = tiny.get_config()
+  sizes = [(40, 48), (29, 53)]
+  rng = np.random.default_rng(0)
+  inputs = tmp_path / 'in'
+  inputs.mkdir()
+  for i, (h, w) in enumerate(sizes):
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(inputs / f'im{i}.png')
+  (inputs / 'notes.txt').write_text('not an image')
+  model = train.create_model(config)
+  state, graphdef, rest, _, _ = train.init_train_state(
+      config, model, sharding_lib.make_mesh(jax.devices()[:1]))
+  written = predict.predict_paths(config, graphdef, rest, state.params, state.batch_stats,
+                                  str(inputs), str(tmp_path / 'out'))
+  assert sorted(p.rsplit('/', 1)[1] for p in written) == [
+      'im0_mask.png', 'im0_overlay.png', 'im1_mask.png', 'im1_overlay.png']
+  palette = input_pipeline.dataset_info(config.data.name).palette
+  for i, (h, w) in enumerate(sizes):
+    mask = np.asarray(Image.open(tmp_path / 'out' / f'im{i}_mask.png'))
+    over = np.asarray(Image.open(tmp_path / 'out' / f'im{i}_overlay.png'))
+    assert mask.shape == over.shape == (h, w, 3)
+    colours = {tuple(c) for c in mask.reshape(-1, 3)}
+    assert colours <= {tuple(c) for c in palette}
+  with pytest.raises(FileNotFoundError, match='no image files'):
+    predict.list_images(str(tmp_path / 'out' / '..' / 'in' / '..'))  # folder with no images
+  with pytest.raises(FileNotFoundError, match='neither a file nor a folder'):
+    predict.list_images(str(tmp_path / 'missing.png'))
