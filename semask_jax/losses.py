@@ -13,25 +13,81 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from semask_jax.models.resize import resize_bilinear
+from semask_jax.models.resize import _phase_taps, resize_bilinear
 
 IGNORE_INDEX = 255
+
+
+def _ce_from_logits(z: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-pixel CE of full-resolution logits z [..., K] at integer labels (ignored -> 0).
+
+  CE = logsumexp(z) - z[label]. The label's logit is picked with a one-hot
+  select-and-reduce rather than take_along_axis, whose backward pass is a
+  scatter into the full-resolution map (one slow serial loop on a CPU).
+  """
+  valid = labels != IGNORE_INDEX
+  safe = jnp.where(valid, labels, 0).astype(jnp.int32)
+  onehot = safe[..., None] == jnp.arange(z.shape[-1], dtype=jnp.int32)
+  picked = jnp.sum(jnp.where(onehot, z, 0.0), axis=-1)
+  return jnp.where(valid, jax.nn.logsumexp(z, axis=-1) - picked, 0.0)
+
+
+def _rows_per_chunk(h: int, target: int = 16) -> int:
+  return max(r for r in range(1, min(h, target) + 1) if h % r == 0)
+
+
+def _chunked_upsampled_ce(logits: jax.Array, labels: jax.Array, factor: int) -> jax.Array:
+  """CE of resize_bilinear(logits, labels.shape[1:3]) when the height grows by a
+  power-of-two `factor`, without ever holding the full-resolution logits.
+
+  The width is resized first (a map `factor` times smaller than the result);
+  the height up-sampling is then done block of rows by block of rows inside a
+  rematerialised lax.map, each block fused with its CE. The numbers are those
+  of resize_bilinear (same taps, same arithmetic); memory is one block instead
+  of two [B, H, W, K] float32 maps for the forward and as many for the backward
+  (1.2 GB for two 512x512 images and 150 classes).
+  """
+  b, h, _, k = logits.shape
+  big_h, big_w = labels.shape[1:3]
+  xw = resize_bilinear(logits, (h, big_w))  # [B, h, W, K]
+  r = _rows_per_chunk(h)
+  n = h // r
+  # Block c holds rows c*r .. c*r+r-1 plus one halo row on each side (edges clamped).
+  above = jnp.concatenate([xw[:, :1], xw[:, r - 1:h - 1:r]], axis=1)  # [B, n, W, K]
+  below = jnp.concatenate([xw[:, r:h:r], xw[:, h - 1:]], axis=1)
+  rows = xw.reshape(b, n, r, big_w, k).swapaxes(0, 1)
+  above, below = above.swapaxes(0, 1)[:, :, None], below.swapaxes(0, 1)[:, :, None]
+  lab = labels.reshape(b, n, r * factor, big_w).swapaxes(0, 1)
+  taps = _phase_taps(h, factor)
+
+  @jax.checkpoint
+  def block(args):
+    x, up, down, lb = args  # [B, r, W, K], [B, 1, W, K] x 2, [B, r * factor, W]
+    ext = jnp.concatenate([up, x, down], axis=1)
+    prev, nxt = ext[:, :r], ext[:, 2:]
+    phases = []
+    for off, w in taps:
+      lo, hi = (prev, x) if off < 0 else (x, nxt)
+      wb = jnp.asarray(w, x.dtype)
+      phases.append(lo * (1 - wb) + hi * wb)
+    z = jnp.stack(phases, axis=2).reshape(b, r * factor, big_w, k)
+    return _ce_from_logits(z, lb)
+
+  ce = jax.lax.map(block, (rows, above, below, lab))  # [n, B, r * factor, W]
+  return ce.swapaxes(0, 1).reshape(b, big_h, big_w)
 
 
 def pixel_cross_entropy(logits: jax.Array, labels: jax.Array
                         ) -> tuple[jax.Array, jax.Array]:
   """logits [B, h, w, K] resized to labels [B, H, W] -> (CE [B, H, W] f32, valid mask)."""
-  logits = resize_bilinear(logits.astype(jnp.float32), labels.shape[1:3])
+  logits = logits.astype(jnp.float32)
+  h, big_h = logits.shape[1], labels.shape[1]
+  factor = big_h // h
   valid = labels != IGNORE_INDEX
-  safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-  # CE = logsumexp(z) - z[label]. The label's logit is picked with a one-hot
-  # product (a fused select-and-reduce) rather than take_along_axis, whose
-  # backward pass is a scatter into the full-resolution [B, H, W, K] map.
-  k = logits.shape[-1]
-  onehot = safe[..., None] == jnp.arange(k, dtype=jnp.int32)
-  picked = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
-  ce = jax.nn.logsumexp(logits, axis=-1) - picked
-  return jnp.where(valid, ce, 0.0), valid
+  if h > 2 and factor > 1 and factor * h == big_h and factor & (factor - 1) == 0:
+    return _chunked_upsampled_ce(logits, labels, factor), valid
+  z = resize_bilinear(logits, labels.shape[1:3])
+  return _ce_from_logits(z, labels), valid
 
 
 def ohem_weights(ce: jax.Array, valid: jax.Array, min_kept: int) -> jax.Array:
