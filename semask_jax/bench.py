@@ -367,7 +367,25 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
   )
 
 
+def table_row(res: dict[str, Any]) -> str:
+  """One markdown row of the PERF_NOTES / README table from a result dict."""
+  name = res.get("variant") or res["config"]
+  xm = res.get("xla_memory_bytes")
+  return (f"| SeMask-{name} FPN | {res['mode']} | {res['batch']} | {res['remat']} "
+          f"| {res['forward_flops_per_image'] / 1e9:.1f} | {res['images_per_s']:.3f} "
+          f"| {res['matmul_flops_per_s'] / 1e9:.1f} | {res['utilization']:.2f} "
+          f"| {res['peak_memory_bytes'] / 2**30:.2f} GiB "
+          f"| {'n/a' if xm is None else f'{xm / 2**30:.2f} GiB'} |")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+  if argv is None:
+    argv = sys.argv[1:]
+  if argv and argv[0] == "--table":  # python -m semask_jax.bench --table a.json b.json ...
+    for path in argv[1:]:
+      with open(path) as f:
+        print(table_row(json.load(f)))
+    return {}
   p = argparse.ArgumentParser(prog="python -m semask_jax.bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default=None,
