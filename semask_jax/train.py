@@ -323,7 +323,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           if jax.process_index() == 0:
             logging.info(progress_line(update, config.total_steps, avg, ips, eta))
           if skipped > config.max_nonfinite_steps:
-            ckpt.close()
             raise NonFiniteLossError(
                 f'{skipped} steps had a non-finite loss or gradient (limit '
                 f'config.max_nonfinite_steps={config.max_nonfinite_steps}); stopped at step '
@@ -343,6 +342,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           ckpt.save(micro, state, train_iter, force=True)
           logging.warning('Stopped by SIGTERM after step %d; checkpoint saved.', update)
           break
+      if not results and config.eval_every_steps and micro >= total_micro:
+        results = run_eval(state)  # a finished run restarted: report its evaluation again
+        write_eval_results(workdir, micro // k, results)
       logging.info('process %d of %d finished at step %d; last loss %.8g', jax.process_index(),
                    jax.process_count(), micro // k, last_loss)  # every process: for checks
   finally:
