@@ -4,7 +4,10 @@ Each scene is a textured background with a few textured shapes. A shape's
 class is set by its shape AND its colour together: every shape and every
 colour occurs both in some object class and in some distractor pair that is
 labelled background, so neither cue alone is enough and the model must learn
-the conjunction. Scene i of a split is a pure function of (seed, split, i);
+the conjunction. Each shape also carries its own surface pattern (circles
+smooth, squares checkered, triangles striped), so that the shape is visible
+inside the object and not only along its outline: a small model learns the
+conjunction in a few minutes on a CPU. Scene i of a split is a pure function of (seed, split, i);
 train and eval use different SeedSequence streams, so they never overlap.
 """
 from __future__ import annotations
@@ -75,6 +78,20 @@ def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float
   raise ValueError(f'unknown shape {shape!r}')
 
 
+def _pattern(shape: str, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray
+             ) -> np.ndarray:
+  """The surface pattern of a shape in [-1, 1]: smooth, checkered or striped. [h, w]."""
+  theta, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+  u = np.cos(theta) * xx + np.sin(theta) * yy
+  v = -np.sin(theta) * xx + np.cos(theta) * yy
+  if shape == 'circle':  # smooth: a faint, slow shading
+    return 0.3 * np.sin(0.15 * u + phase)
+  period = rng.uniform(9.0, 12.0)  # several pixels per 4x4 patch: no aliasing
+  if shape == 'square':  # checkerboard
+    return np.sign(np.sin(2 * np.pi * u / period + phase) * np.sin(2 * np.pi * v / period))
+  return np.sin(2 * np.pi * u / period + phase)  # triangle: stripes
+
+
 def generate_scene(seed: int, split: str, index: int, *, height: int = 80, width: int = 96,
                    num_classes: int = DEFAULT_NUM_CLASSES, max_objects: int = 5
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -105,11 +122,10 @@ def generate_scene(seed: int, split: str, index: int, *, height: int = 80, width
     mask = _shape_mask(shape, yy, xx, cy, cx, r, rng.uniform(0, 2 * np.pi))
     if not mask.any():
       continue
-    # Texture: jittered colour, stripes of random frequency/orientation, grain.
+    # Texture: jittered colour, the shape's surface pattern, grain.
     rgb = np.asarray(COLOURS[colour], np.float32) + rng.uniform(-20, 20, size=3)
-    theta, freq = rng.uniform(0, np.pi), rng.uniform(0.3, 1.2)
-    stripes = np.sin(freq * (np.cos(theta) * xx + np.sin(theta) * yy) + rng.uniform(0, 6.3))
-    tex = rgb * (1.0 + 0.18 * stripes[..., None]) + rng.normal(0, 10, (h, w, 3))
+    tex = rgb * (1.0 + 0.3 * _pattern(shape, rng, yy, xx)[..., None])
+    tex = tex + rng.normal(0, 8, (h, w, 3))
     image = np.where(mask[..., None], tex, image)
     label[mask] = k
   return np.clip(image, 0, 255).astype(np.uint8), label
