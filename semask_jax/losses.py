@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from semask_jax.models.resize import _phase_taps, resize_bilinear
+from semask_jax.models.resize import interleave_phases, phase_taps, resize_bilinear
 
 IGNORE_INDEX = 255
 
@@ -58,19 +58,13 @@ def _chunked_upsampled_ce(logits: jax.Array, labels: jax.Array, factor: int) -> 
   rows = xw.reshape(b, n, r, big_w, k).swapaxes(0, 1)
   above, below = above.swapaxes(0, 1)[:, :, None], below.swapaxes(0, 1)[:, :, None]
   lab = labels.reshape(b, n, r * factor, big_w).swapaxes(0, 1)
-  taps = _phase_taps(h, factor)
+  taps = phase_taps(h, factor)
 
   @jax.checkpoint
   def block(args):
     x, up, down, lb = args  # [B, r, W, K], [B, 1, W, K] x 2, [B, r * factor, W]
     ext = jnp.concatenate([up, x, down], axis=1)
-    prev, nxt = ext[:, :r], ext[:, 2:]
-    phases = []
-    for off, w in taps:
-      lo, hi = (prev, x) if off < 0 else (x, nxt)
-      wb = jnp.asarray(w, x.dtype)
-      phases.append(lo * (1 - wb) + hi * wb)
-    z = jnp.stack(phases, axis=2).reshape(b, r * factor, big_w, k)
+    z = interleave_phases(ext[:, :r], x, ext[:, 2:], taps, axis=1)  # [B, r * factor, W, K]
     return _ce_from_logits(z, lb)
 
   ce = jax.lax.map(block, (rows, above, below, lab))  # [n, B, r * factor, W]

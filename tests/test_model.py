@@ -232,3 +232,21 @@ def test_loss_reductions_and_ohem():
   assert np.asarray(ce)[w == 1].min() >= np.asarray(ce)[(w == 0) & (labels != 255)].max()
   all_kept = np.asarray(ohem_weights(ce, jnp.asarray(labels != 255), min_kept=1000))
   np.testing.assert_array_equal(all_kept, labels != 255)
+
+
+@pytest.mark.parametrize("small,big", [((13, 9), (52, 36)), ((7, 5), (25, 19))])
+def test_pixel_cross_entropy_matches_torch(small, big):
+  """Both loss paths (row-blocked x2^k up-sampling, generic resize) against torch."""
+  import torch
+  import torch.nn.functional as F
+  from semask_jax.losses import pixel_cross_entropy
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, *small, 6)).astype(np.float32) * 3
+  labels = rng.integers(0, 6, size=(2, *big)).astype(np.int32)
+  labels[:, :5] = 255
+  ce, valid = pixel_cross_entropy(jnp.asarray(logits), jnp.asarray(labels))
+  up = F.interpolate(torch.from_numpy(logits).permute(0, 3, 1, 2), size=big, mode="bilinear",
+                     align_corners=False)
+  ref = F.cross_entropy(up, torch.from_numpy(labels).long(), reduction="none", ignore_index=255)
+  np.testing.assert_allclose(np.asarray(ce), ref.numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(valid), labels != 255)

@@ -27,7 +27,7 @@ def _axis_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.
 
 
 @functools.lru_cache(maxsize=None)
-def _phase_taps(in_size: int, factor: int) -> tuple[tuple[int, float], ...]:
+def phase_taps(in_size: int, factor: int) -> tuple[tuple[int, float], ...]:
   """For out = factor * in (factor a power of two): per output phase r, the offset
   (-1 or 0) of its first source tap and the weight of the second, read off the
   exact taps of an interior position (the same float32 numbers as _axis_taps;
@@ -51,14 +51,24 @@ def _upsample_axis(x: jax.Array, axis: int, factor: int) -> jax.Array:
   last = jax.lax.slice_in_dim(x, n - 1, n, axis=axis)
   prev = jnp.concatenate([first, jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis=axis)
   nxt = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis), last], axis=axis)
+  return interleave_phases(prev, x, nxt, phase_taps(n, factor), axis)
+
+
+def interleave_phases(prev: jax.Array, x: jax.Array, nxt: jax.Array,
+                      taps: tuple[tuple[int, float], ...], axis: int) -> jax.Array:
+  """Up-sampled values along `axis` from x and its neighbours shifted by -1 / +1.
+
+  prev[i] = x[i-1], nxt[i] = x[i+1] (edges clamped); output position
+  factor*i + r blends the pair chosen by taps[r] = (offset, weight).
+  """
   phases = []
-  for off, w in _phase_taps(n, factor):
+  for off, w in taps:
     a, b = (prev, x) if off < 0 else (x, nxt)
     wb = jnp.asarray(w, x.dtype)
     phases.append(a * (1 - wb) + b * wb)
   y = jnp.stack(phases, axis=axis + 1)
   shape = list(x.shape)
-  shape[axis] = n * factor
+  shape[axis] = x.shape[axis] * len(taps)
   return y.reshape(shape)
 
 
