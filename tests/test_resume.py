@@ -45,12 +45,20 @@ def losses(workdir):
   return out
 
 
-def test_sigkill_and_restart_reproduces_losses(tmp_path):
-  env = cpu_env(tmp_path)
-  ref_dir, run_dir = tmp_path / 'ref', tmp_path / 'run'
-  subprocess.run(main_cmd(ref_dir), env=env, check=True, capture_output=True, cwd=ROOT)
-  ref = losses(ref_dir)
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory):
+  """(env, losses) of an uninterrupted run; the env shares its compilation cache."""
+  root = tmp_path_factory.mktemp('resume')
+  env = cpu_env(root)
+  subprocess.run(main_cmd(root / 'ref'), env=env, check=True, capture_output=True, cwd=ROOT)
+  ref = losses(root / 'ref')
   assert sorted(ref) == list(range(1, TOTAL + 1))
+  return env, ref
+
+
+def test_sigkill_and_restart_reproduces_losses(tmp_path, reference_run):
+  env, ref = reference_run
+  run_dir = tmp_path / 'run'
 
   proc = subprocess.Popen(main_cmd(run_dir), env=env, cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -76,3 +84,29 @@ def test_sigkill_and_restart_reproduces_losses(tmp_path):
   config.model.embed_dim = 24
   with pytest.raises(ValueError, match='does not match'):
     train.restore_for_inference(config, str(run_dir), make_mesh(jax.devices()[:1]))
+
+
+def test_sigterm_saves_a_final_checkpoint_and_the_restart_continues(tmp_path, reference_run):
+  """Preemption: SIGTERM stops the run cleanly with a checkpoint of the step it reached."""
+  env, ref = reference_run
+  run_dir = tmp_path / 'run'
+  cmd = main_cmd(run_dir, '--config.checkpoint_every_steps=1000')  # no periodic checkpoint
+  proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = run_dir / 'metrics.jsonl'
+  while proc.poll() is None and not (metrics.exists() and len(losses(run_dir)) >= 3):
+    time.sleep(0.02)
+  os.kill(proc.pid, signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  stopped = max(losses(run_dir))
+  assert stopped < TOTAL, 'the run ended before SIGTERM arrived'
+  assert 'SIGTERM' in err
+  saved = sorted(int(p.name) for p in (run_dir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert saved == [stopped]
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'Resuming from' in out.stderr
+  got = losses(run_dir)
+  np.testing.assert_allclose([got[s] for s in range(1, TOTAL + 1)],
+                             [ref[s] for s in range(1, TOTAL + 1)], rtol=1e-6)
