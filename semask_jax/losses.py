@@ -40,32 +40,32 @@ def _chunked_upsampled_ce(logits: jax.Array, labels: jax.Array, factor: int) -> 
   """CE of resize_bilinear(logits, labels.shape[1:3]) when the height grows by a
   power-of-two `factor`, without ever holding the full-resolution logits.
 
-  The width is resized first (a map `factor` times smaller than the result);
-  the height up-sampling is then done block of rows by block of rows inside a
-  rematerialised lax.map, each block fused with its CE. The numbers are those
-  of resize_bilinear (same taps, same arithmetic); memory is one block instead
-  of two [B, H, W, K] float32 maps for the forward and as many for the backward
-  (1.2 GB for two 512x512 images and 150 classes).
+  The logits are cut into blocks of source rows (plus one halo row on each
+  side); inside a rematerialised lax.map each block is resized to the full
+  width, up-sampled in height and fused with its CE. The width resize acts on
+  each row alone, so the numbers are those of resize_bilinear (same taps, same
+  arithmetic); memory is one block instead of two [B, H, W, K] float32 maps for
+  the forward and as many for the backward (1.2 GB for two 512x512 images and
+  150 classes), and no [B, h, W, K] width-resized map is ever held either.
   """
-  b, h, _, k = logits.shape
+  b, h, w, k = logits.shape
   big_h, big_w = labels.shape[1:3]
-  xw = resize_bilinear(logits, (h, big_w))  # [B, h, W, K]
   r = _rows_per_chunk(h)
   n = h // r
   # Block c holds rows c*r .. c*r+r-1 plus one halo row on each side (edges clamped).
-  above = jnp.concatenate([xw[:, :1], xw[:, r - 1:h - 1:r]], axis=1)  # [B, n, W, K]
-  below = jnp.concatenate([xw[:, r:h:r], xw[:, h - 1:]], axis=1)
-  rows = xw.reshape(b, n, r, big_w, k).swapaxes(0, 1)
+  above = jnp.concatenate([logits[:, :1], logits[:, r - 1:h - 1:r]], axis=1)  # [B, n, w, K]
+  below = jnp.concatenate([logits[:, r:h:r], logits[:, h - 1:]], axis=1)
+  rows = logits.reshape(b, n, r, w, k).swapaxes(0, 1)
   above, below = above.swapaxes(0, 1)[:, :, None], below.swapaxes(0, 1)[:, :, None]
   lab = labels.reshape(b, n, r * factor, big_w).swapaxes(0, 1)
   taps = phase_taps(h, factor)
 
   @jax.checkpoint
   def block(args):
-    x, up, down, lb = args  # [B, r, W, K], [B, 1, W, K] x 2, [B, r * factor, W]
-    ext = jnp.concatenate([up, x, down], axis=1)
-    z = interleave_phases(ext[:, :r], x, ext[:, 2:], taps, axis=1)  # [B, r * factor, W, K]
-    return _ce_from_logits(z, lb)
+    x, up, down, lb = args  # [B, r, w, K], [B, 1, w, K] x 2, [B, r * factor, W]
+    ext = resize_bilinear(jnp.concatenate([up, x, down], axis=1), (r + 2, big_w))
+    z = interleave_phases(ext[:, :r], ext[:, 1:r + 1], ext[:, 2:], taps, axis=1)
+    return _ce_from_logits(z, lb)  # [B, r * factor, W]
 
   ce = jax.lax.map(block, (rows, above, below, lab))  # [n, B, r * factor, W]
   return ce.swapaxes(0, 1).reshape(b, big_h, big_w)
