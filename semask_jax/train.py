@@ -289,6 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info('Resuming from %s/%d', ckpt.directory, latest)
     state = ckpt.restore(latest, checkpointing.abstract_like(state), train_iter)
   micro = int(jax.device_get(state.step.addressable_data(0)))
+  start_micro = micro
   total_micro = config.total_steps * k
 
   writer = summary.MetricWriter(workdir, enabled=jax.process_index() == 0)
@@ -345,8 +346,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if not results and config.eval_every_steps and micro >= total_micro:
         results = run_eval(state)  # a finished run restarted: report its evaluation again
         write_eval_results(workdir, micro // k, results)
-      logging.info('process %d of %d finished at step %d; last loss %.8g', jax.process_index(),
-                   jax.process_count(), micro // k, last_loss)  # every process: for checks
+      if micro == start_micro:  # restarted after the last step: nothing was trained
+        logging.info('process %d of %d: already at step %d of %d, nothing to train',
+                     jax.process_index(), jax.process_count(), micro // k, config.total_steps)
+      else:
+        logging.info('process %d of %d finished at step %d; last loss %.8g', jax.process_index(),
+                     jax.process_count(), micro // k, last_loss)  # every process: for checks
   finally:
     writer.close()
     ckpt.close()
