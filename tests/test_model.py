@@ -11,7 +11,7 @@ from convert_weights import convert_semask
 from semask_jax.losses import ohem_weights, segmentation_loss
 from semask_jax.models import (build_model, default_model_config, model_config_from_dict,
                                resolve_sem_global)
-from semask_jax.models.layers import BatchNorm
+from semask_jax.models.layers import BatchNorm, KeyChain
 from tests.golden_utils import golden_files, jit_forward, load_vector
 
 
@@ -89,7 +89,7 @@ def test_fresh_semantic_layer_is_its_layer_norm():
   model = build_model(tiny_config(), rngs=nnx.Rngs(0))
   layer = model.backbone.layers[1].semantic_layer
   x = jax.random.normal(jax.random.key(0), (2, 6, 7, 32))
-  y, sem = layer(x, __import__("semask_jax.models.layers", fromlist=["KeyChain"]).KeyChain(None))
+  y, sem = layer(x, KeyChain(None))
   np.testing.assert_allclose(y, layer.norm1(x), atol=1e-6)
   assert sem.shape == (2, 6, 7, 5)
 

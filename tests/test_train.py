@@ -1,6 +1,5 @@
 """Train step on a tiny SeMask: 1 vs 8 devices, non-finite guard, accumulation, config errors."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
