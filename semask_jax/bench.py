@@ -20,7 +20,11 @@ Reported (and written to --json):
                        flops_per_image * batch / step time / (the faster of the two
                        matmul timings around that step): robust to a loaded machine
   peak_memory_bytes    device peak_bytes_in_use where the backend keeps memory statistics
-                       (GPU, TPU), else the process's peak RSS (CPU; includes the compiler)
+                       (GPU, TPU), else the process's peak RSS during the warm-up and timed
+                       steps (CPU: the mark is reset after compiling; where the kernel does
+                       not allow that, the whole process's peak, compiler included)
+  process_peak_rss_bytes, compile_peak_rss_bytes   the whole process's peak RSS at the end
+                       and right after compiling (XLA's compiler is often the largest user)
   xla_memory_bytes     arguments + outputs + temporaries of the compiled step (XLA's
                        memory analysis; outputs aliased with donated inputs counted once)
 
@@ -29,6 +33,7 @@ It runs unchanged on CPU, GPU and TPU (single device: the step is jitted, not sh
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import importlib.util
 import json
@@ -212,7 +217,39 @@ def matmul_rate(dtype, n: int | None = None, runs: int = 5) -> float:
   return flops / statistics.median(_time(call, 0, runs))
 
 
-def peak_memory() -> tuple[int, str]:
+def reset_peak_rss() -> bool:
+  """Resets the kernel's peak-RSS mark of this process (Linux: clear_refs 5).
+
+  Called after compilation so that the peak RSS read afterwards is that of the
+  timed steps, not of XLA's compiler. False where the kernel does not allow it.
+  Freed heap pages are first handed back to the kernel (glibc malloc_trim):
+  otherwise what the compiler freed but malloc kept would count as the step's.
+  """
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def _vm_hwm() -> int | None:
+  """Peak RSS since the last reset_peak_rss() (VmHWM), in bytes; None off Linux."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def peak_memory(rss_was_reset: bool) -> tuple[int, str]:
   stats = None
   try:
     stats = jax.devices()[0].memory_stats()
@@ -220,9 +257,15 @@ def peak_memory() -> tuple[int, str]:
     stats = None
   if stats and stats.get("peak_bytes_in_use"):
     return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+  hwm = _vm_hwm() if rss_was_reset else None
+  if hwm:
+    return hwm, "process peak RSS during the steps (reset after compiling)"
+  return process_peak_rss(), "process peak RSS (includes the compiler)"
+
+
+def process_peak_rss() -> int:
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  rss *= 1 if sys.platform == "darwin" else 1024
-  return int(rss), "process peak RSS"
+  return int(rss * (1 if sys.platform == "darwin" else 1024))
 
 
 def _xla_costs(compiled, batch: int) -> tuple[float | None, int | None]:
@@ -326,6 +369,8 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
   del model
 
   xla_flops, xla_mem = _xla_costs(compiled, batch)
+  compile_peak_rss = process_peak_rss()
+  rss_was_reset = reset_peak_rss()
   # The matmul reference and the step are timed alternately, so that both see
   # the same machine load; utilization is the median of the per-run ratios.
   mm_call, mm_flops = make_matmul(cdtype, matmul_n)
@@ -345,7 +390,7 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
   mm = statistics.median(rates)
   utilization = statistics.median(
       [model_flops * batch / t / max(r0, r1) for t, r0, r1 in zip(times, rates, rates[1:])])
-  peak, peak_kind = peak_memory()
+  peak, peak_kind = peak_memory(rss_was_reset)
   dev = jax.devices()[0]
   return dict(
       config=config or f"variant={variant},num_classes={num_classes}",
@@ -360,6 +405,7 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
       matmul_flops_per_s=mm, matmul_flops_per_s_samples=rates,
       utilization=utilization,
       peak_memory_bytes=peak, peak_memory_kind=peak_kind, xla_memory_bytes=xla_mem,
+      process_peak_rss_bytes=process_peak_rss(), compile_peak_rss_bytes=compile_peak_rss,
       device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
       host=platform.node(), cpu_count=os.cpu_count(),
       jax_version=jax.__version__,

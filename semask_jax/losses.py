@@ -22,13 +22,15 @@ def _ce_from_logits(z: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-pixel CE of full-resolution logits z [..., K] at integer labels (ignored -> 0).
 
   CE = logsumexp(z) - z[label]. The label's logit is picked with a one-hot
-  select-and-reduce rather than take_along_axis, whose backward pass is a
+  multiply-and-reduce rather than take_along_axis, whose backward pass is a
   scatter into the full-resolution map (one slow serial loop on a CPU).
   """
   valid = labels != IGNORE_INDEX
   safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-  onehot = safe[..., None] == jnp.arange(z.shape[-1], dtype=jnp.int32)
-  picked = jnp.sum(jnp.where(onehot, z, 0.0), axis=-1)
+  onehot = (safe[..., None] == jnp.arange(z.shape[-1], dtype=jnp.int32)).astype(z.dtype)
+  # A product, not where(onehot, z, 0): the backward of `where` selects against a
+  # full-size zero map, which XLA hoists out of the blocked loss's loop and keeps.
+  picked = jnp.sum(z * onehot, axis=-1)
   return jnp.where(valid, jax.nn.logsumexp(z, axis=-1) - picked, 0.0)
 
 

@@ -183,15 +183,18 @@ def test_batchnorm_statistics_of_the_global_batch_under_sharding():
 
 
 def test_remat_gives_the_same_loss_and_gradients():
+  # 'full' is swin.sequenced_remat (custom VJP); the others are jax.checkpoint policies.
   res = []
-  for remat in (False, True):
-    model = build_model(tiny_config(depths=(2, 1, 1, 1), remat=remat), rngs=nnx.Rngs(0))
+  for remat, policy in ((False, "full"), (True, "full"), (True, "dots"), (True, "attn")):
+    model = build_model(tiny_config(depths=(2, 1, 1, 1), remat=remat, remat_policy=policy),
+                        rngs=nnx.Rngs(0))
     step, params, rest = _train_step_fn(model)
     images = jax.random.normal(jax.random.key(0), (2, 40, 36, 3))
     labels = jax.random.randint(jax.random.key(1), (2, 40, 36), 0, 5)
     res.append(step(params, rest, images, labels, jax.random.key(3)))
-  for a, b in zip(jax.tree.leaves(res[0]), jax.tree.leaves(res[1])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  for other in res[1:]:
+    for a, b in zip(jax.tree.leaves(res[0]), jax.tree.leaves(other)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_train_mode_randomness_is_keyed():

@@ -8,7 +8,7 @@ shift in every odd block of every stage whatever the map size.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -166,18 +166,76 @@ class BasicLayer(nnx.Module):
                ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Returns (stage output, semantic map or None, input of the next stage or None)."""
     for blk in self.blocks:
-      if self.remat:
-        # Keys are drawn outside the rematerialised function so the chain stays in order.
-        sub = [keys.next(), keys.next()]
-        x = nnx.remat(lambda b, x, k: b(x, _FixedKeys(k)),
-                      policy=remat_policy_fn(self.remat_policy))(blk, x, sub)
-      else:
-        x = blk(x, keys)
+      x = self._apply(blk, x, keys, num_keys=2)  # drop path after attention and MLP
     sem = None
     if self.semantic_layer is not None:
-      x, sem = self.semantic_layer(x, keys)
+      x, sem = self._apply(self.semantic_layer, x, keys,
+                           num_keys=len(self.semantic_layer.class_injection))
     nxt = self.downsample(x) if self.downsample is not None else None
     return x, sem, nxt
+
+  def _apply(self, module: nnx.Module, x: jax.Array, keys: layers.KeyChain, num_keys: int):
+    """module(x, keys), rematerialised in the backward pass when self.remat."""
+    if not self.remat:
+      return module(x, keys)
+    # Keys are drawn outside the rematerialised function so the chain stays in order.
+    sub = [keys.next() for _ in range(num_keys)]
+    if self.remat_policy == "full":
+      return sequenced_remat(module, x, sub)
+    return nnx.remat(lambda m, x, k: m(x, _FixedKeys(k)),
+                     policy=remat_policy_fn(self.remat_policy))(module, x, sub)
+
+
+def _after(x: jax.Array, ct: Any) -> jax.Array:
+  """x, made to depend on the cotangent ct: x + 0 * ct[:, :1, :1, :1].
+
+  Equal to x for finite ct (XLA does not fold a float multiply by zero, since
+  inf * 0 is nan) but not computable before ct is. One element per example,
+  so that a batch-sharded step needs no communication for it.
+  """
+  ct = jax.tree.leaves(ct)[0]  # [B, ...]; any output's cotangent will do
+  corner = ct[(slice(None),) + (slice(0, 1),) * (ct.ndim - 1)]  # [B, 1, 1, 1]
+  return x + (corner * 0).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def sequenced_remat(block: nnx.Module, x: jax.Array, keys: list[jax.Array]) -> Any:
+  """block(x, keys) whose backward pass recomputes the forward, like
+  jax.checkpoint, but only once the block's output cotangent exists.
+
+  `block` is a Swin block or a semantic layer: no state updates (no BatchNorm),
+  randomness only from `keys`.
+
+  With plain jax.checkpoint, XLA:CPU (whose scheduler ignores optimization
+  barriers) starts the recomputations of several blocks early and keeps them
+  all live, so remat used *more* memory than no remat. Here the recomputation
+  reads the block input through `_after(x, ct)`, so blocks are recomputed one
+  at a time, in backward order. Same values and gradients as jax.checkpoint.
+  """
+  graphdef, state = nnx.split(block)
+
+  def apply(state, x, keys):
+    return nnx.merge(graphdef, state)(x, _FixedKeys(keys))
+
+  @jax.custom_vjp
+  def run(state, x, keys):
+    return apply(state, x, keys)
+
+  def fwd(state, x, keys):
+    return apply(state, x, keys), (state, x, keys)
+
+  def bwd(res, ct):
+    state, x, keys = res
+    x = _after(x, ct)
+    # Fresh copies of the parameters for the recomputation: otherwise XLA merges
+    # its parameter-only values (broadcast norm scales and biases, the relative
+    # position bias + shift mask) with the forward's and keeps them live in between.
+    state, x = jax.lax.optimization_barrier((state, x))
+    _, vjp = jax.vjp(lambda s, y: apply(s, y, keys), state, x)
+    d_state, d_x = vjp(ct)
+    return d_state, d_x, None
+
+  run.defvjp(fwd, bwd)
+  return run(state, x, keys)
 
 
 def remat_policy_fn(name: str):
