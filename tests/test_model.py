@@ -165,10 +165,12 @@ def _train_step_fn(model):
   return step, params, rest
 
 
-def test_batchnorm_statistics_of_the_global_batch_under_sharding():
-  """SyncBN: with the batch sharded over 8 devices the statistics are the global batch's."""
+@pytest.mark.parametrize("remat", [False, True])
+def test_batchnorm_statistics_of_the_global_batch_under_sharding(remat):
+  """SyncBN: with the batch sharded over 8 devices the statistics are the global batch's
+  (and the sequenced remat, which reads its cotangent per example, shards the same way)."""
   model = build_model(tiny_config(depths=(1, 1, 1, 1), drop_path_rate=0.0, sem_dropout=0.0,
-                                  head_dropout=0.0), rngs=nnx.Rngs(0))
+                                  head_dropout=0.0, remat=remat), rngs=nnx.Rngs(0))
   step, params, rest = _train_step_fn(model)
   images = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
   labels = jax.random.randint(jax.random.key(1), (8, 32, 32), 0, 5)

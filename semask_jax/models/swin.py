@@ -241,7 +241,8 @@ def sequenced_remat(block: nnx.Module, x: jax.Array, keys: list[jax.Array]) -> A
 def remat_policy_fn(name: str):
   """What a rematerialised Swin block saves for the backward pass.
 
-  full: nothing but its input (least memory, one extra forward per block);
+  full: nothing but its input (least memory, one extra forward per block); the
+    model runs it as `sequenced_remat`, not through this policy;
   dots: every matmul output (the backward recomputes only element-wise work);
   dots_no_batch: the Linear outputs, not the attention matmuls (whose
     [windows, heads, N, N] logits are the largest activations);
