@@ -6,6 +6,8 @@ Norms, softmaxes and the loss run in float32 whatever the compute dtype.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,11 +76,19 @@ class LayerNorm(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+    return _layer_norm(x, self.scale[...], self.bias[...], self.eps, self.dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3, 4))
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype) -> jax.Array:
+  """Rematerialised: the backward keeps x alone, and recomputes the rest fused
+  into its own loops, instead of keeping the normalised map and full-size
+  broadcasts of scale and 1/std from the forward pass."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+  return (y * scale + bias).astype(dtype)
 
 
 class Conv2d(nnx.Module):
