@@ -18,7 +18,16 @@ LEAF_TO_TORCH = {
     "var": "running_var",
     "gamma": "gamma",
     "relative_position_bias_table": "relative_position_bias_table",
+    # Mask2Former head: nn.Embedding weights, torch nn.MultiheadAttention's
+    # packed projection, the pixel decoder's bare level_embed parameter.
+    "embedding": "weight",
+    "in_proj_weight": "in_proj_weight",
+    "in_proj_bias": "in_proj_bias",
+    "level_embed": "level_embed",
 }
+
+# Leaves stored [in, out] here and (out, in) in torch when 2-D.
+_TRANSPOSED_LEAVES = ("kernel", "in_proj_weight")
 
 # torch buffers that are recomputed here, never loaded.
 BUFFER_SUFFIXES = ("relative_position_index", "attn_mask", "num_batches_tracked")
@@ -39,7 +48,7 @@ def model_name(path: tuple) -> str:
 
 def to_model_layout(path: tuple, value: np.ndarray) -> np.ndarray:
   """Torch tensor -> this project's layout for the leaf at `path`."""
-  if path[-1] == "kernel":
+  if path[-1] in _TRANSPOSED_LEAVES:
     if value.ndim == 2:  # Linear (out, in) -> (in, out)
       return value.T
     if value.ndim == 4:  # Conv2d (out, in, kh, kw) -> (kh, kw, in, out)
@@ -49,7 +58,7 @@ def to_model_layout(path: tuple, value: np.ndarray) -> np.ndarray:
 
 def torch_shape(path: tuple, shape: tuple) -> tuple:
   """The torch shape of a model leaf of shape `shape`."""
-  if path[-1] == "kernel":
+  if path[-1] in _TRANSPOSED_LEAVES:
     if len(shape) == 2:
       return (shape[1], shape[0])
     if len(shape) == 4:
@@ -59,7 +68,7 @@ def torch_shape(path: tuple, shape: tuple) -> tuple:
 
 def to_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
   """Inverse of to_model_layout."""
-  if path[-1] == "kernel":
+  if path[-1] in _TRANSPOSED_LEAVES:
     if value.ndim == 2:
       return value.T
     if value.ndim == 4:

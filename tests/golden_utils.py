@@ -47,3 +47,31 @@ def jit_forward(model: nnx.Module, train: bool = False):
     return nnx.merge(graphdef, state)(images, train=train)
 
   return fwd
+
+
+M2F_GOLDEN_DIR = pathlib.Path(os.environ.get("SEMASK_M2F_GOLDEN_DIR", GOLDEN_DIR / "mask2former"))
+
+
+def m2f_golden_files() -> list[pathlib.Path]:
+  """The SeMask-Mask2Former vectors (SPEC section 10)."""
+  return sorted(M2F_GOLDEN_DIR.glob("*.npz"))
+
+
+def load_submodule(module: nnx.Module, sd: dict[str, np.ndarray], prefix: str) -> None:
+  """Sets every Param / BatchStat of `module` from the torch state dict `sd`, whose keys
+  for this module start with `prefix` (e.g. 'sem_seg_head.pixel_decoder.'); every
+  model leaf must be found, with its torch shape, and no key under `prefix` may be
+  left over."""
+  from convert_weights import names
+
+  flat = nnx.to_flat_state(nnx.state(module, nnx.Any(nnx.Param, nnx.BatchStat)))
+  used = set()
+  for path, var in flat:
+    key = prefix + names.torch_key(path)
+    assert key in sd, f"no {key} in the state dict"
+    value = names.to_model_layout(path, sd[key])
+    assert value.shape == var[...].shape, (key, value.shape, var[...].shape)
+    var[...] = jax.numpy.asarray(value, var[...].dtype)
+    used.add(key)
+  left = sorted(k for k in sd if k.startswith(prefix) and k not in used)
+  assert not left, f"state-dict keys under {prefix} not used: {left[:10]}"

@@ -91,6 +91,45 @@ def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dty
   return (y * scale + bias).astype(dtype)
 
 
+class GroupNorm(nnx.Module):
+  """torch.nn.GroupNorm over the last (channel) axis of NHWC maps, in float32.
+
+  Statistics per example and group over (H, W, C/groups), biased variance,
+  eps 1e-5; the output is cast back to `dtype`.
+  """
+
+  def __init__(self, num_groups: int, dim: int, *, eps: float = 1e-5,
+               dtype: jnp.dtype = jnp.float32):
+    if dim % num_groups:
+      raise ValueError(f"GroupNorm: {dim} channels are not divisible into {num_groups} groups")
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.num_groups = num_groups
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, ..., C] -> same shape."""
+    g = self.num_groups
+    x32 = x.astype(jnp.float32)
+    xg = x32.reshape(x.shape[:-1] + (g, x.shape[-1] // g))   # [B, ..., G, C/G]
+    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)           # all but batch and group
+    mean = xg.mean(axes, keepdims=True)
+    var = jnp.square(xg - mean).mean(axes, keepdims=True)
+    y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+class Embedding(nnx.Module):
+  """A learned table [num, dim] (torch nn.Embedding; the leaf converts to `.weight`)."""
+
+  def __init__(self, num: int, dim: int, *, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(normal_init(rngs, (num, dim), 1.0))
+
+  def __call__(self) -> jax.Array:
+    return self.embedding[...]
+
+
 class Conv2d(nnx.Module):
   """NHWC convolution with a [kh, kw, in, out] kernel and torch-style padding."""
 
