@@ -17,15 +17,17 @@ def position_embedding_sine(height: int, width: int, num_pos_feats: int,
   unpadded map: [height, width, 2 * num_pos_feats] float32, y-part then x-part,
   sin/cos interleaved per pair.
 
-  Mask2Former's variant normalises (cumsum - 0.5) / (last + 1e-6) * 2 pi, i.e.
-  pixel centres, where DETR's uses the cumsum itself.
+  Normalised as in Mask2Former's transformer_decoder/position_encoding.py (used
+  by both the pixel decoder and the transformer decoder): cumsum / (last + 1e-6)
+  * 2 pi, i.e. positions 1..n, not pixel centres (no - 0.5 as in Deformable
+  DETR); the golden decoder outputs confirm it.
   """
   f32 = np.float32
   scale, eps = f32(2 * np.pi), f32(1e-6)
   y = np.arange(1, height + 1, dtype=f32)
   x = np.arange(1, width + 1, dtype=f32)
-  y = (y - f32(0.5)) / (f32(height) + eps) * scale               # [H]
-  x = (x - f32(0.5)) / (f32(width) + eps) * scale                # [W]
+  y = y / (f32(height) + eps) * scale                            # [H]
+  x = x / (f32(width) + eps) * scale                             # [W]
   d = np.arange(num_pos_feats, dtype=f32)
   dim_t = (f32(temperature) ** (f32(2) * (d // 2) / f32(num_pos_feats))).astype(f32)
 
