@@ -97,3 +97,30 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 def upsample2x(x: jax.Array) -> jax.Array:
   """mmseg Upsample(scale_factor=2, bilinear): a resize to exactly twice the size."""
   return resize_bilinear(x, (2 * x.shape[1], 2 * x.shape[2]))
+
+
+@functools.lru_cache(maxsize=None)
+def _axis_taps_align_corners(in_size: int, out_size: int
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """As _axis_taps for align_corners=True: src = dst * (in - 1) / (out - 1) in float32."""
+  scale = np.float32(in_size - 1) / np.float32(out_size - 1) if out_size > 1 else np.float32(0)
+  src = np.float32(scale) * np.arange(out_size, dtype=np.float32)
+  i0 = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
+  i1 = np.minimum(i0 + 1, in_size - 1)
+  w1 = np.clip(src - i0, 0, 1).astype(np.float32)
+  return i0, i1, w1
+
+
+def resize_bilinear_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """Resizes [B, H, W, C] to [B, size[0], size[1], C] like torch bilinear, align_corners=True
+  (corner pixels map onto corner pixels; no antialiasing when shrinking)."""
+  for axis, out_size in ((1, int(size[0])), (2, int(size[1]))):
+    in_size = x.shape[axis]
+    if in_size == out_size:
+      continue
+    i0, i1, w1 = _axis_taps_align_corners(in_size, out_size)
+    shape = [1] * x.ndim
+    shape[axis] = out_size
+    w = jnp.asarray(w1.reshape(shape), x.dtype)
+    x = jnp.take(x, i0, axis=axis) * (1 - w) + jnp.take(x, i1, axis=axis) * w
+  return x
