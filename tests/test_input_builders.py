@@ -137,3 +137,48 @@ def test_train_and_eval_over_prepared_files(tmp_path, capsys):
   assert hws == {(46, 64), (64, 46)}
   assert sum(int(bb['valid'].sum()) for bb in batches) == 3 == len(
       [k for k in good if '/validation/' in k])
+
+
+def test_builder_stores_original_bytes_of_grey_and_rotated_jpegs(tmp_path):
+  """No re-encoding: the stored image is the file; its size is the size the
+  loader decodes (cv2 IMREAD_COLOR: 3 channels, EXIF orientation applied)."""
+  import cv2  # pylint: disable=import-outside-toplevel
+  from input_pipeline import transforms  # pylint: disable=import-outside-toplevel
+  from input_pipeline.builders import common  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  grey = fakes.realistic_image(rng, 19, 27)[..., 0]
+  rgb = fakes.realistic_image(rng, 19, 27)
+  exif = Image.Exif()
+  exif[0x0112] = 6  # shown rotated by 90 degrees: 27 high, 19 wide
+  files = {'grey': (grey, {}), 'rotated': (rgb, {'exif': exif.tobytes()})}
+  stored = {}
+  for stem, (arr, kw) in files.items():
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format='JPEG', quality=90, **kw)
+    stored[stem] = buf.getvalue()
+    (tmp_path / 'images' / 'training').mkdir(parents=True, exist_ok=True)
+    (tmp_path / 'images' / 'training' / f'{stem}.jpg').write_bytes(stored[stem])
+  (tmp_path / 'annotations' / 'training').mkdir(parents=True)
+  label = lambda h, w: np.full((h, w), 3, np.uint8)  # pylint: disable=unnecessary-lambda-assignment
+  Image.fromarray(label(19, 27)).save(tmp_path / 'annotations/training/grey.png')
+  Image.fromarray(label(27, 19)).save(tmp_path / 'annotations/training/rotated.png')
+  Image.fromarray(label(19, 27)).save(tmp_path / 'annotations/training/rotated_raw.png')
+
+  builder = builders.get_builder('ade20k', str(tmp_path / 'data'))
+  tree = common.Tree([tmp_path])
+  for stem, hw in (('grey', (19, 27)), ('rotated', (27, 19))):
+    ex = builder._example(tree, common.Pair(stem, f'images/training/{stem}.jpg',
+                                             f'annotations/training/{stem}.png'))
+    assert ex['image'] == stored[stem]
+    assert (ex['height'], ex['width']) == hw
+    decoded = transforms.decode_image(ex['image'])
+    ref = cv2.imdecode(np.frombuffer(stored[stem], np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(decoded, ref[..., ::-1])
+    assert decoded.shape == (*hw, 3)
+  assert (decoded[..., 0] != decoded[..., 1]).any()
+  grey_decoded = transforms.decode_image(stored['grey'])
+  assert (grey_decoded == grey_decoded[..., :1]).all()
+  # A label in the file's stored (unrotated) orientation does not fit what is decoded.
+  with pytest.raises(ValueError, match='!= image size'):
+    builder._example(tree, common.Pair('rotated', 'images/training/rotated.jpg',
+                                       'annotations/training/rotated_raw.png'))

@@ -1,6 +1,12 @@
-"""Each train/test transform against hand-computed cases (mmseg 0.x semantics)."""
+"""Each train/test transform against hand-computed cases (mmseg 0.x semantics)
+and, bit for bit, against the OpenCV call sequences mmcv 1.x / mmseg 0.x make
+(written out inline below as the reference, on BGR images as mmseg holds them)."""
+import io
+
+import cv2
 import numpy as np
 import pytest
+from PIL import Image, ImageOps
 
 from input_pipeline import transforms as T
 
@@ -65,29 +71,16 @@ def test_resize_nearest_uses_cv2_floor_rule():
 def test_resize_bilinear_hand_cases():
   row = np.array([0, 100, 200, 255], np.uint8)
   img = np.repeat(np.repeat(row[None, :, None], 2, 0), 3, 2)  # [2, 4, 3]
-  # Shrink 4 -> 2 (numpy path): src x = (x+.5)*2-.5 = 0.5, 2.5 -> 50, 227.5 -> 228
+  # Shrink 4 -> 2: src x = (x+.5)*2-.5 = 0.5, 2.5 -> 50, 227.5 -> 228 (no antialiasing)
   out = T.resize_bilinear(img, (2, 2))
   np.testing.assert_array_equal(out[..., 0], [[50, 228], [50, 228]])
-  # Grow 2 -> 4 (PIL path): src x = -0.25 (clamped), 0.25, 0.75, 1.25 (clamped)
+  # Grow 2 -> 4: src x = -0.25 (clamped), 0.25, 0.75, 1.25 (clamped)
   img2 = np.repeat(np.array([[0, 100]], np.uint8)[..., None], 3, 2)
   out2 = T.resize_bilinear(img2, (1, 4))
   np.testing.assert_array_equal(out2[0, :, 0], [0, 25, 75, 100])
-  # Mixed (one axis shrinks): numpy path, constant stays constant.
+  # Mixed (one axis shrinks): a constant stays constant.
   const = np.full((6, 5, 3), 77, np.uint8)
   assert (T.resize_bilinear(const, (3, 9)) == 77).all()
-
-
-def test_resize_bilinear_paths_agree():
-  """PIL (growing) and numpy (shrinking) paths implement the same rule."""
-  rng = np.random.default_rng(0)
-  img = rng.integers(0, 256, (7, 9, 3), dtype=np.uint8)
-  y0, y1, ay = T._linear_taps(15, 7)
-  x0, x1, ax = T._linear_taps(20, 9)
-  f = img.astype(np.float64)
-  r = f[y0] * (1 - ay)[:, None, None] + f[y1] * ay[:, None, None]
-  ref = r[:, x0] * (1 - ax)[None, :, None] + r[:, x1] * ax[None, :, None]
-  got = T.resize_bilinear(img, (15, 20)).astype(np.float64)
-  assert np.abs(got - ref).max() <= 1.0
 
 
 def _two_class_label():
@@ -173,16 +166,6 @@ def test_photometric_hue_and_saturation():
   np.testing.assert_array_equal(T.photometric_distortion(rng, col), [[[200, 150, 125]]])
 
 
-def test_hsv_matches_cv2_conventions():
-  rgb = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255], [128, 64, 0]]], np.uint8)
-  hsv = T.rgb_to_hsv_u8(rgb)
-  np.testing.assert_array_equal(hsv[0, :4], [[0, 255, 255], [60, 255, 255], [120, 255, 255], [0, 0, 255]])
-  np.testing.assert_array_equal(hsv[0, 4], [15, 255, 128])  # 30 degrees -> 15
-  rnd = np.random.default_rng(0).integers(0, 256, (50, 50, 3), dtype=np.uint8)
-  back = T.hsv_to_rgb_u8(T.rgb_to_hsv_u8(rnd)).astype(int)
-  assert np.abs(back - rnd).max() <= 5  # H has 2-degree steps: up to 255/60 off, as in cv2
-
-
 def test_normalize_and_pad_values():
   ex = {'image': np.full((2, 3, 3), 255, np.uint8), 'label': np.full((2, 3), 7, np.uint8),
         'index': np.int32(5)}
@@ -229,3 +212,344 @@ def test_eval_transform_keeps_original_label():
 def test_decode_rejects_bad_bytes():
   with pytest.raises(ValueError, match='cannot decode image of x.jpg'):
     T.decode_image(b'\xff\xd8garbage', 'image of x.jpg')
+
+
+# ---------------------------------------------- mmcv / mmseg reference sequences
+# The calls mmcv 1.3 and mmseg 0.11 make, written out: LoadImageFromFile
+# (imfrombytes, flag 'color', backend cv2), LoadAnnotations (imfrombytes,
+# flag 'unchanged', backend pillow), Resize (imrescale), RandomCrop,
+# RandomFlip (imflip), PhotoMetricDistortion, Normalize (imnormalize, to_rgb)
+# and Pad (impad). Images are BGR, as mmseg holds them until Normalize.
+
+MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+
+
+def mmcv_imfrombytes_color(data):
+  return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # BGR
+
+
+def mmseg_load_label(data):
+  return np.array(Image.open(io.BytesIO(data))).squeeze().astype(np.uint8)
+
+
+def mmcv_imrescale(img, scale, interpolation):
+  h, w = img.shape[:2]
+  scale_factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+  new_size = int(w * float(scale_factor) + 0.5), int(h * float(scale_factor) + 0.5)
+  codes = {'bilinear': cv2.INTER_LINEAR, 'nearest': cv2.INTER_NEAREST}
+  return cv2.resize(img, new_size, interpolation=codes[interpolation])
+
+
+def mmseg_random_crop(img, seg, crop_size, cat_max_ratio, random, ignore_index=255):
+  def get_crop_bbox():
+    margin_h = max(img.shape[0] - crop_size[0], 0)
+    margin_w = max(img.shape[1] - crop_size[1], 0)
+    offset_h = random.randint(0, margin_h + 1)
+    offset_w = random.randint(0, margin_w + 1)
+    return offset_h, offset_h + crop_size[0], offset_w, offset_w + crop_size[1]
+
+  def crop(x, b):
+    return x[b[0]:b[1], b[2]:b[3], ...]
+
+  bbox = get_crop_bbox()
+  if cat_max_ratio < 1.:
+    for _ in range(10):
+      labels, cnt = np.unique(crop(seg, bbox), return_counts=True)
+      cnt = cnt[labels != ignore_index]
+      if len(cnt) > 1 and np.max(cnt) / np.sum(cnt) < cat_max_ratio:
+        break
+      bbox = get_crop_bbox()
+  return crop(img, bbox), crop(seg, bbox)
+
+
+def mmseg_photometric(img, random, brightness_delta=32, contrast_range=(0.5, 1.5),
+                      saturation_range=(0.5, 1.5), hue_delta=18):
+  def convert(img, alpha=1, beta=0):
+    img = img.astype(np.float32) * alpha + beta
+    img = np.clip(img, 0, 255)
+    return img.astype(np.uint8)
+
+  def contrast(img):
+    if random.randint(2):
+      return convert(img, alpha=random.uniform(*contrast_range))
+    return img
+
+  if random.randint(2):  # brightness
+    img = convert(img, beta=random.uniform(-brightness_delta, brightness_delta))
+  mode = random.randint(2)
+  if mode == 1:
+    img = contrast(img)
+  if random.randint(2):  # saturation
+    img = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)  # mmcv.bgr2hsv
+    img[:, :, 1] = convert(img[:, :, 1], alpha=random.uniform(*saturation_range))
+    img = cv2.cvtColor(img, cv2.COLOR_HSV2BGR)  # mmcv.hsv2bgr
+  if random.randint(2):  # hue
+    img = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+    img[:, :, 0] = (img[:, :, 0].astype(int) + random.randint(-hue_delta, hue_delta)) % 180
+    img = cv2.cvtColor(img, cv2.COLOR_HSV2BGR)
+  if mode == 0:
+    img = contrast(img)
+  return img
+
+
+def mmcv_imnormalize(img, mean, std, to_rgb=True):
+  mean, std = np.array(mean, np.float32), np.array(std, np.float32)  # mmseg Normalize
+  img = img.copy().astype(np.float32)
+  mean = np.float64(mean.reshape(1, -1))
+  stdinv = 1 / np.float64(std.reshape(1, -1))
+  if to_rgb:
+    cv2.cvtColor(img, cv2.COLOR_BGR2RGB, img)
+  cv2.subtract(img, mean, img)
+  cv2.multiply(img, stdinv, img)
+  return img
+
+
+def mmcv_impad(img, shape, pad_val):
+  return cv2.copyMakeBorder(img, 0, shape[0] - img.shape[0], 0, shape[1] - img.shape[1],
+                            cv2.BORDER_CONSTANT, value=pad_val)
+
+
+class RecordingRng:
+  """A np.random.Generator for the transforms that logs each draw, so that the
+  reference can replay them through the np.random names mmseg calls."""
+
+  def __init__(self, seed):
+    self.gen, self.log = np.random.default_rng(seed), []
+
+  def integers(self, low, high=None):
+    v = self.gen.integers(low, high)
+    self.log.append(('randint', low, high, v))
+    return v
+
+  def uniform(self, low, high):
+    v = self.gen.uniform(low, high)
+    self.log.append(('uniform', low, high, v))
+    return v
+
+  def random(self):
+    v = self.gen.random()
+    self.log.append(('rand', None, None, v))
+    return v
+
+  def replay(self):
+    return Replay(self.log)
+
+
+class Replay:
+  """np.random-like source returning the recorded draws, checking kind and bounds."""
+
+  def __init__(self, log):
+    self.log = list(log)
+
+  def _pop(self, *call):
+    kind, lo, hi, v = self.log.pop(0)
+    assert (kind, lo, hi) == call, f'reference drew {call}, the transform drew {(kind, lo, hi)}'
+    return v
+
+  def randint(self, low, high=None):
+    return self._pop('randint', low, high)
+
+  def uniform(self, low, high):
+    return self._pop('uniform', low, high)
+
+  def rand(self):
+    return self._pop('rand', None, None)
+
+
+def photo(h, w, seed=0):
+  """Smooth colour regions plus noise: every hue, saturation and value occurs."""
+  rng = np.random.default_rng(seed)
+  coarse = rng.integers(0, 256, (max(2, h // 8), max(2, w // 8), 3), dtype=np.uint8)
+  img = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.int16)
+  img += rng.integers(-20, 21, img.shape, dtype=np.int16)
+  img[:3, :3] = (0, 0, 0)  # grey pixels (S = 0, H undefined) and saturated ends
+  img[-3:, -3:] = (255, 255, 255)
+  img[0, -1] = (128, 128, 128)
+  return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def blocky_label(h, w, num_classes, seed=0):
+  rng = np.random.default_rng(seed)
+  coarse = rng.integers(0, num_classes, (max(2, h // 9), max(2, w // 9)), dtype=np.uint8)
+  coarse[rng.random(coarse.shape) < 0.15] = 255
+  return cv2.resize(coarse, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+def encode(arr, fmt, **kw):
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, format=fmt, **kw)
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize('kind', ['rgb_jpeg', 'grey_jpeg', 'cmyk_jpeg', 'rgba_png', 'palette_png',
+                                  'grey16_png'])
+def test_decode_equals_mmcv_imfrombytes(kind):
+  rgb = photo(37, 53)
+  data = {'rgb_jpeg': lambda: encode(rgb, 'JPEG', quality=90),
+          'grey_jpeg': lambda: encode(rgb[..., 1], 'JPEG'),
+          'cmyk_jpeg': lambda: encode_pil(Image.fromarray(rgb).convert('CMYK'), 'JPEG'),
+          'rgba_png': lambda: encode(np.dstack([rgb, rgb[..., :1]]), 'PNG'),
+          'palette_png': lambda: encode_pil(Image.fromarray(rgb).quantize(17), 'PNG'),
+          'grey16_png': lambda: encode(rgb[..., 0].astype(np.uint16) * 257, 'PNG'),
+          }[kind]()
+  got = T.decode_image(data)
+  ref = mmcv_imfrombytes_color(data)
+  assert got.shape == (37, 53, 3) and got.dtype == np.uint8
+  np.testing.assert_array_equal(got, ref[..., ::-1])  # mmseg's BGR, swapped by Normalize(to_rgb)
+  if kind.startswith('grey'):
+    assert (got == got[..., :1]).all()
+  else:
+    assert (got[..., 0] != got[..., 2]).any()
+
+
+def encode_pil(im, fmt):
+  buf = io.BytesIO()
+  im.save(buf, format=fmt)
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize('orientation,rot90_k', [(1, 0), (3, 2), (6, -1), (8, 1)])
+def test_decode_applies_exif_orientation(orientation, rot90_k):
+  rgb = photo(13, 21)
+  exif = Image.Exif()
+  exif[0x0112] = orientation  # Orientation tag
+  data = encode(rgb, 'JPEG', quality=95, exif=exif.tobytes())
+  got = T.decode_image(data)
+  stored = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+  assert stored.shape == (13, 21, 3)
+  np.testing.assert_array_equal(got, np.rot90(stored, rot90_k)[..., ::-1])
+  np.testing.assert_array_equal(got, mmcv_imfrombytes_color(data)[..., ::-1])
+  # PIL's own reading of the tag turns the picture the same way (its decoder
+  # may differ by a grey level or two).
+  with Image.open(io.BytesIO(data)) as im:
+    upright = np.asarray(ImageOps.exif_transpose(im).convert('RGB'), np.float32)
+  assert upright.shape == got.shape
+  assert np.abs(upright - got).mean() < 2
+
+
+@pytest.mark.parametrize('hw,img_scale,ratio', [
+    ((37, 53), (101, 41), 1.75),   # grows, short side binds
+    ((53, 37), (101, 41), 0.5),    # portrait, shrinks
+    ((29, 97), (61, 45), 1.25),    # long side binds
+    ((41, 43), (50, 30), 0.75),    # shrinks to 21x22
+    ((31, 45), (45, 31), 1.0),     # same size
+])
+def test_random_resize_equals_mmcv_imrescale(hw, img_scale, ratio):
+  image, label = photo(*hw), blocky_label(*hw, 150)
+  label[::5, ::3] = np.arange(label[::5, ::3].size).reshape(label[::5, ::3].shape) % 150  # fine detail
+  op = T.RandomResize(img_scale, ratio_list=(0.3, ratio))
+  out = op.random_map({'image': image, 'label': label}, ScriptedRng(('int', 1)))
+  scale = int(img_scale[0] * ratio), int(img_scale[1] * ratio)  # mmseg random_sample_ratio
+  ref_img = mmcv_imrescale(image[..., ::-1], scale, 'bilinear')
+  ref_seg = mmcv_imrescale(label, scale, 'nearest')
+  np.testing.assert_array_equal(out['image'], ref_img[..., ::-1])
+  np.testing.assert_array_equal(out['label'], ref_seg)
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_random_crop_equals_mmseg(seed):
+  image, label = photo(47, 59, seed), blocky_label(47, 59, 3, seed)
+  label[: 47 // 2] = 1  # one class covers much of the map: redraws happen
+  for crop_hw, ratio in (((23, 31), 0.75), ((23, 31), 1.0), ((51, 31), 0.75)):
+    rng = RecordingRng(seed)
+    img_c, lab_c = T.random_crop(rng, image, label, crop_hw, ratio)
+    replay = rng.replay()
+    ref_img, ref_seg = mmseg_random_crop(image[..., ::-1], label, crop_hw, ratio, replay)
+    assert not replay.log
+    np.testing.assert_array_equal(img_c, ref_img[..., ::-1])
+    np.testing.assert_array_equal(lab_c, ref_seg)
+
+
+def test_crop_ok_counts_as_np_unique():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    n = rng.integers(1, 5)
+    lab = rng.choice(np.array([0, 3, 7, 255, 149][:n], np.uint8), (rng.integers(1, 9), 7),
+                     p=rng.dirichlet(np.ones(n)))
+    labels, cnt = np.unique(lab, return_counts=True)
+    cnt = cnt[labels != 255]
+    ref = len(cnt) > 1 and np.max(cnt) / np.sum(cnt) < 0.75
+    assert T.crop_ok(lab, 0.75) == ref
+    assert T.crop_ok(lab.astype(np.int32), 0.75) == ref
+
+
+def test_photometric_equals_mmseg_sequence():
+  image = photo(37, 53)[:, ::-1]  # after a flip, as in the pipeline: a strided view
+  seen = set()
+  for seed in range(48):
+    rng = RecordingRng(seed)
+    got = T.photometric_distortion(rng, image)
+    seen.update((d[0], d[1], d[2]) for d in rng.log)
+    replay = rng.replay()
+    ref = mmseg_photometric(image[..., ::-1], replay)
+    assert not replay.log
+    assert got.dtype == np.uint8 and got.shape == image.shape
+    np.testing.assert_array_equal(got, ref[..., ::-1], err_msg=f'seed {seed}: {rng.log}')
+  # Every step ran: brightness, contrast, saturation and hue draws were made.
+  assert {('uniform', -32, 32), ('uniform', 0.5, 1.5), ('randint', -18, 18)} <= seen
+
+
+@pytest.mark.parametrize('hw,crop_hw', [((23, 31), (29, 33)), ((29, 33), (29, 33))])
+def test_normalize_and_pad_equal_mmcv(hw, crop_hw):
+  image, label = photo(*hw), blocky_label(*hw, 150)
+  out = T.NormalizeAndPad(crop_hw, MEAN, STD).map({'image': image, 'label': label})
+  ref_img = mmcv_impad(mmcv_imnormalize(image[..., ::-1], MEAN, STD, to_rgb=True), crop_hw, 0)
+  ref_seg = mmcv_impad(label, crop_hw, 255)
+  assert out['image'].dtype == np.float32 and out['image'].shape == (*crop_hw, 3)
+  np.testing.assert_array_equal(out['image'], ref_img)
+  np.testing.assert_array_equal(out['label'], ref_seg)
+
+
+def mmseg_train(image_bytes, label_bytes, cfg, random):
+  """mmseg's train pipeline on a record, as configured by a project data config."""
+  img = mmcv_imfrombytes_color(image_bytes)
+  seg = mmseg_load_label(label_bytes)
+  ratio = cfg['ratio_list'][random.randint(len(cfg['ratio_list']))]
+  scale = int(cfg['img_scale'][0] * ratio), int(cfg['img_scale'][1] * ratio)
+  img = mmcv_imrescale(img, scale, 'bilinear')
+  seg = mmcv_imrescale(seg, scale, 'nearest')
+  img, seg = mmseg_random_crop(img, seg, cfg['crop_size'], cfg['cat_max_ratio'], random)
+  if random.rand() < 0.5:
+    img, seg = np.flip(img, axis=1), np.flip(seg, axis=1)  # mmcv.imflip 'horizontal'
+  img = mmseg_photometric(img, random)
+  img = mmcv_imnormalize(img, MEAN, STD, to_rgb=True)
+  return mmcv_impad(img, cfg['crop_size'], 0), mmcv_impad(seg, cfg['crop_size'], 255)
+
+
+def test_train_transforms_equal_mmseg_pipeline():
+  from input_pipeline.config import default_data_config  # pylint: disable=import-outside-toplevel
+  cfg = default_data_config('ade20k')
+  cfg.update(img_scale=(91, 37), crop_size=(33, 29), cat_max_ratio=0.75)
+  ops = T.train_transforms(cfg)
+  records = []
+  for i, hw in enumerate([(43, 57), (57, 43), (31, 77)]):
+    records.append({'image': encode(photo(*hw, i), 'JPEG', quality=85),
+                    'label': encode(blocky_label(*hw, 150, i), 'PNG'),
+                    'file_name': f'r{i}.jpg', 'index': np.int32(i)})
+  flips = set()
+  for seed in range(12):
+    rec = records[seed % len(records)]
+    rng = RecordingRng(seed)
+    ex = rec
+    for op in ops:
+      ex = op.random_map(ex, rng) if hasattr(op, 'random_map') else op.map(ex)
+    flips.add(next(d[3] < 0.5 for d in rng.log if d[0] == 'rand'))
+    replay = rng.replay()
+    ref_img, ref_seg = mmseg_train(rec['image'], rec['label'], dict(cfg), replay)
+    assert not replay.log
+    np.testing.assert_array_equal(ex['image'], ref_img)
+    np.testing.assert_array_equal(ex['label'], ref_seg)
+  assert flips == {True, False}
+
+
+def test_eval_transform_equals_mmseg_test_pipeline():
+  rgb, label = photo(41, 67), blocky_label(41, 67, 150)
+  rec = {'image': encode(rgb, 'JPEG'), 'label': encode(label, 'PNG'), 'index': np.int32(0)}
+  op = T.EvalTransform((101, 43), (48, 112), (48, 72), MEAN, STD)
+  out = op.map(rec)
+  ref = mmcv_imnormalize(mmcv_imrescale(mmcv_imfrombytes_color(rec['image']), (101, 43),
+                                        'bilinear'), MEAN, STD)
+  assert ref.shape == (43, 70, 3)
+  np.testing.assert_array_equal(out['image_hw'], ref.shape[:2])
+  np.testing.assert_array_equal(out['image'], mmcv_impad(ref, (48, 112), 0))
+  np.testing.assert_array_equal(out['label'][:41, :67], mmseg_load_label(rec['label']))

@@ -1,8 +1,8 @@
 """Shared parts of the TFDS builders: archive access, validation, the base builder.
 
 The builders never need tensorflow: they yield encoded bytes (the original
-image file, and a PNG of train ids made with PIL) and TFDS writes them to
-ArrayRecord files. Every example is validated on the way; bad ones are
+image file, never re-encoded, and a PNG of train ids made with PIL) and TFDS
+writes them to ArrayRecord files. Every example is validated on the way; bad ones are
 collected with the reason and either skipped (skip_bad=True) or, after every
 split has been scanned so that the report names all of them, turned into a
 `BadExamplesError` that aborts the build (TFDS then removes the incomplete
@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from input_pipeline import transforms
 from input_pipeline.info import IGNORE_INDEX
 
 INVALID = -1  # LUT entry for raw label values that have no train id.
@@ -116,24 +117,27 @@ def map_label(raw: np.ndarray, lut: np.ndarray, num_classes: int) -> np.ndarray:
   return out.astype(np.uint8)
 
 
-def check_image(data: bytes, fmt: str) -> tuple[bytes, tuple[int, int]]:
-  """Fully decodes `data`; returns (RGB-encoded bytes, (h, w)). ValueError if bad.
+def check_image(data: bytes) -> tuple[bytes, tuple[int, int]]:
+  """Fully decodes `data`; returns (the same bytes, (h, w) as decoded). ValueError if bad.
 
-  The original bytes are kept when already RGB; other modes (grey, CMYK,
-  palette) are converted and re-encoded once here so readers always get RGB.
+  The original file is stored whatever its mode (grey, CMYK, palette,
+  16-bit, alpha): the loader decodes it as mmcv does, with cv2.imdecode
+  (IMREAD_COLOR), into 8-bit 3-channel pixels with the EXIF orientation
+  applied, so (h, w) is taken from that decode (the label must match it).
+  PIL decodes it too, because OpenCV only warns about a truncated file and
+  returns the partial image. As in mmcv, the content decides the format, not
+  the file name.
   """
   try:
     with Image.open(io.BytesIO(data)) as im:
       im.load()  # Full decode: catches truncated / corrupt files.
-      size = (im.height, im.width)
-      if im.mode == 'RGB':
-        return data, size
-      buf = io.BytesIO()
-      rgb = im.convert('RGB')
-      rgb.save(buf, format=fmt.upper(), **({'quality': 95} if fmt == 'jpeg' else {}))
-      return buf.getvalue(), size
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
     raise ValueError(f'image does not decode ({type(e).__name__}: {e})') from e
+  try:
+    image = transforms.decode_image(data)
+  except ValueError as e:
+    raise ValueError(f'image does not decode with OpenCV ({e})') from e
+  return data, image.shape[:2]
 
 
 def read_png_label(data: bytes) -> np.ndarray:
@@ -249,7 +253,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
     """Reads and validates one example; ValueError naming the problem."""
     if p.label is None or not tree.exists(p.label):
       raise ValueError(f'label file missing ({p.label or "no match"})')
-    image, (h, w) = check_image(tree.read(p.image), self.IMAGE_FORMAT)
+    image, (h, w) = check_image(tree.read(p.image))
     try:
       label = self._train_ids(tree.read(p.label))
     except ValueError as e:
