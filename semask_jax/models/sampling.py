@@ -33,7 +33,7 @@ def _unnormalize(g: jax.Array, size: int) -> jax.Array:
   return (hi * s - 0.5) + lo * s
 
 
-def _corner_taps(points: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
+def corner_taps(points: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
   """Flat indices [..., 4] into an H*W map and their weights [..., 4] (float32, 0 for
   taps outside the map) for points [..., 2] given as normalised (x, y), corners in
   the order nw, ne, sw, se.
@@ -74,7 +74,7 @@ def bilinear_sample(value: jax.Array, points: jax.Array) -> jax.Array:
   """
   b, h, w, c = value.shape
   p = points.shape[1]
-  index, weights = _corner_taps(points, h, w)                          # [B, P, 4]
+  index, weights = corner_taps(points, h, w)                          # [B, P, 4]
   flat = value.reshape(b, h * w, c)
   taps = jnp.take_along_axis(flat, index.reshape(b, p * 4, 1), axis=1,
                              mode="promise_in_bounds")                 # [B, 4P, C]

@@ -1,0 +1,269 @@
+"""Mask2Former's pixel decoder (`MSDeformAttnPixelDecoder`).
+
+res3..res5 go through a Deformable-DETR encoder (multi-scale deformable
+self-attention: every pixel of every level reads a few bilinearly sampled
+points of each level around its own position), then one FPN step adds res2.
+Module and leaf names follow the torch checkpoint
+(`sem_seg_head.pixel_decoder.*`), so conversion is a name map. Maps are NHWC;
+the encoder's tokens are the levels flattened row-major and concatenated,
+coarsest first, as in the reference.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from semask_jax.models import layers
+from semask_jax.models.position_encoding import position_embedding_sine
+from semask_jax.models.resize import resize_bilinear
+from semask_jax.models.sampling import corner_taps
+
+NUM_LEVELS = 3  # res5, res4, res3 go through the deformable encoder.
+GROUPS = 32     # the reference's GroupNorm(32, conv_dim).
+
+
+def _xavier(rngs: nnx.Rngs, fan_in: int, fan_out: int, shape: tuple[int, ...]) -> jax.Array:
+  """torch.nn.init.xavier_uniform_."""
+  return layers.uniform_init(rngs, shape, math.sqrt(6.0 / (fan_in + fan_out)))
+
+
+def _linear(in_features: int, out_features: int, *, dtype: jnp.dtype, rngs: nnx.Rngs,
+            kernel: jax.Array | None = None, bias: jax.Array | None = None) -> layers.Linear:
+  """A Linear with an explicit initial kernel / bias; by default a xavier-uniform kernel
+  and torch's default bias U(+-1/sqrt(fan_in)) (the encoder's FFN after the reference's
+  `xavier_uniform_` sweep over every matrix)."""
+  lin = layers.Linear(in_features, out_features, dtype=dtype, rngs=rngs)
+  if kernel is None:
+    kernel = _xavier(rngs, in_features, out_features, (in_features, out_features))
+  if bias is None:
+    bias = layers.uniform_init(rngs, (out_features,), 1.0 / math.sqrt(in_features))
+  lin.kernel = nnx.Param(jnp.asarray(kernel, jnp.float32))
+  lin.bias = nnx.Param(jnp.asarray(bias, jnp.float32))
+  return lin
+
+
+def deform_attn_core(value: jax.Array, spatial_shapes: tuple[tuple[int, int], ...],
+                     locations: jax.Array, weights: jax.Array) -> jax.Array:
+  """Multi-scale deformable attention without projections (ms_deform_attn_core_pytorch).
+
+  value [B, S, M, D]: M heads of the levels flattened row-major and concatenated
+  (S = sum H_l W_l); locations [B, Q, M, L, P, 2] normalised (x, y) per level;
+  weights [B, Q, M, L, P] (softmaxed) -> [B, Q, M * D].
+
+  Each sample is grid_sample's bilinear read (zero padding, align_corners=False).
+  All L * P * 4 corner taps of a (query, head) are read by one gather from
+  value viewed as [B, S * M, D] (index = token * M + head: no transpose of the
+  value), with the attention weight folded into the bilinear weights, and
+  summed in float32. Its backward is one scatter-add into [B, S * M, D].
+  """
+  b, s, m, d = value.shape
+  _, q, _, n_levels, n_points, _ = locations.shape
+  index, tap_weights = [], []
+  start = 0
+  for lvl, (h, w) in enumerate(spatial_shapes):
+    idx, wts = corner_taps(locations[:, :, :, lvl], h, w)               # [B, Q, M, P, 4]
+    index.append(idx + start)
+    tap_weights.append(wts * weights[:, :, :, lvl, :, None].astype(jnp.float32))
+    start += h * w
+  if start != s:
+    raise ValueError(f"value has {s} tokens, spatial shapes {spatial_shapes} make {start}")
+  k = n_levels * n_points * 4
+  heads = jnp.arange(m, dtype=jnp.int32)[:, None]                        # [M, 1]
+  index = jnp.stack(index, axis=3).reshape(b, q, m, k) * m + heads       # [B, Q, M, K]
+  tap_weights = jnp.stack(tap_weights, axis=3).reshape(b, q, m, k)       # [B, Q, M, K]
+  taps = jnp.take_along_axis(value.reshape(b, s * m, d), index.reshape(b, q * m * k, 1),
+                             axis=1, mode="promise_in_bounds")           # [B, Q*M*K, D]
+  taps = taps.reshape(b, q, m, k, d).astype(jnp.float32)
+  out = (taps * tap_weights[..., None]).sum(axis=3)                      # [B, Q, M, D]
+  return out.reshape(b, q, m * d).astype(value.dtype)
+
+
+def reference_points(spatial_shapes: tuple[tuple[int, int], ...]) -> np.ndarray:
+  """Deformable DETR's encoder reference points (valid ratios 1): each token's own pixel
+  centre ((j + 0.5) / W_l, (i + 0.5) / H_l), (x, y) order -> [S, 2] float32."""
+  f32 = np.float32
+  out = []
+  for h, w in spatial_shapes:
+    ys = (np.arange(h, dtype=f32) + f32(0.5)) / f32(h)
+    xs = (np.arange(w, dtype=f32) + f32(0.5)) / f32(w)
+    ref_y, ref_x = np.meshgrid(ys, xs, indexing="ij")
+    out.append(np.stack([ref_x.reshape(-1), ref_y.reshape(-1)], axis=-1))
+  return np.concatenate(out, axis=0).astype(f32)
+
+
+class MSDeformAttn(nnx.Module):
+  """Multi-scale deformable attention (Deformable DETR's MSDeformAttn, 2-d references).
+
+  Per query and head: L * P sampling points at reference + offset / (W_l, H_l)
+  on level l, their values weighted by a softmax over the L * P points.
+  """
+
+  def __init__(self, d_model: int, n_levels: int, n_heads: int, n_points: int, *,
+               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    if d_model % n_heads:
+      raise ValueError(f"MSDeformAttn: {d_model} channels not divisible into {n_heads} heads")
+    self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
+    # The reference's _reset_parameters: zero offset kernels and a bias that puts
+    # point i of head h at (i + 1) * the unit-max-norm direction of angle 2 pi h / M.
+    thetas = np.arange(n_heads, dtype=np.float32) * np.float32(2.0 * math.pi / n_heads)
+    grid = np.stack([np.cos(thetas), np.sin(thetas)], -1)
+    grid = grid / np.abs(grid).max(-1, keepdims=True)                    # [M, 2]
+    grid = np.tile(grid[:, None, None], (1, n_levels, n_points, 1))
+    grid = grid * np.arange(1, n_points + 1, dtype=np.float32)[None, None, :, None]
+    n_off = n_heads * n_levels * n_points
+    self.sampling_offsets = _linear(d_model, n_off * 2, kernel=np.zeros((d_model, n_off * 2)),
+                                    bias=grid.reshape(-1), dtype=dtype, rngs=rngs)
+    self.attention_weights = _linear(d_model, n_off, kernel=np.zeros((d_model, n_off)),
+                                     bias=np.zeros((n_off,)), dtype=dtype, rngs=rngs)
+    self.value_proj = _linear(d_model, d_model, bias=np.zeros((d_model,)), dtype=dtype, rngs=rngs)
+    self.output_proj = _linear(d_model, d_model, bias=np.zeros((d_model,)), dtype=dtype, rngs=rngs)
+    self.dtype = dtype
+
+  def __call__(self, query: jax.Array, reference: jax.Array, input_flatten: jax.Array,
+               spatial_shapes: tuple[tuple[int, int], ...]) -> jax.Array:
+    """query [B, Q, C]; reference [B or 1, Q, 2] normalised (x, y), the same on every
+    level (the encoder's case); input_flatten [B, S, C] -> [B, Q, C]."""
+    b, q, c = query.shape
+    m, n_levels, n_points = self.n_heads, self.n_levels, self.n_points
+    value = self.value_proj(input_flatten).reshape(b, -1, m, c // m)    # [B, S, M, D]
+    offsets = self.sampling_offsets(query).astype(jnp.float32)
+    offsets = offsets.reshape(b, q, m, n_levels, n_points, 2)
+    logits = self.attention_weights(query).astype(jnp.float32).reshape(b, q, m, n_levels * n_points)
+    weights = jax.nn.softmax(logits, axis=-1).reshape(b, q, m, n_levels, n_points)
+    normaliser = np.array([[w, h] for h, w in spatial_shapes], np.float32)  # [L, 2]
+    locations = (reference[:, :, None, None, None, :].astype(jnp.float32)
+                 + offsets / normaliser[:, None, :])                     # [B, Q, M, L, P, 2]
+    out = deform_attn_core(value, spatial_shapes, locations, weights)    # [B, Q, C]
+    return self.output_proj(out)
+
+
+class MSDeformAttnTransformerEncoderLayer(nnx.Module):
+  """Post-norm: x = LN(x + MSDeformAttn(x + pos)); x = LN(x + W2 relu(W1 x))."""
+
+  def __init__(self, d_model: int, d_ffn: int, n_levels: int, n_heads: int, n_points: int, *,
+               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, dtype=dtype, rngs=rngs)
+    self.norm1 = layers.LayerNorm(d_model, dtype=dtype)
+    self.linear1 = _linear(d_model, d_ffn, dtype=dtype, rngs=rngs)
+    self.linear2 = _linear(d_ffn, d_model, dtype=dtype, rngs=rngs)
+    self.norm2 = layers.LayerNorm(d_model, dtype=dtype)
+
+  def __call__(self, src: jax.Array, pos: jax.Array, reference: jax.Array,
+               spatial_shapes: tuple[tuple[int, int], ...]) -> jax.Array:
+    """src [B, S, C], pos [1 or B, S, C] -> [B, S, C]."""
+    attn = self.self_attn(src + pos.astype(src.dtype), reference, src, spatial_shapes)
+    src = self.norm1(src + attn)
+    return self.norm2(src + self.linear2(jax.nn.relu(self.linear1(src))))
+
+
+class MSDeformAttnTransformerEncoder(nnx.Module):
+  def __init__(self, num_layers: int, d_model: int, d_ffn: int, n_levels: int, n_heads: int,
+               n_points: int, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    self.layers = nnx.List([
+        MSDeformAttnTransformerEncoderLayer(d_model, d_ffn, n_levels, n_heads, n_points,
+                                            dtype=dtype, rngs=rngs)
+        for _ in range(num_layers)])
+
+  def __call__(self, src: jax.Array, pos: jax.Array, reference: jax.Array,
+               spatial_shapes: tuple[tuple[int, int], ...]) -> jax.Array:
+    for layer in self.layers:
+      src = layer(src, pos, reference, spatial_shapes)
+    return src
+
+
+class MSDeformAttnTransformerEncoderOnly(nnx.Module):
+  """The encoder and the learned per-level embedding added to the sine positions."""
+
+  def __init__(self, d_model: int, n_heads: int, num_layers: int, d_ffn: int, n_levels: int,
+               n_points: int, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    self.encoder = MSDeformAttnTransformerEncoder(num_layers, d_model, d_ffn, n_levels, n_heads,
+                                                  n_points, dtype=dtype, rngs=rngs)
+    self.level_embed = nnx.Param(layers.normal_init(rngs, (n_levels, d_model), 1.0))
+
+  def __call__(self, srcs: list[jax.Array]) -> list[jax.Array]:
+    """srcs: NHWC maps [B, h_l, w_l, C] -> the encoded maps, same shapes."""
+    b, _, _, c = srcs[0].shape
+    shapes = tuple((x.shape[1], x.shape[2]) for x in srcs)
+    flat = jnp.concatenate([x.reshape(b, h * w, c) for x, (h, w) in zip(srcs, shapes)], axis=1)
+    level_embed = self.level_embed[...]                                  # [L, C]
+    pos = jnp.concatenate([
+        jnp.asarray(position_embedding_sine(h, w, c // 2).reshape(h * w, c)) + level_embed[lvl]
+        for lvl, (h, w) in enumerate(shapes)], axis=0)[None]             # [1, S, C] float32
+    reference = jnp.asarray(reference_points(shapes))[None]              # [1, S, 2]
+    out = self.encoder(flat, pos, reference, shapes)                     # [B, S, C]
+    maps, start = [], 0
+    for h, w in shapes:
+      maps.append(out[:, start:start + h * w].reshape(b, h, w, c))
+      start += h * w
+    return maps
+
+
+class ConvNorm(layers.Conv2d):
+  """detectron2's Conv2d(norm=GroupNorm, activation) without bias: the norm is the
+  attribute `norm` of the conv (keys `adapter_1.weight`, `adapter_1.norm.weight`)."""
+
+  def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, relu: bool,
+               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    super().__init__(in_ch, out_ch, kernel_size, padding=kernel_size // 2, use_bias=False,
+                     dtype=dtype, rngs=rngs)
+    # c2_xavier_fill: kaiming_uniform(a=1), i.e. U(+-sqrt(3 / fan_in)).
+    fan_in = in_ch * kernel_size * kernel_size
+    self.kernel = nnx.Param(layers.uniform_init(rngs, self.kernel[...].shape,
+                                                math.sqrt(3.0 / fan_in)))
+    self.norm = layers.GroupNorm(GROUPS, out_ch, dtype=dtype)
+    self.relu = relu
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.norm(super().__call__(x))
+    return jax.nn.relu(y) if self.relu else y
+
+
+def _input_proj(in_ch: int, out_ch: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.List:
+  """nn.Sequential(Conv2d 1x1 with bias, GroupNorm(32)) as a list: keys `.0.*`, `.1.*`.
+  The reference inits the conv xavier-uniform with a zero bias."""
+  conv = layers.Conv2d(in_ch, out_ch, 1, dtype=dtype, rngs=rngs)
+  conv.kernel = nnx.Param(_xavier(rngs, in_ch, out_ch, (1, 1, in_ch, out_ch)))
+  conv.bias = nnx.Param(jnp.zeros((out_ch,), jnp.float32))
+  return nnx.List([conv, layers.GroupNorm(GROUPS, out_ch, dtype=dtype)])
+
+
+class MSDeformAttnPixelDecoder(nnx.Module):
+  """res2..res5 -> (mask_features [B, H/4, W/4, mask_dim], the three encoder levels
+  [B, h_l, w_l, conv_dim] coarsest first).
+
+  Everything after the input projections runs at `dtype` for its matmuls with
+  float32 softmaxes, norms and sampling weights.
+  """
+
+  def __init__(self, in_channels: tuple[int, int, int, int], conv_dim: int, mask_dim: int,
+               nheads: int, enc_layers: int, enc_dim_feedforward: int, n_points: int = 4, *,
+               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    if len(in_channels) != 4:
+      raise ValueError(f"expected the channels of res2..res5, got {in_channels}")
+    # res5, res4, res3 in that order (coarsest first), as the reference's ModuleList.
+    self.input_proj = nnx.List([_input_proj(ch, conv_dim, dtype=dtype, rngs=rngs)
+                                for ch in in_channels[:0:-1]])
+    self.transformer = MSDeformAttnTransformerEncoderOnly(
+        conv_dim, nheads, enc_layers, enc_dim_feedforward, NUM_LEVELS, n_points,
+        dtype=dtype, rngs=rngs)
+    self.mask_features = layers.Conv2d(conv_dim, mask_dim, 1, dtype=dtype, rngs=rngs)
+    self.mask_features.kernel = nnx.Param(layers.uniform_init(
+        rngs, (1, 1, conv_dim, mask_dim), math.sqrt(3.0 / conv_dim)))
+    self.mask_features.bias = nnx.Param(jnp.zeros((mask_dim,), jnp.float32))
+    # One FPN level (res3 stride 8 -> common stride 4): lateral 1x1, output 3x3.
+    self.adapter_1 = ConvNorm(in_channels[0], conv_dim, 1, relu=False, dtype=dtype, rngs=rngs)
+    self.layer_1 = ConvNorm(conv_dim, conv_dim, 3, relu=True, dtype=dtype, rngs=rngs)
+
+  def __call__(self, feats: list[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
+    """feats: res2..res5 as NHWC maps."""
+    res2, res3, res4, res5 = feats
+    srcs = [proj[1](proj[0](x)) for proj, x in zip(self.input_proj, (res5, res4, res3))]
+    multi_scale = self.transformer(srcs)                                 # coarsest first
+    lateral = self.adapter_1(res2)                                       # [B, H/4, W/4, C]
+    y = lateral + resize_bilinear(multi_scale[-1], lateral.shape[1:3]).astype(lateral.dtype)
+    y = self.layer_1(y)
+    return self.mask_features(y), multi_scale
