@@ -1,0 +1,298 @@
+"""The SeMask-Mask2Former set criterion (SPEC section 10), jit-able end to end.
+
+Per prediction (the final one and every auxiliary one) the targets of each
+image are matched to queries by an exact in-graph Hungarian matching
+(semask_jax.matching) on Mask2Former's cost; the matched pairs then give the
+class, mask (BCE) and dice losses on importance-sampled points; the semantic
+head adds loss_cate for the final prediction.
+
+Static layout: targets are [B, T] slots (T = max_targets) with a validity mask,
+and the matched pairs live in the same [B, T] slots (target t of image b and its
+query), so shapes never depend on the data. Padded slots match nothing and add
+nothing to any loss or gradient.
+
+Target masks are never materialised: a target mask is (label == class), so its
+bilinear sample at a point is the sum of the corner weights whose label pixel
+has that class -- the same numbers as sampling the [H, W] 0/1 mask with
+bilinear_sample, at the cost of one label gather per point.
+
+Randomness: every point draw comes from a JAX key (`draw_points`), or the caller
+passes the draws (`CriterionDraws`) -- the golden test replays the reference's
+draws this way. Differences from the reference: a label with no valid pixel
+gives loss_cate 0 (torch: NaN); an image with more classes than max_targets
+keeps its max_targets smallest classes and reports the rest in
+aux['num_dropped_targets'] (make_targets raises when called outside jit).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from semask_jax.matching import linear_sum_assignment
+from semask_jax.models.sampling import bilinear_sample, corner_taps
+
+IGNORE_INDEX = 255
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class CriterionConfig:
+  """Mask2Former criterion settings (detectron2 MODEL.MASK_FORMER.* names in comments)."""
+  num_classes: int
+  max_targets: int = 64                  # static target slots per image
+  train_num_points: int = 12544          # TRAIN_NUM_POINTS
+  oversample_ratio: float = 3.0          # OVERSAMPLE_RATIO
+  importance_sample_ratio: float = 0.75  # IMPORTANCE_SAMPLE_RATIO
+  class_weight: float = 2.0              # CLASS_WEIGHT (also the matcher's cost_class)
+  mask_weight: float = 5.0               # MASK_WEIGHT (cost_mask)
+  dice_weight: float = 5.0               # DICE_WEIGHT (cost_dice)
+  cate_weight: float = 0.4               # SeMask's semantic-head weight
+  no_object_weight: float = 0.1          # NO_OBJECT_WEIGHT
+  ignore_index: int = IGNORE_INDEX
+
+  @property
+  def num_oversampled(self) -> int:
+    return int(self.train_num_points * self.oversample_ratio)
+
+  @property
+  def num_uncertain(self) -> int:
+    return int(self.importance_sample_ratio * self.train_num_points)
+
+  @property
+  def num_random(self) -> int:
+    return self.train_num_points - self.num_uncertain
+
+
+class CriterionDraws(NamedTuple):
+  """The criterion's uniform [0, 1) (x, y) point draws, L1 = number of predictions."""
+  match_points: jax.Array        # [L1, B, P, 2] matcher points, one set per image
+  oversampled_points: jax.Array  # [L1, B, T, int(P * oversample_ratio), 2] per pair slot
+  random_points: jax.Array       # [L1, B, T, P - int(P * importance_ratio), 2] per pair slot
+
+
+def draw_points(key: jax.Array, num_predictions: int, batch: int, cfg: CriterionConfig
+                ) -> CriterionDraws:
+  k1, k2, k3 = jax.random.split(key, 3)
+  lb, t = (num_predictions, batch), cfg.max_targets
+  return CriterionDraws(
+      jax.random.uniform(k1, lb + (cfg.train_num_points, 2), jnp.float32),
+      jax.random.uniform(k2, lb + (t, cfg.num_oversampled, 2), jnp.float32),
+      jax.random.uniform(k3, lb + (t, cfg.num_random, 2), jnp.float32))
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def present_classes(label: jax.Array, num_classes: int, max_targets: int,
+                    ignore_index: int = IGNORE_INDEX
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """label [B, H, W] -> (classes [B, T] int32 increasing, -1 padded; valid [B, T] bool;
+  number of classes present [B] int32). Values outside [0, num_classes) count as ignored."""
+  del ignore_index  # anything outside [0, K) is not a target, 255 included
+  b = label.shape[0]
+  flat = label.reshape(b, -1).astype(jnp.int32)
+  inside = (flat >= 0) & (flat < num_classes)
+  idx = jnp.where(inside, flat, num_classes)  # out-of-range pixels land in a spare bin
+  presence = jax.vmap(lambda x: jnp.zeros((num_classes + 1,), bool).at[x].set(True))(idx)
+  presence = presence[:, :num_classes]  # [B, K]
+  count = presence.sum(-1).astype(jnp.int32)
+  classes = jax.vmap(lambda p: jnp.nonzero(p, size=max_targets, fill_value=-1)[0])(presence)
+  classes = classes.astype(jnp.int32)
+  return classes, classes >= 0, count
+
+
+def make_targets(label: jax.Array, num_classes: int, max_targets: int,
+                 ignore_index: int = IGNORE_INDEX
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per image the classes present in label [B, H, W] (ignore excluded) in increasing
+  order -> (classes [B, T] int32 (-1 padded), masks [B, T, H, W] float32 0/1, valid [B, T]).
+
+  An image with more than T classes keeps its T smallest ones; called on concrete
+  arrays this raises ValueError instead (under jit use present_classes' count, which
+  the criterion reports as aux['num_dropped_targets']).
+  """
+  classes, valid, count = present_classes(label, num_classes, max_targets, ignore_index)
+  try:
+    most = int(jnp.max(count))
+  except jax.errors.ConcretizationTypeError:  # traced: no check possible here
+    most = 0
+  if most > max_targets:
+    raise ValueError(f"an image has {most} classes > max_targets={max_targets}")
+  masks = (label[:, None] == classes[:, :, None, None]) & valid[:, :, None, None]
+  return classes, masks.astype(jnp.float32), valid
+
+
+def sample_label_masks(label: jax.Array, classes: jax.Array, points: jax.Array) -> jax.Array:
+  """bilinear_sample of the 0/1 masks (label == classes[b, t]) without building them.
+
+  label [B, H, W]; classes [B, T] (-1 = none); points [B, N, 2] shared by all targets
+  -> [B, N, T], or points [B, T, N, 2] one set per target -> [B, T, N]. float32.
+  """
+  b, h, w = label.shape
+  index, weights = corner_taps(points, h, w)                      # [B, ..., 4]
+  flat = label.reshape(b, h * w).astype(jnp.int32)
+  taps = jnp.take_along_axis(flat, index.reshape(b, -1), axis=1).reshape(index.shape)
+  if points.ndim == 3:
+    hit = taps[..., None] == classes[:, None, None, :]            # [B, N, 4, T]
+    wts = weights[..., None]
+    axis = 2
+  else:
+    hit = taps == classes[:, :, None, None]                       # [B, T, N, 4]
+    wts = weights
+    axis = 3
+  terms = jnp.where(hit, wts, 0.0)
+  # Summed in bilinear_sample's (torch's) order: ((nw + ne) + sw) + se.
+  take = lambda k: jax.lax.index_in_dim(terms, k, axis, keepdims=False)
+  return ((take(0) + take(1)) + take(2)) + take(3)
+
+
+# ----------------------------------------------------------------------------- matcher
+
+
+def _bce_with_logits(x: jax.Array, y: jax.Array | float) -> jax.Array:
+  """torch F.binary_cross_entropy_with_logits(reduction='none'):
+  max(x, 0) - x y + log1p(exp(-|x|))."""
+  return jnp.maximum(x, 0.0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def match_cost(logits: jax.Array, mask_points: jax.Array, target_points: jax.Array,
+               classes: jax.Array, cfg: CriterionConfig) -> jax.Array:
+  """Mask2Former's matching cost for one image: logits [Q, K+1], mask logits at the
+  points [P, Q], target masks at the points [P, T], classes [T] -> C [Q, T]
+  (batch_sigmoid_ce_loss, batch_dice_loss and -softmax of the target class)."""
+  prob = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  cost_class = -jnp.take(prob, jnp.clip(classes, 0), axis=1)          # [Q, T]
+  x, y = mask_points.astype(jnp.float32), target_points.astype(jnp.float32)
+  n = x.shape[0]
+  pos = _bce_with_logits(x, 1.0)                                       # [P, Q]
+  neg = _bce_with_logits(x, 0.0)
+  cost_mask = (jnp.einsum("pq,pt->qt", pos, y, precision=_HIGHEST)
+               + jnp.einsum("pq,pt->qt", neg, 1.0 - y, precision=_HIGHEST)) / n
+  s = jax.nn.sigmoid(x)
+  numerator = 2.0 * jnp.einsum("pq,pt->qt", s, y, precision=_HIGHEST)
+  denominator = s.sum(0)[:, None] + y.sum(0)[None, :]
+  cost_dice = 1.0 - (numerator + 1.0) / (denominator + 1.0)
+  return (cfg.mask_weight * cost_mask + cfg.class_weight * cost_class
+          + cfg.dice_weight * cost_dice)
+
+
+def match(pred_logits: jax.Array, pred_masks: jax.Array, label: jax.Array,
+          classes: jax.Array, valid: jax.Array, match_points: jax.Array,
+          cfg: CriterionConfig) -> jax.Array:
+  """Hungarian matching of one prediction: pred_logits [B, Q, K+1], pred_masks
+  [B, Q, h, w], label [B, H, W], targets classes/valid [B, T], match_points [B, P, 2]
+  -> the query of each target [B, T] int32 (-1 for padded slots). No gradient."""
+  pred_logits, pred_masks = jax.lax.stop_gradient((pred_logits, pred_masks))
+  masks_nhwc = jnp.moveaxis(pred_masks.astype(jnp.float32), 1, -1)    # [B, h, w, Q]
+  mask_points = bilinear_sample(masks_nhwc, match_points)              # [B, P, Q]
+  target_points = sample_label_masks(label, classes, match_points)     # [B, P, T]
+  cost = jax.vmap(match_cost, in_axes=(0, 0, 0, 0, None))(
+      pred_logits, mask_points, target_points, classes, cfg)           # [B, Q, T]
+  return jax.vmap(linear_sum_assignment)(cost, valid)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def importance_points(mask_logits: jax.Array, oversampled: jax.Array, random: jax.Array,
+                      num_uncertain: int) -> jax.Array:
+  """detectron2 get_uncertain_point_coords_with_randomness with calculate_uncertainty
+  = -|logit|: mask_logits [N, h, w], oversampled [N, M, 2], random [N, R, 2] -> the
+  num_uncertain most uncertain oversampled points (most uncertain first) then the
+  random ones [N, num_uncertain + R, 2]. No gradient."""
+  logits = jax.lax.stop_gradient(mask_logits)[..., None]               # [N, h, w, 1]
+  at = bilinear_sample(logits, oversampled)[..., 0]                    # [N, M]
+  _, idx = jax.lax.top_k(-jnp.abs(at), num_uncertain)                  # [N, k]
+  chosen = jnp.take_along_axis(oversampled, idx[..., None], axis=1)    # [N, k, 2]
+  return jnp.concatenate([chosen, random], axis=1)
+
+
+def _prediction_losses(pred_logits: jax.Array, pred_masks: jax.Array, label: jax.Array,
+                       classes: jax.Array, valid: jax.Array, num_masks: jax.Array,
+                       draws: CriterionDraws, cfg: CriterionConfig
+                       ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(loss_ce, loss_mask, loss_dice, matching [B, T]) of one prediction (draws without
+  the leading L1 axis)."""
+  b, q = pred_logits.shape[:2]
+  t = classes.shape[1]
+  query = match(pred_logits, pred_masks, label, classes, valid, draws.match_points, cfg)
+  paired = query >= 0                                                  # [B, T]
+
+  # Classification: every query, matched class or no-object (K), weighted mean.
+  k = cfg.num_classes
+  hits = (query[:, None, :] == jnp.arange(q, dtype=jnp.int32)[None, :, None]) & paired[:, None]
+  target_class = jnp.where(hits.any(-1), jnp.sum(jnp.where(hits, classes[:, None], 0), -1), k)
+  logits = pred_logits.astype(jnp.float32)                             # [B, Q, K+1]
+  onehot = (target_class[..., None] == jnp.arange(k + 1)).astype(jnp.float32)
+  nll = jax.nn.logsumexp(logits, -1) - jnp.sum(logits * onehot, -1)    # [B, Q]
+  weight = jnp.where(target_class == k, cfg.no_object_weight, 1.0)
+  loss_ce = jnp.sum(weight * nll) / jnp.sum(weight)
+
+  # Masks: the matched query's mask logits per pair slot [B * T, h, w].
+  src = jnp.take_along_axis(pred_masks.astype(jnp.float32),
+                            jnp.clip(query, 0)[:, :, None, None], axis=1)  # [B, T, h, w]
+  src = src.reshape((b * t,) + src.shape[2:])
+  over = draws.oversampled_points.reshape((b * t,) + draws.oversampled_points.shape[2:])
+  rand = draws.random_points.reshape((b * t,) + draws.random_points.shape[2:])
+  points = importance_points(src, over, rand, cfg.num_uncertain)       # [B*T, P, 2]
+  point_logits = bilinear_sample(src[..., None], points)[..., 0]       # [B*T, P]
+  point_labels = sample_label_masks(label, classes, points.reshape((b, t) + points.shape[1:]))
+  point_labels = point_labels.reshape(b * t, -1)                       # [B*T, P]
+  bce = _bce_with_logits(point_logits, point_labels).mean(-1)          # [B*T]
+  s = jax.nn.sigmoid(point_logits)
+  dice = 1.0 - (2.0 * jnp.sum(s * point_labels, -1) + 1.0) / (
+      s.sum(-1) + point_labels.sum(-1) + 1.0)
+  keep = paired.reshape(-1)
+  loss_mask = jnp.sum(jnp.where(keep, bce, 0.0)) / num_masks
+  loss_dice = jnp.sum(jnp.where(keep, dice, 0.0)) / num_masks
+  return loss_ce, loss_mask, loss_dice, query
+
+
+def semantic_ce(sem_pred: jax.Array, label: jax.Array, ignore_index: int = IGNORE_INDEX
+                ) -> jax.Array:
+  """F.cross_entropy(sem_pred, label, ignore_index): sem_pred [B, H, W, K] at the label's
+  size -> mean over the non-ignored pixels (0 when there is none)."""
+  assert sem_pred.shape[1:3] == label.shape[1:3], (sem_pred.shape, label.shape)
+  z = sem_pred.astype(jnp.float32)
+  valid = label != ignore_index
+  safe = jnp.where(valid, label, 0).astype(jnp.int32)
+  onehot = (safe[..., None] == jnp.arange(z.shape[-1], dtype=jnp.int32)).astype(z.dtype)
+  ce = jax.nn.logsumexp(z, axis=-1) - jnp.sum(z * onehot, axis=-1)
+  return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+
+
+def set_criterion(outputs: Mapping[str, Any], label: jax.Array, cfg: CriterionConfig, *,
+                  key: jax.Array | None = None, draws: CriterionDraws | None = None
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """SeMaskSetCriterion on outputs {'pred_logits' [L1, B, Q, K+1], 'pred_masks'
+  [L1, B, Q, h, w], 'sem_pred' [B, H, W, K]} (index L1 - 1 = final prediction) and
+  label [B, H, W] -> (total, aux).
+
+  aux: loss_ce, loss_mask, loss_dice, loss_cate [L1] unweighted (loss_cate nonzero only
+  for the final prediction), num_masks, matches [L1, B, T] (query per target slot),
+  num_dropped_targets [B]. Point draws come from `key` unless `draws` is given.
+  num_masks counts the valid targets of the whole (global) batch, clamped at >= 1.
+  """
+  pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
+  n_pred, b = pred_logits.shape[:2]
+  if draws is None:
+    if key is None:
+      raise ValueError("set_criterion needs a PRNG key or explicit draws")
+    draws = draw_points(key, n_pred, b, cfg)
+  classes, valid, count = present_classes(label, cfg.num_classes, cfg.max_targets,
+                                          cfg.ignore_index)
+  num_masks = jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
+  loss_ce, loss_mask, loss_dice, matches = jax.vmap(
+      _prediction_losses, in_axes=(0, 0, None, None, None, None, 0, None))(
+          pred_logits, pred_masks, label, classes, valid, num_masks, draws, cfg)
+  cate = semantic_ce(outputs["sem_pred"], label, cfg.ignore_index)
+  loss_cate = jnp.zeros((n_pred,), jnp.float32).at[-1].set(cate)
+  total = jnp.sum(cfg.class_weight * loss_ce + cfg.mask_weight * loss_mask
+                  + cfg.dice_weight * loss_dice + cfg.cate_weight * loss_cate)
+  aux = {"loss_ce": loss_ce, "loss_mask": loss_mask, "loss_dice": loss_dice,
+         "loss_cate": loss_cate, "num_masks": num_masks, "matches": matches,
+         "num_dropped_targets": jnp.maximum(count - cfg.max_targets, 0)}
+  return total, aux
