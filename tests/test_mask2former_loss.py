@@ -1,0 +1,194 @@
+"""The SeMask-Mask2Former set criterion against the reference's stored losses
+(golden/mask2former): the stored predictions and point draws are replayed, so
+the matching, the importance sampling and every loss term are checked without
+the model."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from semask_jax import mask2former_loss as ml
+from semask_jax.models.sampling import bilinear_sample
+from tests.golden_utils import load_vector, m2f_golden_files
+
+FILES = m2f_golden_files()
+EXTRA_SLOTS = 2  # padded target slots beyond the classes present
+
+
+def _config(meta, max_targets: int) -> ml.CriterionConfig:
+  c = meta["config"]
+  names = ["num_classes", "train_num_points", "oversample_ratio", "importance_sample_ratio",
+           "class_weight", "mask_weight", "dice_weight", "cate_weight", "no_object_weight"]
+  return ml.CriterionConfig(max_targets=max_targets, **{k: c[k] for k in names})
+
+
+@functools.lru_cache(maxsize=None)
+def _case(path):
+  """(arrays, cfg, outputs, label, draws in the static [B, T] slot layout)."""
+  vec, meta, _ = load_vector(path)
+  n_pred, b = vec["pred_logits"].shape[:2]
+  label = vec["label"]
+  t = max(len(np.setdiff1d(np.unique(x), [255])) for x in label) + EXTRA_SLOTS
+  cfg = _config(meta, t)
+  classes, _, _ = ml.present_classes(jnp.asarray(label), cfg.num_classes, t)
+  rng = np.random.default_rng(0)  # padded slots: any draw (they must not matter)
+  over = rng.random((n_pred, b, t, cfg.num_oversampled, 2), dtype=np.float32)
+  rand = rng.random((n_pred, b, t, cfg.num_random, 2), dtype=np.float32)
+  for l in range(n_pred):
+    row = 0
+    for i in range(b):
+      queries, targets = vec[f"match_{l}_{i}"]
+      # The reference's pairs are in (image, query) order; slot = the target index.
+      for q_rank, tgt in enumerate(targets):
+        over[l, i, tgt] = vec[f"loss_oversampled_points_{l}"][row + q_rank]
+        rand[l, i, tgt] = vec[f"loss_random_points_{l}"][row + q_rank]
+      row += len(targets)
+    assert row == len(vec[f"loss_oversampled_points_{l}"])
+  match_points = np.stack([vec[f"match_points_{l}"] for l in range(n_pred)])
+  draws = ml.CriterionDraws(jnp.asarray(match_points), jnp.asarray(over), jnp.asarray(rand))
+  outputs = {"pred_logits": jnp.asarray(vec["pred_logits"]),
+             "pred_masks": jnp.asarray(vec["pred_masks"]),
+             "sem_pred": jnp.asarray(vec["sem_pred"].transpose(0, 2, 3, 1))}  # NCHW -> NHWC
+  return vec, cfg, outputs, jnp.asarray(label), draws, np.asarray(classes)
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_targets(path):
+  vec, cfg, _, label, _, _ = _case(path)
+  classes, masks, valid = ml.make_targets(label, cfg.num_classes, cfg.max_targets)
+  classes, masks, valid = map(np.asarray, (classes, masks, valid))
+  for i, lab in enumerate(vec["label"]):
+    present = np.setdiff1d(np.unique(lab), [255])
+    n = len(present)
+    np.testing.assert_array_equal(classes[i, :n], present)
+    assert valid[i, :n].all() and not valid[i, n:].any()
+    np.testing.assert_array_equal(masks[i, :n], lab[None] == present[:, None, None])
+    assert not masks[i, n:].any()
+  # Sampling the label directly = bilinear_sample of the mask maps (both point layouts).
+  pts = jax.random.uniform(jax.random.key(1), (label.shape[0], 300, 2), minval=-0.05,
+                           maxval=1.05)
+  ref = bilinear_sample(jnp.moveaxis(jnp.asarray(masks), 1, -1), pts)  # [B, N, T]
+  got = ml.sample_label_masks(label, jnp.asarray(classes), pts)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=1e-6)
+  per_slot = jnp.broadcast_to(pts[:, None], (label.shape[0], cfg.max_targets, 300, 2))
+  got = ml.sample_label_masks(label, jnp.asarray(classes), per_slot)
+  np.testing.assert_allclose(np.asarray(got), np.moveaxis(np.asarray(ref), 1, 2), atol=1e-6)
+
+
+def test_too_many_classes():
+  label = jnp.asarray(np.arange(16, dtype=np.int32).reshape(1, 4, 4))
+  with pytest.raises(ValueError, match="max_targets"):
+    ml.make_targets(label, 20, 8)
+  classes, valid, count = jax.jit(ml.present_classes, static_argnums=(1, 2))(label, 20, 8)
+  np.testing.assert_array_equal(np.asarray(classes), np.arange(8)[None])
+  assert bool(valid.all()) and int(count[0]) == 16
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_matching_replays_reference(path):
+  vec, cfg, outputs, label, draws, _ = _case(path)
+  classes, valid, _ = ml.present_classes(label, cfg.num_classes, cfg.max_targets)
+  fn = jax.jit(jax.vmap(functools.partial(ml.match, cfg=cfg),
+                        in_axes=(0, 0, None, None, None, 0)))
+  query = np.asarray(fn(outputs["pred_logits"], outputs["pred_masks"], label, classes, valid,
+                        draws.match_points))
+  valid = np.asarray(valid)
+  for l in range(query.shape[0]):
+    for i in range(query.shape[1]):
+      ref_q, ref_t = vec[f"match_{l}_{i}"]
+      got_t = np.flatnonzero(valid[i])
+      got_q = query[l, i, got_t]
+      order = np.argsort(got_q)
+      np.testing.assert_array_equal(got_q[order], ref_q, err_msg=f"prediction {l} image {i}")
+      np.testing.assert_array_equal(got_t[order], ref_t, err_msg=f"prediction {l} image {i}")
+      assert np.all(query[l, i, ~valid[i]] == -1)
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_importance_sampling_replays_reference(path):
+  vec, cfg, _, _, _, _ = _case(path)
+  n_pred, b = vec["pred_logits"].shape[:2]
+  fn = jax.jit(functools.partial(ml.importance_points, num_uncertain=cfg.num_uncertain))
+  same = total = 0
+  for l in range(n_pred):
+    src = np.concatenate([vec["pred_masks"][l, i, vec[f"match_{l}_{i}"][0]] for i in range(b)])
+    got = np.asarray(fn(jnp.asarray(src), jnp.asarray(vec[f"loss_oversampled_points_{l}"]),
+                        jnp.asarray(vec[f"loss_random_points_{l}"])))
+    ref = vec[f"loss_points_{l}"]
+    assert got.shape == ref.shape
+    np.testing.assert_array_equal(got[:, cfg.num_uncertain:], ref[:, cfg.num_uncertain:])
+    for g, r in zip(got[:, :cfg.num_uncertain], ref[:, :cfg.num_uncertain]):
+      # Same set of points (the order of equally uncertain points may differ).
+      rs = {tuple(p) for p in r}
+      same += sum(tuple(p) in rs for p in g)
+      total += len(g)
+  assert same >= 0.99 * total, (same, total)
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_losses_replay_reference(path):
+  vec, cfg, outputs, label, draws, _ = _case(path)
+  total, aux = jax.jit(functools.partial(ml.set_criterion, cfg=cfg))(outputs, label,
+                                                                     draws=draws)
+  n_pred = vec["pred_logits"].shape[0]
+  for name in ["ce", "mask", "dice", "cate"]:
+    ref = np.array([vec[f"loss_{name}_{l}"] for l in range(n_pred)])
+    np.testing.assert_allclose(np.asarray(aux[f"loss_{name}"]), ref, rtol=1e-4, atol=0,
+                               err_msg=name)
+  np.testing.assert_allclose(float(total), float(vec["loss_total"]), rtol=1e-4)
+  n_targets = sum(len(vec[f"match_{n_pred - 1}_{i}"][0]) for i in range(label.shape[0]))
+  assert float(aux["num_masks"]) == n_targets
+  assert not np.asarray(aux["num_dropped_targets"]).any()
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_padded_slots_do_not_matter(path):
+  """Other draws in the padded slots, and other values in the padded slots' default
+  query, change nothing."""
+  vec, cfg, outputs, label, draws, classes = _case(path)
+  fn = jax.jit(functools.partial(ml.set_criterion, cfg=cfg))
+  total, aux = fn(outputs, label, draws=draws)
+  pad = classes < 0  # [B, T]
+  assert pad.any()
+  key = jax.random.key(3)
+  other = ml.draw_points(key, *vec["pred_logits"].shape[:2], cfg)
+  mix = lambda a, o: jnp.where(jnp.asarray(pad)[None, :, :, None, None], o, a)
+  draws2 = draws._replace(oversampled_points=mix(draws.oversampled_points,
+                                                 other.oversampled_points),
+                          random_points=mix(draws.random_points, other.random_points))
+  total2, aux2 = fn(outputs, label, draws=draws2)
+  assert float(total2) == float(total)
+  np.testing.assert_array_equal(np.asarray(aux2["matches"]), np.asarray(aux["matches"]))
+  assert np.all(np.asarray(aux["matches"])[:, pad] == -1)
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_keyed_criterion_gradients(path):
+  """With draws from a key: finite loss and gradients, no gradient to unmatched
+  queries' masks, gradients to every prediction's logits."""
+  _, cfg, outputs, label, _, _ = _case(path)
+
+  @jax.jit
+  def loss_and_grad(outs, key):
+    return jax.value_and_grad(lambda o: ml.set_criterion(o, label, cfg, key=key), has_aux=True)(
+        outs)
+
+  (total, aux), grads = loss_and_grad(outputs, jax.random.key(0))
+  assert np.isfinite(float(total))
+  for name, g in grads.items():
+    g = np.asarray(g)
+    assert np.all(np.isfinite(g)), name
+    assert np.abs(g).sum() > 0, name
+  matches = np.asarray(aux["matches"])  # [L1, B, T]
+  mask_grad = np.abs(np.asarray(grads["pred_masks"])).sum((-1, -2))  # [L1, B, Q]
+  for l in range(matches.shape[0]):
+    for i in range(matches.shape[1]):
+      used = set(matches[l, i][matches[l, i] >= 0].tolist())
+      for q in range(mask_grad.shape[2]):
+        assert (mask_grad[l, i, q] > 0) == (q in used), (l, i, q)
+  assert np.abs(np.asarray(grads["pred_logits"])).sum((1, 2, 3)).min() > 0
+  # A different key: other points, still finite.
+  (total2, _), _ = loss_and_grad(outputs, jax.random.key(1))
+  assert np.isfinite(float(total2)) and float(total2) != float(total)
