@@ -21,6 +21,8 @@ from tests.golden_utils import load_submodule, load_vector, m2f_golden_files
 FILES = m2f_golden_files()
 RTOL = 1e-4  # max |err| <= 1e-4 * max(1, max |ref|)
 PREFIX = "sem_seg_head.predictor."
+_semantic_inference = jax.jit(semantic_inference, static_argnums=(2, 3, 4),
+                              static_argnames="postprocess_before_inference")
 
 
 def _nhwc(a: np.ndarray) -> jax.Array:
@@ -101,7 +103,7 @@ def test_semantic_inference_golden(path):
   vec, meta, _ = load_vector(path)
   size = (meta["config"]["height"], meta["config"]["width"])
   for before in (False, True):  # no padding, no resize: both orders are the reference
-    got = semantic_inference(jnp.asarray(vec["pred_logits"][-1]),
+    got = _semantic_inference(jnp.asarray(vec["pred_logits"][-1]),
                              jnp.asarray(vec["pred_masks"][-1]), size, size, size,
                              postprocess_before_inference=before)
     err = _check("semseg", np.asarray(got).transpose(0, 3, 1, 2), vec["semseg"])
@@ -125,7 +127,7 @@ def test_semantic_inference_padded_vs_torch():
   after = postprocess(torch.einsum("bqc,bqhw->bchw", cls, tm.sigmoid()))
   before = torch.einsum("bqc,bqhw->bchw", cls, postprocess(tm).sigmoid())
   for flag, ref in ((False, after), (True, before)):
-    got = semantic_inference(jnp.asarray(logits), jnp.asarray(masks), padded, image, out,
+    got = _semantic_inference(jnp.asarray(logits), jnp.asarray(masks), padded, image, out,
                              postprocess_before_inference=flag)
     np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), ref.numpy(),
                                rtol=1e-5, atol=1e-6)
