@@ -16,6 +16,7 @@ RGB from the decode on gives the same numbers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 from typing import Any, Sequence
 
@@ -55,14 +56,26 @@ def decode_image(data: bytes | np.ndarray, what: str = 'image') -> np.ndarray:
   return cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=img)
 
 
+def _is_grey8_png(data: bytes) -> bool:
+  """PNG signature, then IHDR with bit depth 8 and colour type 0 (greyscale)."""
+  return (len(data) > 26 and data[:8] == b'\x89PNG\r\n\x1a\n' and data[12:16] == b'IHDR'
+          and data[24] == 8 and data[25] == 0)
+
+
 def decode_label(data: bytes | np.ndarray, what: str = 'label') -> np.ndarray:
   """Encoded single-channel PNG bytes (or an array) -> uint8 [H, W].
 
   mmseg's LoadAnnotations reads labels with PIL (imdecode_backend 'pillow',
-  flag 'unchanged'): np.array of the image, palette indices for mode P.
+  flag 'unchanged'): np.array of the image, palette indices for mode P. For
+  8-bit greyscale PNGs (what the builders write) cv2.imdecode(IMREAD_UNCHANGED)
+  returns the same array a little faster; other files go through PIL.
   """
   if isinstance(data, np.ndarray):
     return data.reshape(data.shape[:2])
+  if _is_grey8_png(data):
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is not None and arr.ndim == 2 and arr.dtype == np.uint8:
+      return arr
   try:
     with Image.open(io.BytesIO(data)) as im:
       if im.mode not in ('L', 'P', 'I', 'I;16'):
@@ -130,11 +143,11 @@ def crop_ok(label_crop: np.ndarray, cat_max_ratio: float,
             ignore_index: int = IGNORE_INDEX) -> bool:
   """mmseg's acceptance test: >= 2 classes and none covering >= the ratio.
 
-  Counts uint8 crops with bincount, the same counts as mmseg's np.unique
-  without its sort (a tenth of the time).
+  uint8 crops are counted with cv2.calcHist (float32 counts, exact below
+  2**24 pixels): the same counts as mmseg's np.unique without its sort.
   """
-  if label_crop.dtype == np.uint8:
-    cnt = np.bincount(label_crop.reshape(-1), minlength=256)
+  if label_crop.dtype == np.uint8 and label_crop.ndim == 2 and label_crop.size < 2**24:
+    cnt = cv2.calcHist([label_crop], [0], None, [256], [0, 256]).reshape(-1).astype(np.int64)
     if 0 <= ignore_index < 256:
       cnt[ignore_index] = 0
     cnt = cnt[cnt > 0]
@@ -196,7 +209,7 @@ def photometric_distortion(rng: np.random.Generator, image: np.ndarray,
   in the reference (float32 affine, clip, truncating cast; see
   convert_table).
   """
-  img = np.ascontiguousarray(image)
+  img = image
   if rng.integers(2):
     img = cv2.LUT(img, convert_table(beta=rng.uniform(-p.brightness_delta, p.brightness_delta)))
   mode = rng.integers(2)
@@ -204,40 +217,69 @@ def photometric_distortion(rng: np.random.Generator, image: np.ndarray,
     img = cv2.LUT(img, convert_table(alpha=rng.uniform(*p.contrast_range)))
   if rng.integers(2):
     hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
-    hsv[..., 1] = convert_table(alpha=rng.uniform(*p.saturation_range))[hsv[..., 1]]
+    hsv[..., 1] = cv2.LUT(hsv[..., 1], convert_table(alpha=rng.uniform(*p.saturation_range)))
     img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
   if rng.integers(2):
     hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
     delta = rng.integers(-p.hue_delta, p.hue_delta)  # numpy randint: [-d, d)
-    hsv[..., 0] = hue_table(delta)[hsv[..., 0]]
+    hsv[..., 0] = cv2.LUT(hsv[..., 0], hue_table(delta))
     img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
   if mode == 0 and rng.integers(2):
     img = cv2.LUT(img, convert_table(alpha=rng.uniform(*p.contrast_range)))
   return img
 
 
-def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  """uint8 RGB -> float32 (x - mean) / std, as mmcv.imnormalize computes it.
+def _imnormalize(img: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """mmcv.imnormalize's arithmetic on a float32 copy of `img`.
 
   mmseg holds mean/std as float32 arrays; mmcv widens them to float64, takes
   stdinv = 1 / std in float64 and runs cv2.subtract then cv2.multiply in
-  place on the float32 image (mmseg's to_rgb swap is the decode's here).
+  place (OpenCV multiplies in float64 and rounds to float32).
   """
-  img = image.astype(np.float32, order='C')  # always a fresh array
+  out = img.astype(np.float32, order='C')  # always a fresh array
   mean64 = np.float64(np.asarray(mean, np.float32).reshape(1, -1))
   stdinv = 1 / np.float64(np.asarray(std, np.float32).reshape(1, -1))
-  cv2.subtract(img, mean64, img)
-  cv2.multiply(img, stdinv, img)
-  return img
+  cv2.subtract(out, mean64, out)
+  cv2.multiply(out, stdinv, out)
+  return out
+
+
+@functools.lru_cache(maxsize=8)
+def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+  """float32 [1, 256, C]: mmcv.imnormalize of every uint8 value, per channel."""
+  values = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], len(mean), axis=2)
+  table = _imnormalize(values, mean, std)
+  table.flags.writeable = False  # shared by every call
+  return table
+
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """uint8 RGB -> float32 (x - mean) / std, as mmcv.imnormalize computes it.
+
+  mmseg's to_rgb swap is the decode's here. Elementwise, so for uint8 images
+  the result is looked up (cv2.LUT) in a table made by the same cv2 calls:
+  the same floats at 2/3 of the time.
+  """
+  mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+  if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == len(mean) <= 4:
+    return cv2.LUT(image, _normalize_table(mean, std))
+  return _imnormalize(image, mean, std)
+
+
+_CV_DTYPES = (np.uint8, np.int8, np.uint16, np.int16, np.int32, np.float32, np.float64)
 
 
 def pad_to(x: np.ndarray, hw: tuple[int, int], value: float) -> np.ndarray:
-  """Pads bottom/right to `hw` with `value` (mmcv.impad with a shape)."""
+  """Pads bottom/right to `hw` with `value`: mmcv.impad with a shape (cv2.copyMakeBorder)."""
   h, w = x.shape[:2]
   if h > hw[0] or w > hw[1]:
     raise ValueError(f'cannot pad {x.shape[:2]} to smaller {tuple(hw)}')
   if (h, w) == tuple(hw):
     return x
+  if x.dtype in _CV_DTYPES and (x.ndim == 2 or x.ndim == 3 and x.shape[2] <= 4):
+    # A bare number would be Scalar(v, 0, 0, 0): only channel 0 gets v.
+    return cv2.copyMakeBorder(x, 0, hw[0] - h, 0, hw[1] - w, cv2.BORDER_CONSTANT,
+                              value=(float(value),) * 4)
   out = np.full((hw[0], hw[1], *x.shape[2:]), value, x.dtype)
   out[:h, :w] = x
   return out
@@ -287,11 +329,13 @@ class RandomCrop(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class RandomFlip(grain.transforms.RandomMap):
+  """mmcv.imflip 'horizontal' (np.flip, a view); cv2.flip gives the same pixels
+  in a contiguous array, 20x faster than copying the reversed view later."""
   prob: float = 0.5
 
   def random_map(self, ex: Example, rng: np.random.Generator) -> Example:
     if rng.random() < self.prob:
-      return dict(ex, image=ex['image'][:, ::-1], label=ex['label'][:, ::-1])
+      return dict(ex, image=cv2.flip(ex['image'], 1), label=cv2.flip(ex['label'], 1))
     return ex
 
 
@@ -313,7 +357,7 @@ class NormalizeAndPad(grain.transforms.Map):
 
   def map(self, ex: Example) -> Example:
     out = {'image': pad_to(normalize(ex['image'], self.mean, self.std), self.crop_hw, 0.0),
-           'label': pad_to(ex['label'].astype(np.int32), self.crop_hw, IGNORE_INDEX)}
+           'label': pad_to(ex['label'], self.crop_hw, IGNORE_INDEX).astype(np.int32)}
     if self.keep_index:
       out['index'] = ex['index']
     return out

@@ -182,6 +182,13 @@ def test_normalize_and_pad_values():
   assert (out['label'][2:] == 255).all() and (out['label'][:, 3:] == 255).all()
   with pytest.raises(ValueError, match='cannot pad'):
     T.pad_to(np.zeros((5, 5)), (4, 5), 0)
+  # Every channel gets the value, for cv2's and the fallback's dtypes.
+  for dtype in (np.uint8, np.float32, np.int64):
+    padded = T.pad_to(np.ones((1, 2, 3), dtype), (3, 3), 7)
+    assert padded.dtype == dtype and padded.shape == (3, 3, 3)
+    np.testing.assert_array_equal(padded[1:], 7)
+    np.testing.assert_array_equal(padded[:1, 2], 7)
+    np.testing.assert_array_equal(padded[:1, :2], 1)
 
 
 def test_random_resize_op_resizes_image_and_label_together():
@@ -406,6 +413,23 @@ def encode_pil(im, fmt):
   buf = io.BytesIO()
   im.save(buf, format=fmt)
   return buf.getvalue()
+
+
+@pytest.mark.parametrize('mode', ['L', 'P', 'I;16'])
+def test_decode_label_equals_mmseg_pillow_load(mode):
+  label = blocky_label(37, 53, 150)
+  im = Image.fromarray(label)
+  if mode == 'P':
+    im = im.convert('P')
+    im.putpalette(list(np.random.default_rng(0).integers(0, 256, 768)))
+  elif mode == 'I;16':
+    im = Image.fromarray(label.astype(np.uint16))
+  data = encode_pil(im, 'PNG')
+  assert T._is_grey8_png(data) == (mode == 'L')
+  got = T.decode_label(data)
+  assert got.shape == (37, 53)
+  np.testing.assert_array_equal(got, mmseg_load_label(data))
+  np.testing.assert_array_equal(got, label)
 
 
 @pytest.mark.parametrize('orientation,rot90_k', [(1, 0), (3, 2), (6, -1), (8, 1)])
