@@ -69,22 +69,24 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   _maybe_initialize_distributed()
-  from semask_jax import train  # pylint: disable=g-import-not-at-top  (after distributed init)
+  # pylint: disable=g-import-not-at-top  (after distributed init)
+  from semask_jax import eval_and_predict
+  from semask_jax import train
   config, workdir = FLAGS.config, FLAGS.workdir
   if FLAGS.mode == 'train':
     results = train.train_and_evaluate(config, workdir)
     if config.get('demo_predictions'):
-      train.demo_predictions(config, workdir)
+      eval_and_predict.demo_predictions(config, workdir)
     if results:
       print(f'Final eval: mIoU {results["mIoU"]:.4f}  aAcc {results["aAcc"]:.4f}  '
             f'mAcc {results["mAcc"]:.4f}  (workdir {os.path.abspath(workdir)})', flush=True)
   elif FLAGS.mode == 'eval':
-    results = train.evaluate_only(config, workdir)
+    results = eval_and_predict.evaluate_only(config, workdir)
     print(f'Eval: mIoU {results["mIoU"]:.4f}  aAcc {results["aAcc"]:.4f}', flush=True)
   else:
     if not FLAGS.input:
       raise app.UsageError('--mode=predict needs --input (an image or a folder)')
-    written = train.predict_only(config, workdir, FLAGS.input, FLAGS.output)
+    written = eval_and_predict.predict_only(config, workdir, FLAGS.input, FLAGS.output)
     print(f'Wrote {len(written)} images', flush=True)
 
 

@@ -1,12 +1,15 @@
-"""Import PyTorch Swin ImageNet and trained SeMask-FPN checkpoints (see core.py)."""
+"""Import PyTorch Swin ImageNet, trained SeMask-FPN and SeMask-Mask2Former checkpoints
+(see core.py)."""
 from convert_weights.bicubic import resize_bias_table
 from convert_weights.checkpoint import load_into_model, read_conversion_meta, save_conversion
 from convert_weights.core import (Conversion, ConversionError, ConversionReport,
-                                  convert_semask, convert_swin_imagenet, extract_state_dict,
-                                  infer_model_config, load_state_dict, model_leaves, plan_state_dict,
+                                  convert_semask, convert_semask_mask2former,
+                                  convert_swin_imagenet, extract_state_dict,
+                                  infer_mask2former_config, infer_model_config, load_state_dict, model_leaves, plan_state_dict,
                                   read_pth)
 
 __all__ = ["Conversion", "ConversionError", "ConversionReport", "convert_semask",
-           "convert_swin_imagenet", "extract_state_dict", "infer_model_config",
+           "convert_semask_mask2former", "convert_swin_imagenet", "extract_state_dict",
+           "infer_mask2former_config", "infer_model_config",
            "load_into_model", "load_state_dict", "model_leaves", "plan_state_dict", "read_conversion_meta",
            "read_pth", "resize_bias_table", "save_conversion"]

@@ -1,13 +1,17 @@
-"""Import PyTorch Swin / SeMask-FPN weights into the Flax model, and save them for training.
+"""Import PyTorch Swin / SeMask-FPN / SeMask-Mask2Former weights into the Flax models.
 
-Two sources (SPEC section 5):
+Three sources (SPEC sections 5 and 10):
   * a Swin ImageNet checkpoint ({'model': state_dict}, no 'backbone.' prefix):
     loaded into the backbone; norm.*, head.* and buffers are skipped; the
     semantic layers, norm0..3 and the decoder keep their initialisation;
     bias tables are resized bicubically when the windows differ;
   * a trained SeMask-FPN / Swin-FPN checkpoint (mmcv {'state_dict': ...}):
     every parameter and batch-norm statistic; the model config (variant,
-    window, class count) is read from the shapes.
+    window, class count) is read from the shapes;
+  * a released SeMask-Mask2Former checkpoint (detectron2 {'model': ...}):
+    backbone.*, sem_seg_head.pixel_decoder.*, sem_seg_head.predictor.*; the
+    buffers pixel_mean, pixel_std, criterion.empty_weight are skipped; variant,
+    window, classes, queries and layer counts are read from the shapes.
 Anything that does not fit is refused with the missing, unexpected and
 mis-shaped keys listed.
 """
@@ -26,7 +30,7 @@ from flax import nnx
 
 from convert_weights import names
 from convert_weights.bicubic import resize_bias_table
-from semask_jax.models import build_model, default_model_config
+from semask_jax.models import SEMASK_MASK2FORMER, build_model, default_model_config
 
 StateDict = dict[str, np.ndarray]
 
@@ -190,7 +194,8 @@ def plan_state_dict(model: nnx.Module, sd: StateDict, *, source: str = "state di
     updates[names.model_name(path)] = value
     report.used.append(ckey)
     report.loaded.append(names.model_name(path))
-  skip = _SKIP_SWIN if backbone_only else _SKIP_SEMASK
+  skip = (_SKIP_SWIN if backbone_only else
+          _SKIP_MASK2FORMER if any(k.startswith("sem_seg_head.") for k in sd) else _SKIP_SEMASK)
   unexpected = []
   for key in sd:
     if key not in consumed:
@@ -217,6 +222,10 @@ def load_state_dict(model: nnx.Module, sd: StateDict, *, source: str = "state di
 # Keys of a Swin ImageNet checkpoint the segmentation model does not use.
 _SKIP_SWIN = re.compile(r"(relative_position_index|attn_mask|num_batches_tracked)$|^(norm|head)\.")
 _SKIP_SEMASK = re.compile(r"(relative_position_index|attn_mask|num_batches_tracked)$")
+# detectron2 SeMask-Mask2Former buffers: input normalisation and the criterion's class weights.
+_SKIP_MASK2FORMER = re.compile(
+    r"(relative_position_index|attn_mask|num_batches_tracked)$|^(pixel_mean|pixel_std|"
+    r"criterion\.empty_weight)$")
 # Backbone keys that a Swin ImageNet checkpoint cannot have.
 _NEW_IN_SEGMENTATION = re.compile(r"semantic_layer\.|^norm\d+\.")
 
@@ -227,33 +236,76 @@ _NEW_IN_SEGMENTATION = re.compile(r"semantic_layer\.|^norm\d+\.")
 
 def infer_model_config(sd: StateDict, *, source: str = "state dict"):
   """A model config matching a trained SeMask-FPN / Swin-FPN state dict's shapes."""
-  def get(key):
-    if key not in sd:
-      raise ConversionError(f"{source}: key {key!r} not found; is this a SeMask-FPN "
-                            "(mmseg) checkpoint?")
-    return sd[key]
-
-  embed_dim = get("backbone.patch_embed.proj.weight").shape[0]
+  get = _getter(sd, source, "SeMask-FPN (mmseg)")
+  bb = _backbone_shapes(sd, get)
   num_classes, fpn_channels = get("decode_head.conv_seg.weight").shape[:2]
+  cfg = default_model_config("T", int(num_classes), num_sem_blocks=bb["num_sem_blocks"])
+  cfg.update(bb)
+  cfg.sem_window_size = cfg.window_size
+  cfg.fpn_channels = int(fpn_channels)
+  cfg.use_gamma = any(k.endswith(".gamma") for k in sd) or not any(bb["num_sem_blocks"])
+  cfg.sem_attention = "plain" if any(".mlp_q." in k for k in sd) else "semantic"
+  return cfg
+
+
+def _count(sd: StateDict, pattern: str) -> int:
+  """Number of distinct indices i of keys matching `pattern` (a regex with one (\\d+))."""
+  return len({int(m.group(1)) for k in sd if (m := re.match(pattern, k))})
+
+
+def _backbone_shapes(sd: StateDict, get) -> dict[str, Any]:
+  """embed_dim, depths, num_heads, window_size and per-stage semantic blocks of backbone.*."""
   depths, heads, nsb = [], [], []
   for i in range(4):
-    blocks = {int(m.group(1)) for k in sd
-              if (m := re.match(rf"backbone\.layers\.{i}\.blocks\.(\d+)\.", k))}
-    if not blocks:
-      raise ConversionError(f"{source}: no blocks for stage {i}")
-    depths.append(max(blocks) + 1)
-    heads.append(get(f"backbone.layers.{i}.blocks.0.attn.relative_position_bias_table").shape[1])
-    nsb.append(len({int(m.group(1)) for k in sd if (m := re.match(
-        rf"backbone\.layers\.{i}\.semantic_layer\.class_injection\.(\d+)\.", k))}))
-  table_rows = get("backbone.layers.0.blocks.0.attn.relative_position_bias_table").shape[0]
-  window = (math.isqrt(table_rows) + 1) // 2
-  cfg = default_model_config("T", int(num_classes), num_sem_blocks=tuple(nsb))
-  cfg.embed_dim = int(embed_dim)
-  cfg.depths = tuple(depths)
-  cfg.num_heads = tuple(int(h) for h in heads)
-  cfg.window_size = cfg.sem_window_size = int(window)
-  cfg.fpn_channels = int(fpn_channels)
-  cfg.use_gamma = any(k.endswith(".gamma") for k in sd) or not any(nsb)
+    depth = _count(sd, rf"backbone\.layers\.{i}\.blocks\.(\d+)\.")
+    if not depth:
+      raise ConversionError(f"no blocks for stage {i} (backbone.layers.{i}.blocks.*)")
+    depths.append(depth)
+    heads.append(int(get(f"backbone.layers.{i}.blocks.0.attn.relative_position_bias_table"
+                         ).shape[1]))
+    nsb.append(_count(sd, rf"backbone\.layers\.{i}\.semantic_layer\.class_injection\.(\d+)\."))
+  rows = get("backbone.layers.0.blocks.0.attn.relative_position_bias_table").shape[0]
+  return dict(embed_dim=int(get("backbone.patch_embed.proj.weight").shape[0]),
+              depths=tuple(depths), num_heads=tuple(heads),
+              window_size=(math.isqrt(rows) + 1) // 2, num_sem_blocks=tuple(nsb))
+
+
+def _getter(sd: StateDict, source: str, kind: str):
+  def get(key):
+    if key not in sd:
+      raise ConversionError(f"{source}: key {key!r} not found; is this a {kind} checkpoint?")
+    return sd[key]
+  return get
+
+
+def infer_mask2former_config(sd: StateDict, *, source: str = "state dict"):
+  """A SeMask-Mask2Former model config matching a detectron2 state dict's shapes: variant,
+  window, class count, queries, decoder and encoder depths, widths and heads."""
+  get = _getter(sd, source, "SeMask-Mask2Former (detectron2)")
+  bb = _backbone_shapes(sd, get)
+  pd, pr = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
+  num_classes = get(pr + "class_embed.weight").shape[0] - 1
+  cfg = default_model_config("T", int(num_classes), name=SEMASK_MASK2FORMER)
+  nsb = set(bb.pop("num_sem_blocks"))
+  if len(nsb) != 1 or 0 in nsb:
+    raise ConversionError(f"{source}: SeMask-Mask2Former has the same positive number of "
+                          f"semantic blocks in every stage, found {sorted(nsb)}")
+  cfg.update(bb)
+  cfg.num_sem_blocks = nsb.pop()
+  cfg.sem_window_size = cfg.window_size
+  cfg.conv_dim = int(get(pd + "input_proj.0.0.weight").shape[0])
+  cfg.mask_dim = int(get(pd + "mask_features.weight").shape[0])
+  # sampling_offsets: heads x 3 levels x 4 points x 2 coordinates outputs.
+  cfg.nheads = int(get(pd + "transformer.encoder.layers.0.self_attn.sampling_offsets.weight"
+                       ).shape[0]) // 24
+  cfg.enc_layers = _count(sd, rf"{re.escape(pd)}transformer\.encoder\.layers\.(\d+)\.")
+  cfg.enc_dim_feedforward = int(
+      get(pd + "transformer.encoder.layers.0.linear1.weight").shape[0])
+  cfg.hidden_dim = int(get(pr + "query_feat.weight").shape[1])
+  cfg.num_queries = int(get(pr + "query_feat.weight").shape[0])
+  cfg.dim_feedforward = int(get(pr + "transformer_ffn_layers.0.linear1.weight").shape[0])
+  cfg.dec_layers = _count(sd, rf"{re.escape(pr)}transformer_self_attention_layers\.(\d+)\.")
+  cfg.use_gamma = any(k.endswith(".gamma") for k in sd)
   cfg.sem_attention = "plain" if any(".mlp_q." in k for k in sd) else "semantic"
   return cfg
 
@@ -272,6 +324,18 @@ def convert_semask(sd_or_path, config=None, *, allow_pickle: bool = False,
   sd, source = _load(sd_or_path, allow_pickle)
   if config is None:
     config = infer_model_config(sd, source=source)
+  model = build_model(config, rngs=nnx.Rngs(seed))
+  report = load_state_dict(model, sd, source=source)
+  return Conversion(model, config, report)
+
+
+def convert_semask_mask2former(sd_or_path, config=None, *, allow_pickle: bool = False,
+                               seed: int = 0) -> Conversion:
+  """A released SeMask-Mask2Former checkpoint ({'model': state_dict}, .pth path or state
+  dict) -> Conversion. With config=None the config is read from the shapes."""
+  sd, source = _load(sd_or_path, allow_pickle)
+  if config is None:
+    config = infer_mask2former_config(sd, source=source)
   model = build_model(config, rngs=nnx.Rngs(seed))
   report = load_state_dict(model, sd, source=source)
   return Conversion(model, config, report)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from input_pipeline.info import IGNORE_INDEX
+
 DATASETS = ('synthetic', 'ade20k', 'cityscapes', 'coco_stuff10k')
 
 # ImageNet statistics on RGB, 0..255 (mmseg img_norm_cfg).
@@ -26,7 +28,7 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
   c.data_dir = None  # TFDS data_dir holding the prepared ArrayRecord files.
   c.train_split = 'train'
   c.eval_split = 'validation'
-  c.ignore_index = 255
+  c.ignore_index = IGNORE_INDEX  # label value of unlabelled pixels: loss, metrics, crop, pad
   # Train transforms (mmseg order: resize, crop, flip, photometric, norm, pad).
   c.img_scale = (2048, 512)  # (long, short) bound, times the drawn ratio.
   c.ratio_list = MMSEG_RATIOS  # Ratio drawn uniformly from this list, or ...

@@ -22,7 +22,6 @@ from absl import logging
 from semask_jax import metrics as metrics_lib
 from semask_jax.models.resize import resize_bilinear
 
-IGNORE_INDEX = 255
 ModelFn = Callable[[jax.Array], jax.Array]  # images [B, H, W, 3] -> seg logits [B, h/4, w/4, K]
 
 
@@ -150,7 +149,8 @@ def inference(model_fn: ModelFn, images: jax.Array, image_hw: jax.Array, label_h
 
 
 def make_eval_step(model_fn_from_state: Callable[[Any], ModelFn], num_classes: int,
-                   cfg: ml_collections.ConfigDict) -> Callable[..., jax.Array]:
+                   cfg: ml_collections.ConfigDict, *, ignore_index: int
+                   ) -> Callable[..., jax.Array]:
   """(cm [K, K], inference state, batch) -> cm + this batch's confusion matrix."""
 
   def step(cm: jax.Array, state: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -159,7 +159,7 @@ def make_eval_step(model_fn_from_state: Callable[[Any], ModelFn], num_classes: i
     scores = inference(model_fn, batch['image'], batch['image_hw'], batch['label_hw'],
                        label.shape[1:3], cfg, num_classes)
     pred = jnp.argmax(scores, axis=-1).astype(jnp.int32)
-    return cm + metrics_lib.confusion_matrix(pred, label, num_classes, IGNORE_INDEX,
+    return cm + metrics_lib.confusion_matrix(pred, label, num_classes, ignore_index=ignore_index,
                                              valid=batch.get('valid'))
 
   return step

@@ -15,17 +15,15 @@ import jax.numpy as jnp
 
 from semask_jax.models.resize import interleave_phases, phase_taps, resize_bilinear
 
-IGNORE_INDEX = 255
 
-
-def _ce_from_logits(z: jax.Array, labels: jax.Array) -> jax.Array:
+def _ce_from_logits(z: jax.Array, labels: jax.Array, ignore_index: int) -> jax.Array:
   """Per-pixel CE of full-resolution logits z [..., K] at integer labels (ignored -> 0).
 
   CE = logsumexp(z) - z[label]. The label's logit is picked with a one-hot
   multiply-and-reduce rather than take_along_axis, whose backward pass is a
   scatter into the full-resolution map (one slow serial loop on a CPU).
   """
-  valid = labels != IGNORE_INDEX
+  valid = labels != ignore_index
   safe = jnp.where(valid, labels, 0).astype(jnp.int32)
   onehot = (safe[..., None] == jnp.arange(z.shape[-1], dtype=jnp.int32)).astype(z.dtype)
   # A product, not where(onehot, z, 0): the backward of `where` selects against a
@@ -38,7 +36,8 @@ def _rows_per_chunk(h: int, target: int = 16) -> int:
   return max(r for r in range(1, min(h, target) + 1) if h % r == 0)
 
 
-def _chunked_upsampled_ce(logits: jax.Array, labels: jax.Array, factor: int) -> jax.Array:
+def _chunked_upsampled_ce(logits: jax.Array, labels: jax.Array, factor: int,
+                          ignore_index: int) -> jax.Array:
   """CE of resize_bilinear(logits, labels.shape[1:3]) when the height grows by a
   power-of-two `factor`, without ever holding the full-resolution logits.
 
@@ -67,23 +66,23 @@ def _chunked_upsampled_ce(logits: jax.Array, labels: jax.Array, factor: int) -> 
     x, up, down, lb = args  # [B, r, w, K], [B, 1, w, K] x 2, [B, r * factor, W]
     ext = resize_bilinear(jnp.concatenate([up, x, down], axis=1), (r + 2, big_w))
     z = interleave_phases(ext[:, :r], ext[:, 1:r + 1], ext[:, 2:], taps, axis=1)
-    return _ce_from_logits(z, lb)  # [B, r * factor, W]
+    return _ce_from_logits(z, lb, ignore_index)  # [B, r * factor, W]
 
   ce = jax.lax.map(block, (rows, above, below, lab))  # [n, B, r * factor, W]
   return ce.swapaxes(0, 1).reshape(b, big_h, big_w)
 
 
-def pixel_cross_entropy(logits: jax.Array, labels: jax.Array
+def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, *, ignore_index: int
                         ) -> tuple[jax.Array, jax.Array]:
   """logits [B, h, w, K] resized to labels [B, H, W] -> (CE [B, H, W] f32, valid mask)."""
   logits = logits.astype(jnp.float32)
   h, big_h = logits.shape[1], labels.shape[1]
   factor = big_h // h
-  valid = labels != IGNORE_INDEX
+  valid = labels != ignore_index
   if h > 2 and factor > 1 and factor * h == big_h and factor & (factor - 1) == 0:
-    return _chunked_upsampled_ce(logits, labels, factor), valid
+    return _chunked_upsampled_ce(logits, labels, factor, ignore_index), valid
   z = resize_bilinear(logits, labels.shape[1:3])
-  return _ce_from_logits(z, labels), valid
+  return _ce_from_logits(z, labels, ignore_index), valid
 
 
 def ohem_weights(ce: jax.Array, valid: jax.Array, min_kept: int) -> jax.Array:
@@ -104,18 +103,22 @@ def _reduce(loss: jax.Array, valid: jax.Array, reduction: str) -> jax.Array:
   raise ValueError(f"loss reduction must be 'reference' or 'valid', got {reduction!r}")
 
 
-def segmentation_loss(outputs: Mapping[str, Any], labels: jax.Array, *, cate_w: float = 0.4,
-                      reduction: str = "reference", ohem_min_kept: int | None = None
+def segmentation_loss(outputs: Mapping[str, Any], labels: jax.Array, *, ignore_index: int,
+                      cate_w: float = 0.4, reduction: str = "reference",
+                      ohem_min_kept: int | None = None
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """total = L1 + cate_w * L2; returns (total, {'loss_ce': L1, 'loss_cate': cate_w * L2})."""
-  ce, valid = pixel_cross_entropy(outputs["seg_logits"], labels)
+  """total = L1 + cate_w * L2; returns (total, {'loss_ce': L1, 'loss_cate': cate_w * L2}).
+
+  ignore_index: the label value of unlabelled pixels (config.data.ignore_index).
+  """
+  ce, valid = pixel_cross_entropy(outputs["seg_logits"], labels, ignore_index=ignore_index)
   if ohem_min_kept:
     ce = ce * ohem_weights(ce, valid, ohem_min_kept)
   loss_ce = _reduce(ce, valid, reduction)
   aux = {"loss_ce": loss_ce}
   total = loss_ce
   if "cls_logits" in outputs:
-    ce2, _ = pixel_cross_entropy(outputs["cls_logits"], labels)
+    ce2, _ = pixel_cross_entropy(outputs["cls_logits"], labels, ignore_index=ignore_index)
     loss_cate = cate_w * _reduce(ce2, valid, reduction)
     aux["loss_cate"] = loss_cate
     total = total + loss_cate

@@ -14,7 +14,7 @@ import numpy as np
 
 
 def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int,
-                     ignore_index: int = 255, valid: jax.Array | None = None) -> jax.Array:
+                     *, ignore_index: int, valid: jax.Array | None = None) -> jax.Array:
   """[K, K] int32 counts of (label, pred) pairs over the non-ignored pixels.
 
   pred, label: int [B, H, W]; valid: optional bool [B] (padded batch entries are False).

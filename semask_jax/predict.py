@@ -20,6 +20,7 @@ from PIL import Image
 import input_pipeline
 from input_pipeline import transforms as T
 from semask_jax import evaluate as evaluate_lib
+from semask_jax.state import merge_model
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -73,8 +74,6 @@ def preprocess(image: np.ndarray, data_cfg: ml_collections.ConfigDict,
 def make_predict_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any
                     ) -> Callable[..., jax.Array]:
   """(params, batch_stats, image [1,Hp,Wp,3], image_hw [1,2], out_shape) -> class ids [1, H, W]."""
-  from semask_jax.train import merge_model  # pylint: disable=g-import-not-at-top
-
   @functools.partial(jax.jit, static_argnums=(4,))
   def fn(params, batch_stats, image, image_hw, out_shape):
     model = merge_model(graphdef, params, batch_stats, rest)

@@ -7,20 +7,21 @@ Every random draw comes from `fold_in(state.rng, state.step)`, and the data
 stream is the grain iterator saved with each checkpoint, so a restarted run
 reproduces an uninterrupted one batch for batch and loss for loss.
 
-Steps: `state.step` counts micro steps (one jitted call on one global batch of
-`batch_size // grad_accum_steps` images); `config.total_steps` and all
-`*_every_steps` count optimizer updates (reference iterations of
-`batch_size` images), i.e. `grad_accum_steps` micro steps each.
+Steps: everything a user sees counts optimizer updates (reference iterations
+of `batch_size` images): `config.total_steps`, every `*_every_steps`, the log
+lines, the checkpoint directories (`checkpoints/<update>`), `eval/step_<update>.json`
+and TensorBoard. Only the internal `state.step` counts micro steps (one jitted
+call on `batch_size // grad_accum_steps` images; `grad_accum_steps` per update),
+since it keys the per-call randomness; checkpoints are written at update
+boundaries only.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 from typing import Any, Callable, Mapping
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,52 +32,16 @@ from flax import nnx
 
 import input_pipeline
 from semask_jax import checkpointing
-from semask_jax import evaluate as evaluate_lib
 from semask_jax import optim
 from semask_jax import sharding as sharding_lib
 from semask_jax import summary
+from semask_jax.eval_and_predict import make_eval_fn, write_eval_results
 from semask_jax.losses import segmentation_loss
-from semask_jax.models import build_model
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array        # int32 [], micro steps done
-  params: Any            # pure dict of f32 arrays (PyTorch-like names)
-  batch_stats: Any       # pure dict: BN running mean/var
-  opt_state: Any
-  rng: jax.Array         # uint32 [2], base key; per step: fold_in(rng, step)
-  nonfinite: jax.Array   # int32 [], micro steps skipped for a non-finite loss/grad
+from semask_jax.state import TrainState, create_model, init_train_state, merge_model
 
 
 class NonFiniteLossError(RuntimeError):
   pass
-
-
-# ----------------------------------------------------------------------------- model / state
-
-
-def create_model(config: ml_collections.ConfigDict) -> nnx.Module:
-  """Builds the model from config.model and loads `config.init_from` if set."""
-  model = build_model(config.model, rngs=nnx.Rngs(config.seed))
-  if config.get('init_from'):
-    path = config.init_from
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'config.init_from={path!r} does not exist')
-    from convert_weights import load_into_model  # pylint: disable=g-import-not-at-top
-    report = load_into_model(model, path)
-    logging.info('Initialised from %s: %s', path, report)
-  return model
-
-
-def split_model(model: nnx.Module) -> tuple[Any, dict, dict, Any]:
-  """(graphdef, params, batch_stats, rest) with params/batch_stats as pure dicts."""
-  graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats), rest
-
-
-def merge_model(graphdef: Any, params: dict, batch_stats: dict, rest: Any) -> nnx.Module:
-  return nnx.merge(graphdef, params, batch_stats, rest, copy=True)
 
 
 def micro_batch_size(config: ml_collections.ConfigDict) -> int:
@@ -103,7 +68,8 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation,
     def loss_fn(params):
       model = merge_model(graphdef, params, state.batch_stats, rest)
       out = model(batch['image'], train=True, rng=rng)
-      loss, aux = segmentation_loss(out, batch['label'], cate_w=loss_cfg.cate_w,
+      loss, aux = segmentation_loss(out, batch['label'], ignore_index=config.data.ignore_index,
+                                    cate_w=loss_cfg.cate_w,
                                     reduction=loss_cfg.reduction,
                                     ohem_min_kept=loss_cfg.ohem_min_kept)
       new_bs = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
@@ -129,82 +95,12 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation,
   return train_step
 
 
-# XLA:CPU spends minutes optimising the backward pass of a small model; -O0 compiles
-# 2-3x faster and runs tiny models about as fast (config.xla_cpu_fast_compile).
-_FAST_COMPILE_CPU = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
-
-
-def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
-  if config.get('xla_cpu_fast_compile') and jax.default_backend() == 'cpu':
-    return dict(_FAST_COMPILE_CPU)
-  return None
-
-
 def jit_train_step(train_step: Callable, state_sharding: Any, mesh: jax.sharding.Mesh,
                    options: dict[str, Any] | None = None) -> Callable:
   batch_sharding = sharding_lib.data_sharded(mesh)
   return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
                  donate_argnums=(0,), compiler_options=options)
-
-
-def init_train_state(config: ml_collections.ConfigDict, model: nnx.Module, mesh: jax.sharding.Mesh
-                     ) -> tuple[TrainState, Any, Any, optax.GradientTransformation, optax.Schedule]:
-  """Replicated initial state + (graphdef, rest, tx, schedule)."""
-  graphdef, params, batch_stats, rest = split_model(model)
-  tx, schedule = optim.create_optimizer(config, params)
-  host = TrainState(step=np.int32(0), params=params, batch_stats=batch_stats,
-                    opt_state=tx.init(params),
-                    rng=np.asarray(jax.random.key_data(jax.random.key(config.seed + 1)), np.uint32),
-                    nonfinite=np.int32(0))
-  host = jax.tree_util.tree_map(np.asarray, host)
-  return sharding_lib.replicate(host, mesh), graphdef, rest, tx, schedule
-
-
-# ----------------------------------------------------------------------------- eval glue
-
-
-def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
-                 mesh: jax.sharding.Mesh) -> Callable[[TrainState], dict[str, Any]]:
-  """state -> metrics dict over the whole eval split (confusion matrix on device)."""
-  info = input_pipeline.dataset_info(config.data.name)
-  num_classes = config.model.num_classes
-  names = list(info.class_names)
-  if len(names) != num_classes:
-    raise ValueError(f'config.model.num_classes={num_classes} but data set '
-                     f'{config.data.name!r} has {len(names)} classes')
-
-  def model_fn_from_state(params_and_stats):
-    params, batch_stats = params_and_stats
-    model = merge_model(graphdef, params, batch_stats, rest)
-    return lambda images: model(images, train=False)['seg_logits']
-
-  step = evaluate_lib.make_eval_step(model_fn_from_state, num_classes, config.eval)
-  replicated = sharding_lib.replicated(mesh)
-  eval_step = jax.jit(step, out_shardings=replicated, donate_argnums=(0,),
-                      compiler_options=compiler_options(config))
-  to_global = lambda b: input_pipeline.make_global_batch(b, mesh)  # noqa: E731
-
-  def run(state: TrainState) -> dict[str, Any]:
-    batches = input_pipeline.create_eval_iterator(config.data,
-                                                  global_batch_size=config.eval.batch_size)
-    return evaluate_lib.evaluate(eval_step, (state.params, state.batch_stats), batches,
-                                 num_classes, names, to_global, replicated)
-
-  return run
-
-
-def write_eval_results(workdir: str, step: int, results: dict[str, Any]) -> str:
-  """workdir/eval/step_<n>.json and workdir/eval_results.json (latest); process 0 only."""
-  if jax.process_index() != 0:
-    return ''
-  results = dict(results, step=int(step))
-  os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
-  path = os.path.join(workdir, 'eval', f'step_{step}.json')
-  for p in (path, os.path.join(workdir, 'eval_results.json')):
-    with open(p, 'w') as f:
-      json.dump(results, f, indent=1)
-  return path
 
 
 # ----------------------------------------------------------------------------- logging helpers
@@ -276,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info('Parameters: %d', optim.count_params(state.params))
   state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
   train_step = jit_train_step(make_train_step(graphdef, rest, tx, schedule, config),
-                              state_sharding, mesh, compiler_options(config))
+                              state_sharding, mesh, sharding_lib.compiler_options(config))
   run_eval = make_eval_fn(config, graphdef, rest, mesh)
 
   train_iter = input_pipeline.create_train_iterator(config.data, seed=config.seed,
@@ -329,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 f'config.max_nonfinite_steps={config.max_nonfinite_steps}); stopped at step '
                 f'{update}. Lower the learning rate, use float32, or check the data.')
         if update % config.checkpoint_every_steps == 0 or last:
-          ckpt.save(micro, state, train_iter, force=last)
+          ckpt.save(update, state, train_iter, force=last)
         if config.eval_every_steps and (update % config.eval_every_steps == 0 or last):
           results = run_eval(state)
           write_eval_results(workdir, update, results)
@@ -340,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # Multi-process: the flag is agreed on (a collective) at log steps only.
         if ((jax.process_count() == 1 or update % config.log_every_steps == 0 or last)
             and sigterm.any_process()):
-          ckpt.save(micro, state, train_iter, force=True)
+          ckpt.save(update, state, train_iter, force=True)
           logging.warning('Stopped by SIGTERM after step %d; checkpoint saved.', update)
           break
       if not results and config.eval_every_steps and micro >= total_micro:
@@ -356,66 +252,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     ckpt.close()
   return results
-
-
-def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
-                          mesh: jax.sharding.Mesh) -> tuple[TrainState, Any, Any, int]:
-  """(state, graphdef, rest, step) from workdir's latest checkpoint, or config.init_from."""
-  model = create_model(config)
-  state, graphdef, rest, _, _ = init_train_state(config, model, mesh)
-  ckpt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  step = 0
-  if os.path.isdir(ckpt_dir):
-    ckpt = checkpointing.Checkpointer(ckpt_dir, async_save=False)
-    latest = ckpt.latest_step()
-    if latest is not None:
-      state = ckpt.restore(latest, checkpointing.abstract_like(state))
-      step = latest // int(config.grad_accum_steps)
-    ckpt.close()
-  if step == 0 and not config.get('init_from'):
-    raise FileNotFoundError(f'no checkpoint in {ckpt_dir} and no config.init_from: '
-                            'nothing to evaluate or predict with')
-  return state, graphdef, rest, step
-
-
-def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """--mode eval: the latest checkpoint of workdir (or init_from) on the eval split."""
-  mesh = sharding_lib.make_mesh()
-  state, graphdef, rest, step = restore_for_inference(config, workdir, mesh)
-  results = make_eval_fn(config, graphdef, rest, mesh)(state)
-  path = write_eval_results(workdir, step, results)
-  from semask_jax.metrics import format_table  # pylint: disable=g-import-not-at-top
-  if jax.process_index() == 0:
-    logging.info('Eval of step %d (%s):\n%s', step, path, format_table(results))
-  return results
-
-
-def predict_only(config: ml_collections.ConfigDict, workdir: str, inputs: str,
-                 output_dir: str | None = None) -> list[str]:
-  """--mode predict: colour masks and overlays for an image or a folder of images."""
-  from semask_jax import predict  # pylint: disable=g-import-not-at-top
-  mesh = sharding_lib.make_mesh()
-  state, graphdef, rest, _ = restore_for_inference(config, workdir, mesh)
-  output_dir = output_dir or os.path.join(workdir, 'predictions')
-  return predict.predict_paths(config, graphdef, rest, state.params, state.batch_stats,
-                               inputs, output_dir)
-
-
-
-def demo_predictions(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-  """Writes `config.demo_predictions` fresh synthetic scenes as PNGs and predicts them (demo only)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
-  s = config.data.synthetic
-  in_dir = os.path.join(os.path.abspath(workdir), 'demo_inputs')
-  if jax.process_index() == 0:
-    os.makedirs(in_dir, exist_ok=True)
-    for i in range(config.demo_predictions):
-      image, _ = synthetic.generate_scene(s.seed, 'test', s.num_eval + i, height=s.height,
-                                          width=s.width, num_classes=config.data.num_classes,
-                                          max_objects=s.max_objects)
-      Image.fromarray(image).save(os.path.join(in_dir, f'scene_{i}.png'))
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices('demo_inputs_written')
-  return predict_only(config, workdir, in_dir)

@@ -9,7 +9,8 @@ import numpy as np
 import portpicker
 
 from configs import tiny
-from semask_jax import train
+from semask_jax import eval_and_predict
+from semask_jax import state as state_lib
 from semask_jax.sharding import make_mesh
 
 from test_resume import ROOT, cpu_env, losses, main_cmd
@@ -44,9 +45,9 @@ def test_two_processes_train_and_agree(tmp_path):
   config = tiny.get_config()
   config.eval.batch_size = 4
   mesh = make_mesh(jax.devices()[:4])
-  state, graphdef, rest, step = train.restore_for_inference(config, str(workdir), mesh)
+  state, graphdef, rest, step = state_lib.restore_for_inference(config, str(workdir), mesh)
   assert step == 3
-  single = train.make_eval_fn(config, graphdef, rest, mesh)(state)
+  single = eval_and_predict.make_eval_fn(config, graphdef, rest, mesh)(state)
   assert dist['num_pixels'] == single['num_pixels'] == 8 * 40 * 48
   np.testing.assert_allclose(dist['mIoU'], single['mIoU'], rtol=1e-6)
   np.testing.assert_allclose(dist['aAcc'], single['aAcc'], rtol=1e-6)

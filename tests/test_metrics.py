@@ -1,4 +1,5 @@
 """Confusion matrix / mIoU against NumPy on known predictions; the TensorBoard event writer."""
+import functools
 import json
 import os
 
@@ -25,8 +26,9 @@ def test_confusion_matrix_matches_numpy_with_ignore_and_padding():
   label[rng.random(label.shape) < 0.2] = 255
   pred = rng.integers(0, k, (4, 9, 7)).astype(np.int32)
   valid = np.array([True, True, False, True])
-  got = jax.jit(metrics.confusion_matrix, static_argnums=(2,))(
-      jnp.asarray(pred), jnp.asarray(label), k, 255, jnp.asarray(valid))
+  got = jax.jit(functools.partial(metrics.confusion_matrix, ignore_index=255),
+                static_argnums=(2,))(jnp.asarray(pred), jnp.asarray(label), k,
+                                     valid=jnp.asarray(valid))
   want = numpy_confusion(pred[valid], label[valid], k)
   np.testing.assert_array_equal(np.asarray(got), want)
   assert int(got.sum()) == int((label[valid] != 255).sum())
@@ -38,8 +40,9 @@ def test_confusion_matrix_sums_over_a_sharded_batch():
   rng = np.random.default_rng(1)
   label = rng.integers(0, 3, (8, 6, 6)).astype(np.int32)
   pred = rng.integers(0, 3, (8, 6, 6)).astype(np.int32)
-  got = jax.jit(metrics.confusion_matrix, static_argnums=(2,))(
-      jax.device_put(pred, sharding), jax.device_put(label, sharding), 3)
+  got = jax.jit(functools.partial(metrics.confusion_matrix, ignore_index=255),
+                static_argnums=(2,))(jax.device_put(pred, sharding),
+                                     jax.device_put(label, sharding), 3)
   np.testing.assert_array_equal(np.asarray(got), numpy_confusion(pred, label, 3))
 
 

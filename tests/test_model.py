@@ -70,7 +70,7 @@ def test_swin_fpn_baseline_and_ablations():
   assert not any("semantic_layer" in n for n in names)
   out = base(jnp.zeros((1, 32, 32, 3)))
   assert "cls_logits" not in out
-  _, aux = segmentation_loss(out, jnp.zeros((1, 32, 32), jnp.int32))
+  _, aux = segmentation_loss(out, jnp.zeros((1, 32, 32), jnp.int32), ignore_index=255)
   assert set(aux) == {"loss_ce"}
 
   no_gamma = build_model(tiny_config(use_gamma=False), rngs=nnx.Rngs(0))
@@ -96,7 +96,7 @@ def test_fresh_semantic_layer_is_its_layer_norm():
 
 def test_bad_config_is_refused_with_the_key():
   cfg = tiny_config()
-  with pytest.raises(ValueError, match="unknown keys \\['emb_dim'\\]"):
+  with pytest.raises(ValueError, match="unknown keys \\['emb_dim' \\(did you mean 'embed_dim'\\?\\)\\]"):
     build_model({**cfg.to_dict(), "emb_dim": 3}, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="num_heads"):
     build_model(tiny_config(num_heads=(1, 2, 4)), rngs=nnx.Rngs(0))
@@ -158,7 +158,7 @@ def _train_step_fn(model):
     def loss_fn(params):
       m = nnx.merge(graphdef, params, rest, copy=True)
       out = m(images, train=True, rng=rng)
-      loss, _ = segmentation_loss(out, labels)
+      loss, _ = segmentation_loss(out, labels, ignore_index=255)
       return loss, nnx.state(m, nnx.BatchStat)
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, grads, stats
@@ -226,8 +226,8 @@ def test_loss_reductions_and_ohem():
   labels = np.array(jax.random.randint(jax.random.key(1), (2, 8, 8), 0, 3))
   labels[0, :4] = 255
   out = {"seg_logits": logits}
-  ref, _ = segmentation_loss(out, jnp.asarray(labels), reduction="reference")
-  valid, _ = segmentation_loss(out, jnp.asarray(labels), reduction="valid")
+  ref, _ = segmentation_loss(out, jnp.asarray(labels), ignore_index=255, reduction="reference")
+  valid, _ = segmentation_loss(out, jnp.asarray(labels), ignore_index=255, reduction="valid")
   n_valid = (labels != 255).sum()
   np.testing.assert_allclose(float(valid), float(ref) * labels.size / n_valid, rtol=1e-6)
   # OHEM keeps exactly B * min_kept of the hardest valid pixels.
@@ -249,7 +249,7 @@ def test_pixel_cross_entropy_matches_torch(small, big):
   logits = rng.normal(size=(2, *small, 6)).astype(np.float32) * 3
   labels = rng.integers(0, 6, size=(2, *big)).astype(np.int32)
   labels[:, :5] = 255
-  ce, valid = pixel_cross_entropy(jnp.asarray(logits), jnp.asarray(labels))
+  ce, valid = pixel_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), ignore_index=255)
   up = F.interpolate(torch.from_numpy(logits).permute(0, 3, 1, 2), size=big, mode="bilinear",
                      align_corners=False)
   ref = F.cross_entropy(up, torch.from_numpy(labels).long(), reduction="none", ignore_index=255)

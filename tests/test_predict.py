@@ -8,7 +8,7 @@ import input_pipeline
 from configs import tiny
 from semask_jax import predict
 from semask_jax import sharding as sharding_lib
-from semask_jax import train
+from semask_jax import state as state_lib
 
 
 def test_colorize_and_overlay():
@@ -32,8 +32,8 @@ def test_predict_folder_writes_images_of_the_original_size(tmp_path):
   for i, (h, w) in enumerate(sizes):
     Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(inputs / f'im{i}.png')
   (inputs / 'notes.txt').write_text('not an image')
-  model = train.create_model(config)
-  state, graphdef, rest, _, _ = train.init_train_state(
+  model = state_lib.create_model(config)
+  state, graphdef, rest, _, _ = state_lib.init_train_state(
       config, model, sharding_lib.make_mesh(jax.devices()[:1]))
   written = predict.predict_paths(config, graphdef, rest, state.params, state.batch_stats,
                                   str(inputs), str(tmp_path / 'out'))

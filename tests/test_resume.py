@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from semask_jax import train
+from semask_jax import state as state_lib
 from semask_jax.sharding import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +83,7 @@ def test_sigkill_and_restart_reproduces_losses(tmp_path, reference_run):
   config = tiny.get_config()
   config.model.embed_dim = 24
   with pytest.raises(ValueError, match='does not match'):
-    train.restore_for_inference(config, str(run_dir), make_mesh(jax.devices()[:1]))
+    state_lib.restore_for_inference(config, str(run_dir), make_mesh(jax.devices()[:1]))
 
 
 def test_sigterm_saves_a_final_checkpoint_and_the_restart_continues(tmp_path, reference_run):

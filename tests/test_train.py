@@ -6,13 +6,14 @@ import pytest
 import input_pipeline
 from configs import tiny
 from semask_jax import sharding as sharding_lib
+from semask_jax import state as state_lib
 from semask_jax import train
 
 
 @pytest.fixture(scope='module')
 def setup():
   config = tiny.get_config()
-  model = train.create_model(config)
+  model = state_lib.create_model(config)
   it = input_pipeline.create_train_iterator(config.data, seed=0, global_batch_size=8)
   batch = next(it)
   return config, model, batch
@@ -23,12 +24,12 @@ _STEPS = {}  # compiled train steps by device count: each compile takes a while 
 
 def run_steps(config, model, batches, devices, keep_states=False):
   mesh = sharding_lib.make_mesh(devices)
-  state, graphdef, rest, tx, schedule = train.init_train_state(config, model, mesh)
+  state, graphdef, rest, tx, schedule = state_lib.init_train_state(config, model, mesh)
   if len(devices) not in _STEPS:
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
     _STEPS[len(devices)] = train.jit_train_step(
         train.make_train_step(graphdef, rest, tx, schedule, config), shardings, mesh,
-        train.compiler_options(config))
+        sharding_lib.compiler_options(config))
   metrics, states = [], []
   for b in batches:
     state, m = _STEPS[len(devices)](state, input_pipeline.make_global_batch(b, mesh))
@@ -57,7 +58,7 @@ def test_one_and_eight_devices_agree(setup):
       jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s8.params))])
   assert np.mean(diffs <= 1e-6) > 0.999, np.quantile(diffs, [0.5, 0.999, 1.0])
   moved = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(
-      jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(train.split_model(model)[1]))])
+      jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(state_lib.split_model(model)[1]))])
   assert moved.max() > 1e-5  # the update did something
 
 
@@ -69,8 +70,8 @@ def test_nonfinite_loss_skips_the_update(setup):
   assert metrics[1]['finite'] == 1.0 and np.isfinite(metrics[1]['loss'])
   assert int(states[0].nonfinite) == 1 and int(states[0].step) == 1
   # The skipped step left params, BN statistics and the optimizer state untouched ...
-  _, params, batch_stats, _ = train.split_model(model)
-  fresh = train.init_train_state(config, model, sharding_lib.make_mesh(jax.devices()[:1]))[0]
+  _, params, batch_stats, _ = state_lib.split_model(model)
+  fresh = state_lib.init_train_state(config, model, sharding_lib.make_mesh(jax.devices()[:1]))[0]
   jax.tree_util.tree_map(np.testing.assert_array_equal, (states[0].params, states[0].batch_stats),
                          (params, batch_stats))
   jax.tree_util.tree_map(np.testing.assert_array_equal, states[0].opt_state,
@@ -99,9 +100,9 @@ def test_bad_inputs_name_the_key_or_file(tmp_path):
     config.model.embed_dimm = 3
   config.init_from = str(tmp_path / 'missing_ckpt')
   with pytest.raises(FileNotFoundError, match='missing_ckpt'):
-    train.create_model(config)
+    state_lib.create_model(config)
   config.init_from = ''
   with pytest.raises(FileNotFoundError, match='no checkpoint in'):
-    train.restore_for_inference(config, str(tmp_path), sharding_lib.make_mesh(jax.devices()[:1]))
+    state_lib.restore_for_inference(config, str(tmp_path), sharding_lib.make_mesh(jax.devices()[:1]))
   with pytest.raises(ValueError, match='not divisible'):
     sharding_lib.check_batch_divisible(6, sharding_lib.make_mesh())

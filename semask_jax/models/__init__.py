@@ -1,9 +1,28 @@
-"""SeMask-FPN model in Flax NNX."""
-from semask_jax.models.config import (VARIANTS, default_model_config, model_config_from_dict,
-                                      reference_sem_global,
-                                      resolve_sem_global)
-from semask_jax.models.semask_fpn import SeMaskFPN, build_model
-from semask_jax.models.resize import resize_bilinear
+"""SeMask models in Flax NNX: the Swin backbone and its heads, built from one ModelConfig."""
+from __future__ import annotations
 
-__all__ = ["VARIANTS", "SeMaskFPN", "build_model", "default_model_config", "model_config_from_dict",
-           "reference_sem_global", "resolve_sem_global", "resize_bilinear"]
+from typing import Any, Mapping
+
+from flax import nnx
+
+from semask_jax.models.config import (MODEL_NAMES, SEMASK_FPN, SEMASK_MASK2FORMER, VARIANTS,
+                                      BackboneConfig, FPNHeadConfig, Mask2FormerHeadConfig,
+                                      ModelConfig, default_model_config, model_config_from_dict,
+                                      reference_sem_global, resolve_sem_global)
+from semask_jax.models.resize import resize_bilinear
+from semask_jax.models.semask_fpn import SeMaskFPN
+from semask_jax.models.semask_mask2former import SeMaskMask2Former
+
+
+def build_model(cfg: Mapping[str, Any] | ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The model of a (flat ml_collections or typed) model config; validates it first."""
+  config = ModelConfig.from_config(cfg)
+  if config.name == SEMASK_FPN:
+    return SeMaskFPN(config, rngs=rngs)
+  return SeMaskMask2Former(config, rngs=rngs)
+
+
+__all__ = ["MODEL_NAMES", "SEMASK_FPN", "SEMASK_MASK2FORMER", "VARIANTS", "BackboneConfig",
+           "FPNHeadConfig", "Mask2FormerHeadConfig", "ModelConfig", "SeMaskFPN", "SeMaskMask2Former", "build_model",
+           "default_model_config", "model_config_from_dict", "reference_sem_global",
+           "resolve_sem_global", "resize_bilinear"]

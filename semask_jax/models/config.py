@@ -1,6 +1,16 @@
-"""Model configs: the four SeMask variants and the switches of the paper's ablations."""
+"""Model configs: the four SeMask variants, the switches of the paper's ablations, and the
+typed, frozen `ModelConfig` that the model classes take whole.
+
+Experiment files hold the model config as a flat ml_collections ConfigDict
+(`config.model`, overridable as `--config.model.embed_dim=...`);
+`ModelConfig.from_config` validates it once (unknown keys get a suggestion)
+and turns it into frozen dataclasses: a `BackboneConfig` shared by every head,
+and the head's own (`FPNHeadConfig` or `Mask2FormerHeadConfig`).
+"""
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from typing import Any, Mapping
 
 import ml_collections
@@ -13,44 +23,171 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "L": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12),
 }
 
-_KEYS = ("embed_dim", "depths", "num_heads", "window_size", "sem_window_size", "num_classes",
-         "num_sem_blocks", "sem_global", "use_gamma", "sem_attention", "sem_dropout",
-         "drop_path_rate", "fpn_channels", "head_dropout", "dtype", "remat")
-# Keys that older configs may lack, with their defaults.
-_OPTIONAL_KEYS = {"remat_policy": "full"}
-# What a rematerialised Swin block keeps from its forward pass (see swin.REMAT_POLICIES).
+SEMASK_FPN = "semask_fpn"
+SEMASK_MASK2FORMER = "semask_mask2former"
+MODEL_NAMES = (SEMASK_FPN, SEMASK_MASK2FORMER)
+# What a rematerialised Swin block keeps from its forward pass (see swin.remat_policy_fn).
 REMAT_POLICIES = ("full", "dots", "dots_no_batch", "attn")
+DTYPES = ("float32", "bfloat16", "float16")
+SEM_ATTENTIONS = ("semantic", "plain")
 
 
-def reference_sem_global(embed_dim: int, num_classes: int, num_stages: int = 4) -> tuple[bool, ...]:
-  """The reference's rule: global semantic attention in stages 2-3 only for
-  embed 96/192 with more than 19 classes; windowed everywhere otherwise."""
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+  """SeMask Swin (SPEC sections 1-2). Tuples have one entry per stage."""
+  embed_dim: int
+  depths: tuple[int, ...]
+  num_heads: tuple[int, ...]
+  window_size: int
+  sem_window_size: int
+  num_classes: int
+  num_sem_blocks: tuple[int, ...]   # 0 everywhere: plain Swin (the Swin-FPN baseline)
+  sem_global: tuple[bool, ...]      # global (True) or windowed semantic attention per stage
+  use_gamma: bool = True
+  sem_attention: str = "semantic"   # or "plain" (Table 3 ablation)
+  sem_dropout: float = 0.1
+  drop_path_rate: float = 0.3
+  remat: bool = False
+  remat_policy: str = "full"
+  dtype: str = "float32"            # compute dtype; parameters stay float32
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.depths)
+
+  @property
+  def widths(self) -> tuple[int, ...]:
+    return tuple(self.embed_dim * 2 ** i for i in range(self.num_stages))
+
+  @property
+  def has_semantic(self) -> bool:
+    return any(n > 0 for n in self.num_sem_blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class FPNHeadConfig:
+  """Semantic-FPN decoder (SPEC section 3)."""
+  fpn_channels: int = 256
+  head_dropout: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class Mask2FormerHeadConfig:
+  """Pixel decoder + masked-attention transformer decoder (SPEC section 10)."""
+  conv_dim: int = 256
+  mask_dim: int = 256
+  nheads: int = 8
+  enc_layers: int = 6
+  enc_dim_feedforward: int = 1024
+  hidden_dim: int = 256
+  num_queries: int = 100
+  dim_feedforward: int = 2048
+  dec_layers: int = 9
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  name: str
+  backbone: BackboneConfig
+  head: FPNHeadConfig | Mask2FormerHeadConfig
+
+  @property
+  def num_classes(self) -> int:
+    return self.backbone.num_classes
+
+  @classmethod
+  def from_config(cls, cfg: "Mapping[str, Any] | ModelConfig") -> "ModelConfig":
+    """Validates a flat model config (ConfigDict or dict) and freezes it."""
+    if isinstance(cfg, ModelConfig):
+      return cfg
+    validate_model_config(cfg)
+    name = cfg.get("name", SEMASK_FPN)
+    head_cls = FPNHeadConfig if name == SEMASK_FPN else Mask2FormerHeadConfig
+    backbone = BackboneConfig(
+        **{f.name: _freeze(cfg[f.name]) for f in dataclasses.fields(BackboneConfig)
+           if f.name not in ("num_sem_blocks", "sem_global") and f.name in cfg},
+        num_sem_blocks=resolve_num_sem_blocks(cfg), sem_global=resolve_sem_global(cfg))
+    head = head_cls(**{f.name: _freeze(cfg[f.name]) for f in dataclasses.fields(head_cls)
+                       if f.name in cfg})
+    return cls(name=name, backbone=backbone, head=head)
+
+
+def _freeze(v: Any) -> Any:
+  return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+# Flat keys of config.model, per model name (besides `name`).
+_BACKBONE_KEYS = tuple(f.name for f in dataclasses.fields(BackboneConfig))
+_HEAD_KEYS = {
+    SEMASK_FPN: tuple(f.name for f in dataclasses.fields(FPNHeadConfig)),
+    SEMASK_MASK2FORMER: tuple(f.name for f in dataclasses.fields(Mask2FormerHeadConfig)),
+}
+# Keys that configs may lack, with their meaning when absent.
+_OPTIONAL_KEYS = ("name", "remat_policy", "sem_global")
+
+
+def model_keys(name: str = SEMASK_FPN) -> tuple[str, ...]:
+  return ("name",) + _BACKBONE_KEYS + _HEAD_KEYS[name]
+
+
+def reference_sem_global(embed_dim: int, num_classes: int, num_stages: int = 4,
+                         name: str = SEMASK_FPN) -> tuple[bool, ...]:
+  """Which stages use global semantic attention in the reference code.
+
+  SeMask-FPN: stages 2-3 for embed 96/192 with more than 19 classes, windowed
+  everywhere otherwise. SeMask-Mask2Former: only the last stage, and only for
+  150 classes (SPEC section 10).
+  """
+  if name == SEMASK_MASK2FORMER:
+    return tuple(i == num_stages - 1 and num_classes == 150 for i in range(num_stages))
   if embed_dim in (96, 192) and num_classes > 19:
     return tuple(i >= 2 for i in range(num_stages))
   return (False,) * num_stages
 
 
 def resolve_sem_global(cfg: Mapping[str, Any]) -> tuple[bool, ...]:
-  """cfg.sem_global if given, else the reference rule."""
+  """cfg.sem_global if given, else the reference rule of cfg.name's model."""
   if cfg.get("sem_global") is not None:
     return tuple(bool(g) for g in cfg["sem_global"])
-  return reference_sem_global(cfg["embed_dim"], cfg["num_classes"], len(cfg["depths"]))
+  return reference_sem_global(cfg["embed_dim"], cfg["num_classes"], len(cfg["depths"]),
+                              cfg.get("name", SEMASK_FPN))
+
+
+def resolve_num_sem_blocks(cfg: Mapping[str, Any]) -> tuple[int, ...]:
+  """Per stage; one int (the Mask2Former configs' form) applies to every stage."""
+  n = cfg["num_sem_blocks"]
+  if isinstance(n, int):
+    return (n,) * len(cfg["depths"])
+  return tuple(int(v) for v in n)
 
 
 def default_model_config(variant: str = "T", num_classes: int = 150, *,
-                         num_sem_blocks=(1, 1, 1, 1)) -> ml_collections.ConfigDict:
-  """A SeMask-FPN config; num_sem_blocks=(0, 0, 0, 0) gives the Swin-FPN baseline."""
+                         num_sem_blocks=(1, 1, 1, 1),
+                         name: str = SEMASK_FPN) -> ml_collections.ConfigDict:
+  """A flat model config; num_sem_blocks=(0, 0, 0, 0) gives the Swin-FPN baseline,
+  name='semask_mask2former' the Mask2Former head with the reference's defaults."""
   if variant not in VARIANTS:
     raise ValueError(f"Unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
+  if name not in MODEL_NAMES:
+    raise ValueError(f"Unknown model name {name!r}; expected one of {MODEL_NAMES}")
   v = VARIANTS[variant]
+  if name == SEMASK_MASK2FORMER and not isinstance(num_sem_blocks, int):
+    if len(set(num_sem_blocks)) != 1:
+      raise ValueError(f"SeMask-Mask2Former has one num_sem_blocks for all stages, "
+                       f"got {tuple(num_sem_blocks)}")
+    num_sem_blocks = int(num_sem_blocks[0])  # the reference's single int
+  elif not isinstance(num_sem_blocks, int):
+    num_sem_blocks = tuple(num_sem_blocks)
   cfg = ml_collections.ConfigDict(dict(
-      embed_dim=v["embed_dim"], depths=v["depths"], num_heads=v["num_heads"],
+      name=name, embed_dim=v["embed_dim"], depths=v["depths"], num_heads=v["num_heads"],
       window_size=v["window_size"], sem_window_size=v["window_size"],
-      num_classes=num_classes, num_sem_blocks=tuple(num_sem_blocks),
+      num_classes=num_classes, num_sem_blocks=num_sem_blocks,
       use_gamma=True, sem_attention="semantic", sem_dropout=0.1,
-      drop_path_rate=0.3, fpn_channels=256, head_dropout=0.1,
-      dtype="float32", remat=False, remat_policy="full"))
-  # None means "the reference rule" (resolve_sem_global); a tuple of 4 bools overrides it.
+      drop_path_rate=0.3, dtype="float32", remat=False, remat_policy="full"))
+  head_cls = FPNHeadConfig if name == SEMASK_FPN else Mask2FormerHeadConfig
+  for f in dataclasses.fields(head_cls):
+    cfg[f.name] = f.default
+  # None means "the reference rule" (resolve_sem_global); a tuple of bools overrides it.
   cfg.sem_global = ml_collections.FieldReference(None, field_type=tuple)
   return cfg
 
@@ -59,11 +196,14 @@ def model_config_from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """A full model config from a partial dict (e.g. a golden vector's meta['config']).
 
   Keys that are not model keys (such as cate_w) are ignored; missing ones
-  take the defaults of default_model_config.
+  take the defaults of default_model_config. A dict with Mask2Former keys
+  (dec_layers) gives a Mask2Former config.
   """
-  cfg = default_model_config("T", int(d.get("num_classes", 150)))
+  name = d.get("name", SEMASK_MASK2FORMER if "dec_layers" in d else SEMASK_FPN)
+  cfg = default_model_config("T", int(d.get("num_classes", 150)), name=name)
+  keys = set(model_keys(name))
   for k, v in d.items():
-    if (k in _KEYS or k in _OPTIONAL_KEYS) and k != "sem_global":
+    if k in keys and k not in ("sem_global", "name"):
       cfg[k] = tuple(v) if isinstance(v, list) else v
   if d.get("sem_global") is not None:
     cfg.sem_global = tuple(bool(g) for g in d["sem_global"])
@@ -74,13 +214,23 @@ def model_config_from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
 
 def validate_model_config(cfg: Mapping[str, Any]) -> None:
   """Clear errors for typos and inconsistent settings before building anything."""
+  name = cfg.get("name", SEMASK_FPN)
+  if name not in MODEL_NAMES:
+    raise ValueError(f"model config: name {name!r} is not one of {MODEL_NAMES}")
+  allowed = set(model_keys(name))
   keys = set(cfg.keys())
-  missing = [k for k in _KEYS if k not in keys]
-  unknown = sorted(keys - set(_KEYS) - set(_OPTIONAL_KEYS))
+  missing = [k for k in model_keys(name) if k not in keys and k not in _OPTIONAL_KEYS]
+  unknown = sorted(keys - allowed)
   if missing or unknown:
-    raise ValueError(f"model config: missing keys {missing}, unknown keys {unknown}")
+    hints = []
+    for k in unknown:
+      close = difflib.get_close_matches(k, sorted(allowed), n=1)
+      hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ValueError(f"model config ({name}): missing keys {missing}, unknown keys "
+                     f"[{', '.join(hints)}]")
   n = len(cfg["depths"])
-  for k in ("num_heads", "num_sem_blocks"):
+  nsb = cfg["num_sem_blocks"]
+  for k in ("num_heads",) + (() if isinstance(nsb, int) else ("num_sem_blocks",)):
     if len(cfg[k]) != n:
       raise ValueError(f"model config: {k} has {len(cfg[k])} entries, depths has {n}")
   if cfg.get("sem_global") is not None and len(cfg["sem_global"]) != n:
@@ -89,12 +239,22 @@ def validate_model_config(cfg: Mapping[str, Any]) -> None:
     if (cfg["embed_dim"] * 2 ** i) % h:
       raise ValueError(f"model config: stage {i} width {cfg['embed_dim'] * 2 ** i} "
                        f"is not divisible by num_heads {h}")
-  nsb = list(cfg["num_sem_blocks"])
+  nsb = list(resolve_num_sem_blocks(cfg))
   if any(nsb) and not all(nsb):
     raise ValueError(f"model config: num_sem_blocks {nsb} must be all zero (Swin-FPN) "
-                     "or all positive (SeMask-FPN: the semantic decoder sums every stage)")
-  if cfg["dtype"] not in ("float32", "bfloat16", "float16"):
-    raise ValueError(f"model config: dtype {cfg['dtype']!r} not in float32/bfloat16/float16")
+                     "or all positive (SeMask: the semantic decoder sums every stage)")
+  if cfg["dtype"] not in DTYPES:
+    raise ValueError(f"model config: dtype {cfg['dtype']!r} not in {DTYPES}")
+  if cfg["sem_attention"] not in SEM_ATTENTIONS:
+    raise ValueError(f"model config: sem_attention {cfg['sem_attention']!r} not in "
+                     f"{SEM_ATTENTIONS}")
   policy = cfg.get("remat_policy", "full")
   if policy not in REMAT_POLICIES:
     raise ValueError(f"model config: remat_policy {policy!r} not in {REMAT_POLICIES}")
+  if name == SEMASK_MASK2FORMER:
+    for a, b in (("conv_dim", "nheads"), ("hidden_dim", "nheads")):
+      if cfg[a] % cfg[b]:
+        raise ValueError(f"model config: {a}={cfg[a]} is not divisible by {b}={cfg[b]}")
+    if cfg["conv_dim"] % 32:
+      raise ValueError(f"model config: conv_dim={cfg['conv_dim']} must be a multiple of 32 "
+                       "(GroupNorm(32) in the pixel decoder)")

@@ -1,0 +1,107 @@
+"""The eval and predict modes of main.py, and the evaluation used during training.
+
+`--mode=eval` restores the latest checkpoint of a workdir (or config.init_from)
+and computes mIoU over the eval split; `--mode=predict` writes colour masks
+for image files; the demo writes and predicts a few generated scenes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+from absl import logging
+
+import input_pipeline
+from semask_jax import evaluate as evaluate_lib
+from semask_jax import predict
+from semask_jax import sharding as sharding_lib
+from semask_jax.metrics import format_table
+from semask_jax.state import TrainState, merge_model, restore_for_inference
+
+
+def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
+                 mesh: jax.sharding.Mesh) -> Callable[[TrainState], dict[str, Any]]:
+  """state -> metrics dict over the whole eval split (confusion matrix on device)."""
+  info = input_pipeline.dataset_info(config.data.name)
+  num_classes = config.model.num_classes
+  names = list(info.class_names)
+  if len(names) != num_classes:
+    raise ValueError(f'config.model.num_classes={num_classes} but data set '
+                     f'{config.data.name!r} has {len(names)} classes')
+
+  def model_fn_from_state(params_and_stats):
+    params, batch_stats = params_and_stats
+    model = merge_model(graphdef, params, batch_stats, rest)
+    return lambda images: model(images, train=False)['seg_logits']
+
+  step = evaluate_lib.make_eval_step(model_fn_from_state, num_classes, config.eval,
+                                     ignore_index=config.data.ignore_index)
+  replicated = sharding_lib.replicated(mesh)
+  eval_step = jax.jit(step, out_shardings=replicated, donate_argnums=(0,),
+                      compiler_options=sharding_lib.compiler_options(config))
+  to_global = lambda b: input_pipeline.make_global_batch(b, mesh)  # noqa: E731
+
+  def run(state: TrainState) -> dict[str, Any]:
+    batches = input_pipeline.create_eval_iterator(config.data,
+                                                  global_batch_size=config.eval.batch_size)
+    return evaluate_lib.evaluate(eval_step, (state.params, state.batch_stats), batches,
+                                 num_classes, names, to_global, replicated)
+
+  return run
+
+
+def write_eval_results(workdir: str, step: int, results: dict[str, Any]) -> str:
+  """workdir/eval/step_<n>.json and workdir/eval_results.json (latest); process 0 only."""
+  if jax.process_index() != 0:
+    return ''
+  results = dict(results, step=int(step))
+  os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
+  path = os.path.join(workdir, 'eval', f'step_{step}.json')
+  for p in (path, os.path.join(workdir, 'eval_results.json')):
+    with open(p, 'w') as f:
+      json.dump(results, f, indent=1)
+  return path
+
+
+def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """--mode eval: the latest checkpoint of workdir (or init_from) on the eval split."""
+  mesh = sharding_lib.make_mesh()
+  state, graphdef, rest, step = restore_for_inference(config, workdir, mesh)
+  results = make_eval_fn(config, graphdef, rest, mesh)(state)
+  path = write_eval_results(workdir, step, results)
+  if jax.process_index() == 0:
+    logging.info('Eval of step %d (%s):\n%s', step, path, format_table(results))
+  return results
+
+
+def predict_only(config: ml_collections.ConfigDict, workdir: str, inputs: str,
+                 output_dir: str | None = None) -> list[str]:
+  """--mode predict: colour masks and overlays for an image or a folder of images."""
+  mesh = sharding_lib.make_mesh()
+  state, graphdef, rest, _ = restore_for_inference(config, workdir, mesh)
+  output_dir = output_dir or os.path.join(workdir, 'predictions')
+  return predict.predict_paths(config, graphdef, rest, state.params, state.batch_stats,
+                               inputs, output_dir)
+
+
+
+def demo_predictions(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """Writes `config.demo_predictions` fresh synthetic scenes as PNGs and predicts them (demo only)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
+  s = config.data.synthetic
+  in_dir = os.path.join(os.path.abspath(workdir), 'demo_inputs')
+  if jax.process_index() == 0:
+    os.makedirs(in_dir, exist_ok=True)
+    for i in range(config.demo_predictions):
+      image, _ = synthetic.generate_scene(s.seed, 'test', s.num_eval + i, height=s.height,
+                                          width=s.width, num_classes=config.data.num_classes,
+                                          max_objects=s.max_objects)
+      Image.fromarray(image).save(os.path.join(in_dir, f'scene_{i}.png'))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('demo_inputs_written')
+  return predict_only(config, workdir, in_dir)

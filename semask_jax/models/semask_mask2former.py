@@ -1,0 +1,77 @@
+"""SeMask-Mask2Former: the SeMask Swin backbone with Mask2Former's head (SPEC section 10).
+
+Attribute names follow the official detectron2 checkpoint (`backbone.*`,
+`sem_seg_head.pixel_decoder.*`, `sem_seg_head.predictor.*`), so conversion is
+the same name map as for SeMask-FPN. The backbone is the FPN model's, with the
+Mask2Former rule for global semantic attention (resolved in ModelConfig).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from semask_jax.models import layers
+from semask_jax.models.config import Mask2FormerHeadConfig, ModelConfig
+from semask_jax.models.mask2former_decoder import MultiScaleMaskedTransformerDecoder
+from semask_jax.models.pixel_decoder import MSDeformAttnPixelDecoder
+from semask_jax.models.semantic_head import semantic_head, semantic_inference
+from semask_jax.models.swin import SeMaskSwin
+
+
+class SemSegHead(nnx.Module):
+  """`sem_seg_head` of the checkpoint: pixel decoder + transformer decoder (`predictor`)."""
+
+  def __init__(self, in_channels: tuple[int, ...], num_classes: int,
+               config: Mask2FormerHeadConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    c = config
+    self.pixel_decoder = MSDeformAttnPixelDecoder(
+        tuple(in_channels), c.conv_dim, c.mask_dim, c.nheads, c.enc_layers,
+        c.enc_dim_feedforward, dtype=dtype, rngs=rngs)
+    self.predictor = MultiScaleMaskedTransformerDecoder(
+        c.conv_dim, num_classes, c.hidden_dim, c.num_queries, c.nheads, c.dim_feedforward,
+        c.dec_layers, c.mask_dim, dtype=dtype, rngs=rngs)
+
+
+class SeMaskMask2Former(nnx.Module):
+  """images [B, H, W, 3] -> Mask2Former predictions + the SeMask semantic prior."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    if not isinstance(config.head, Mask2FormerHeadConfig):
+      raise ValueError("SeMaskMask2Former needs a Mask2Former head config, got "
+                       f"{type(config.head).__name__}")
+    bb = config.backbone
+    if not bb.has_semantic:
+      raise ValueError("SeMask-Mask2Former needs semantic layers (num_sem_blocks > 0): its "
+                       "semantic head sums the four prior maps")
+    self.config = config
+    self.dtype = jnp.dtype(bb.dtype)
+    self.backbone = SeMaskSwin(bb, rngs=rngs)
+    self.sem_seg_head = SemSegHead(bb.widths, bb.num_classes, config.head, dtype=self.dtype,
+                                   rngs=rngs)
+
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               rng: jax.Array | None = None) -> dict[str, Any]:
+    """images: [B, H, W, 3] normalised, H and W multiples of 32 (the reference pads to
+    its size divisibility), as the semantic head predicts at 4x the stride-4 map.
+
+    Returns pred_logits [L+1, B, Q, K+1] and pred_masks [L+1, B, Q, H/4, W/4] (index l =
+    after l decoder layers; -1 the final one), sem_pred [B, H, W, K], sem_seg [B, H, W, K]
+    (semantic inference of the final prediction at the input size: per-class scores in
+    [0, 1], not logits), and the intermediate maps (feats, sems, mask_features,
+    multi_scale_features). `rng` drives drop path when train=True.
+    """
+    keys = layers.KeyChain(rng if train else None)
+    feats, sems = self.backbone(images.astype(self.dtype), keys)
+    mask_features, multi_scale = self.sem_seg_head.pixel_decoder(feats)
+    out = dict(self.sem_seg_head.predictor(multi_scale, mask_features))
+    size = tuple(images.shape[1:3])
+    out["sem_pred"] = semantic_head([s.astype(jnp.float32) for s in sems], size)
+    if not train:  # the criterion does not read it; its [B, H, W, K] map costs memory
+      out["sem_seg"] = semantic_inference(out["pred_logits"][-1], out["pred_masks"][-1],
+                                          size, size, size)
+    out.update(feats=feats, sems=sems, mask_features=mask_features,
+               multi_scale_features=multi_scale)
+    return out

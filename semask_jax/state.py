@@ -1,0 +1,90 @@
+"""Model state: building the model, its functional split, the train state, restoring it.
+
+The NNX model is split once into (graphdef, params, batch_stats, rest); the
+jitted functions take the pure-dict params and batch statistics as arguments
+and merge them back into a module inside the trace. Training, evaluation and
+prediction all start from here.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import flax
+import jax
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from semask_jax import checkpointing
+from semask_jax import optim
+from semask_jax import sharding as sharding_lib
+from semask_jax.models import build_model
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array        # int32 [], micro steps done
+  params: Any            # pure dict of f32 arrays (PyTorch-like names)
+  batch_stats: Any       # pure dict: BN running mean/var
+  opt_state: Any
+  rng: jax.Array         # uint32 [2], base key; per step: fold_in(rng, step)
+  nonfinite: jax.Array   # int32 [], micro steps skipped for a non-finite loss/grad
+
+
+def create_model(config: ml_collections.ConfigDict) -> nnx.Module:
+  """Builds the model from config.model and loads `config.init_from` if set."""
+  model = build_model(config.model, rngs=nnx.Rngs(config.seed))
+  if config.get('init_from'):
+    path = config.init_from
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'config.init_from={path!r} does not exist')
+    from convert_weights import load_into_model  # pylint: disable=g-import-not-at-top
+    report = load_into_model(model, path)
+    logging.info('Initialised from %s: %s', path, report)
+  return model
+
+
+def split_model(model: nnx.Module) -> tuple[Any, dict, dict, Any]:
+  """(graphdef, params, batch_stats, rest) with params/batch_stats as pure dicts."""
+  graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats), rest
+
+
+def merge_model(graphdef: Any, params: dict, batch_stats: dict, rest: Any) -> nnx.Module:
+  return nnx.merge(graphdef, params, batch_stats, rest, copy=True)
+
+
+def init_train_state(config: ml_collections.ConfigDict, model: nnx.Module, mesh: jax.sharding.Mesh
+                     ) -> tuple[TrainState, Any, Any, optax.GradientTransformation, optax.Schedule]:
+  """Replicated initial state + (graphdef, rest, tx, schedule)."""
+  graphdef, params, batch_stats, rest = split_model(model)
+  tx, schedule = optim.create_optimizer(config, params)
+  host = TrainState(step=np.int32(0), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params),
+                    rng=np.asarray(jax.random.key_data(jax.random.key(config.seed + 1)), np.uint32),
+                    nonfinite=np.int32(0))
+  host = jax.tree_util.tree_map(np.asarray, host)
+  return sharding_lib.replicate(host, mesh), graphdef, rest, tx, schedule
+
+
+def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
+                          mesh: jax.sharding.Mesh) -> tuple[TrainState, Any, Any, int]:
+  """(state, graphdef, rest, step) from workdir's latest checkpoint, or config.init_from."""
+  model = create_model(config)
+  state, graphdef, rest, _, _ = init_train_state(config, model, mesh)
+  ckpt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  step = 0
+  if os.path.isdir(ckpt_dir):
+    ckpt = checkpointing.Checkpointer(ckpt_dir, async_save=False)
+    latest = ckpt.latest_step()
+    if latest is not None:
+      state = ckpt.restore(latest, checkpointing.abstract_like(state))
+      step = latest  # checkpoints are numbered by optimizer updates
+    ckpt.close()
+  if step == 0 and not config.get('init_from'):
+    raise FileNotFoundError(f'no checkpoint in {ckpt_dir} and no config.init_from: '
+                            'nothing to evaluate or predict with')
+  return state, graphdef, rest, step
