@@ -26,6 +26,7 @@ aux['num_dropped_targets'] (make_targets raises when called outside jit).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -86,6 +87,7 @@ def draw_points(key: jax.Array, num_predictions: int, batch: int, cfg: Criterion
 # ----------------------------------------------------------------------------- targets
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def present_classes(label: jax.Array, num_classes: int, max_targets: int,
                     ignore_index: int = IGNORE_INDEX
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
