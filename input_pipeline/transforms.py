@@ -31,7 +31,8 @@ Example = dict[str, Any]
 
 # One grain worker = one core: cv2's own thread pool would oversubscribe the
 # host when several workers run, and makes per-worker timings meaningless
-# (mmseg's setup_multi_processes also calls cv2.setNumThreads(0)).
+# (later mmseg/mmdet versions' setup_multi_processes do the same). Results do
+# not depend on the thread count.
 cv2.setNumThreads(0)
 
 

@@ -217,3 +217,20 @@ def test_make_global_batch():
   assert g['image'].sharding.spec == jax.sharding.PartitionSpec('data')
   assert len(g['label'].addressable_shards) == n
   np.testing.assert_array_equal(np.asarray(g['label']), local['label'])
+
+
+def test_input_bench_cli_writes_the_json_keys(tmp_path):
+  """python -m input_pipeline.bench --json: numbers exist and are sane (no timed assertion)."""
+  import json  # pylint: disable=import-outside-toplevel
+  from input_pipeline import bench  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'bench.json'
+  bench.main(['--num_images', '2', '--steps', '4', '--batch', '2', '--workers', '',
+              '--json', str(out)])
+  res = json.loads(out.read_text())
+  assert res['examples_per_s_per_worker'] > 0 and res['examples_per_cpu_s_per_worker'] > 0
+  assert res['loader']['0']['examples_per_s'] == res['examples_per_s_per_worker']
+  stages = ('decode', 'resize', 'crop', 'flip', 'photometric', 'normalize_pad')
+  assert set(res['stage_ms']) == set(res['stage_cpu_ms']) == set(stages)
+  assert all(res['stage_ms'][s] > 0 for s in stages)
+  assert res['stage_total_ms'] == pytest.approx(sum(res['stage_ms'].values()))
+  assert res['baseline_a14ab92']['examples_per_s_per_worker'] > 0

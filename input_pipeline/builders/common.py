@@ -169,8 +169,12 @@ class Pair:
 class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
   """Base: (image bytes, train-id PNG, file name, original size) per example."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release: train-id labels, 255 = ignore.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release: train-id labels, 255 = ignore.',
+      '1.1.0': 'Image files stored as they are (grey, CMYK, palette no longer re-encoded); '
+               'height/width as cv2.imdecode(IMREAD_COLOR) gives them (EXIF orientation).',
+  }
   NUM_CLASSES: int
   IMAGE_FORMAT = 'jpeg'
   SPLITS: tuple[str, ...]
