@@ -513,6 +513,33 @@ def test_photometric_equals_mmseg_sequence():
   assert {('uniform', -32, 32), ('uniform', 0.5, 1.5), ('randint', -18, 18)} <= seen
 
 
+class AllStepsRng(RecordingRng):
+  """Every p=0.5 step fires; the second coin (mmseg's `mode`) is `mode`."""
+
+  def __init__(self, seed, mode):
+    super().__init__(seed)
+    self.coins = [1, mode]
+
+  def integers(self, low, high=None):
+    if high is None and low == 2:
+      v = self.coins.pop(0) if self.coins else 1
+      self.log.append(('randint', low, high, v))
+      return v
+    return super().integers(low, high)
+
+
+@pytest.mark.parametrize('mode', [0, 1])
+def test_photometric_all_steps_equal_mmseg_sequence(mode):
+  image = photo(41, 35, seed=mode)
+  for seed in range(4):
+    rng = AllStepsRng(seed, mode)
+    got = T.photometric_distortion(rng, image)
+    assert [d[0] for d in rng.log].count('uniform') == 3  # brightness, contrast, saturation
+    replay = rng.replay()
+    np.testing.assert_array_equal(got, mmseg_photometric(image[..., ::-1], replay)[..., ::-1])
+    assert not replay.log
+
+
 @pytest.mark.parametrize('hw,crop_hw', [((23, 31), (29, 33)), ((29, 33), (29, 33))])
 def test_normalize_and_pad_equal_mmcv(hw, crop_hw):
   image, label = photo(*hw), blocky_label(*hw, 150)
