@@ -22,6 +22,14 @@ draws this way. Differences from the reference: a label with no valid pixel
 gives loss_cate 0 (torch: NaN); an image with more classes than max_targets
 keeps its max_targets smallest classes and reports the rest in
 aux['num_dropped_targets'] (make_targets raises when called outside jit).
+Under data parallelism the sums run over the global batch: num_masks is the
+reference's all-reduced count, and loss_ce is the weighted mean over all
+images' queries (the reference averages per-device means; equal when every
+device holds the same number of no-object queries).
+
+Memory: the matching costs and the point-sampled losses are computed one
+prediction at a time (lax.map); the assignments of all predictions and images
+run as one batched loop.
 """
 from __future__ import annotations
 
@@ -181,18 +189,26 @@ def match_cost(logits: jax.Array, mask_points: jax.Array, target_points: jax.Arr
           + cfg.dice_weight * cost_dice)
 
 
-def match(pred_logits: jax.Array, pred_masks: jax.Array, label: jax.Array,
-          classes: jax.Array, valid: jax.Array, match_points: jax.Array,
-          cfg: CriterionConfig) -> jax.Array:
-  """Hungarian matching of one prediction: pred_logits [B, Q, K+1], pred_masks
-  [B, Q, h, w], label [B, H, W], targets classes/valid [B, T], match_points [B, P, 2]
-  -> the query of each target [B, T] int32 (-1 for padded slots). No gradient."""
+def batch_match_cost(pred_logits: jax.Array, pred_masks: jax.Array, label: jax.Array,
+                     classes: jax.Array, match_points: jax.Array, cfg: CriterionConfig
+                     ) -> jax.Array:
+  """The matching costs [B, Q, T] of one prediction: pred_logits [B, Q, K+1], pred_masks
+  [B, Q, h, w], label [B, H, W], target classes [B, T], match_points [B, P, 2]. No
+  gradient."""
   pred_logits, pred_masks = jax.lax.stop_gradient((pred_logits, pred_masks))
   masks_nhwc = jnp.moveaxis(pred_masks.astype(jnp.float32), 1, -1)    # [B, h, w, Q]
   mask_points = bilinear_sample(masks_nhwc, match_points)              # [B, P, Q]
   target_points = sample_label_masks(label, classes, match_points)     # [B, P, T]
-  cost = jax.vmap(match_cost, in_axes=(0, 0, 0, 0, None))(
+  return jax.vmap(match_cost, in_axes=(0, 0, 0, 0, None))(
       pred_logits, mask_points, target_points, classes, cfg)           # [B, Q, T]
+
+
+def match(pred_logits: jax.Array, pred_masks: jax.Array, label: jax.Array,
+          classes: jax.Array, valid: jax.Array, match_points: jax.Array,
+          cfg: CriterionConfig) -> jax.Array:
+  """Hungarian matching of one prediction (batch_match_cost's arguments plus valid
+  [B, T]) -> the query of each target [B, T] int32 (-1 for padded slots)."""
+  cost = batch_match_cost(pred_logits, pred_masks, label, classes, match_points, cfg)
   return jax.vmap(linear_sum_assignment)(cost, valid)
 
 
@@ -212,15 +228,14 @@ def importance_points(mask_logits: jax.Array, oversampled: jax.Array, random: ja
   return jnp.concatenate([chosen, random], axis=1)
 
 
-def _prediction_losses(pred_logits: jax.Array, pred_masks: jax.Array, label: jax.Array,
-                       classes: jax.Array, valid: jax.Array, num_masks: jax.Array,
-                       draws: CriterionDraws, cfg: CriterionConfig
-                       ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """(loss_ce, loss_mask, loss_dice, matching [B, T]) of one prediction (draws without
-  the leading L1 axis)."""
+def _prediction_losses(pred_logits: jax.Array, pred_masks: jax.Array, query: jax.Array,
+                       over: jax.Array, rand: jax.Array, label: jax.Array, classes: jax.Array,
+                       num_masks: jax.Array, cfg: CriterionConfig
+                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(loss_ce, loss_mask, loss_dice) of one prediction given its matching query [B, T]
+  and its pair-slot draws over [B, T, M, 2], rand [B, T, R, 2]."""
   b, q = pred_logits.shape[:2]
   t = classes.shape[1]
-  query = match(pred_logits, pred_masks, label, classes, valid, draws.match_points, cfg)
   paired = query >= 0                                                  # [B, T]
 
   # Classification: every query, matched class or no-object (K), weighted mean.
@@ -237,8 +252,8 @@ def _prediction_losses(pred_logits: jax.Array, pred_masks: jax.Array, label: jax
   src = jnp.take_along_axis(pred_masks.astype(jnp.float32),
                             jnp.clip(query, 0)[:, :, None, None], axis=1)  # [B, T, h, w]
   src = src.reshape((b * t,) + src.shape[2:])
-  over = draws.oversampled_points.reshape((b * t,) + draws.oversampled_points.shape[2:])
-  rand = draws.random_points.reshape((b * t,) + draws.random_points.shape[2:])
+  over = over.reshape((b * t,) + over.shape[2:])
+  rand = rand.reshape((b * t,) + rand.shape[2:])
   points = importance_points(src, over, rand, cfg.num_uncertain)       # [B*T, P, 2]
   point_logits = bilinear_sample(src[..., None], points)[..., 0]       # [B*T, P]
   point_labels = sample_label_masks(label, classes, points.reshape((b, t) + points.shape[1:]))
@@ -250,7 +265,7 @@ def _prediction_losses(pred_logits: jax.Array, pred_masks: jax.Array, label: jax
   keep = paired.reshape(-1)
   loss_mask = jnp.sum(jnp.where(keep, bce, 0.0)) / num_masks
   loss_dice = jnp.sum(jnp.where(keep, dice, 0.0)) / num_masks
-  return loss_ce, loss_mask, loss_dice, query
+  return loss_ce, loss_mask, loss_dice
 
 
 def semantic_ce(sem_pred: jax.Array, label: jax.Array, ignore_index: int = IGNORE_INDEX
@@ -287,9 +302,14 @@ def set_criterion(outputs: Mapping[str, Any], label: jax.Array, cfg: CriterionCo
   classes, valid, count = present_classes(label, cfg.num_classes, cfg.max_targets,
                                           cfg.ignore_index)
   num_masks = jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
-  loss_ce, loss_mask, loss_dice, matches = jax.vmap(
-      _prediction_losses, in_axes=(0, 0, None, None, None, None, 0, None))(
-          pred_logits, pred_masks, label, classes, valid, num_masks, draws, cfg)
+  # Costs and losses one prediction at a time (bounds the memory of the point
+  # sampling); the assignments of all predictions and images in one batched loop.
+  cost = jax.lax.map(lambda a: batch_match_cost(*a[:2], label, classes, a[2], cfg),
+                     (pred_logits, pred_masks, draws.match_points))      # [L1, B, Q, T]
+  matches = jax.vmap(jax.vmap(linear_sum_assignment), in_axes=(0, None))(cost, valid)
+  loss_ce, loss_mask, loss_dice = jax.lax.map(
+      lambda a: _prediction_losses(*a, label, classes, num_masks, cfg),
+      (pred_logits, pred_masks, matches, draws.oversampled_points, draws.random_points))
   cate = semantic_ce(outputs["sem_pred"], label, cfg.ignore_index)
   loss_cate = jnp.zeros((n_pred,), jnp.float32).at[-1].set(cate)
   total = jnp.sum(cfg.class_weight * loss_ce + cfg.mask_weight * loss_mask
