@@ -194,3 +194,24 @@ def test_keyed_criterion_gradients(path):
   # A different key: other points, still finite.
   (total2, _), _ = loss_and_grad(outputs, jax.random.key(1))
   assert np.isfinite(float(total2)) and float(total2) != float(total)
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_batch_sharded(path):
+  """Batch split over devices: the same losses (num_masks counts the global batch)."""
+  vec, cfg, outputs, label, draws, _ = _case(path)
+  b = label.shape[0]
+  if len(jax.devices()) < b:
+    pytest.skip("needs one device per image")
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:b]), ("data",))
+  spec = lambda axis, ndim: jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(*[("data" if i == axis else None) for i in range(ndim)]))
+  put = lambda x, axis: jax.device_put(x, spec(axis, x.ndim))
+  outputs = {"pred_logits": put(outputs["pred_logits"], 1),
+             "pred_masks": put(outputs["pred_masks"], 1), "sem_pred": put(outputs["sem_pred"], 0)}
+  draws = ml.CriterionDraws(*[put(d, 1) for d in draws])
+  total, aux = jax.jit(functools.partial(ml.set_criterion, cfg=cfg))(outputs, put(label, 0),
+                                                                     draws=draws)
+  np.testing.assert_allclose(float(total), float(vec["loss_total"]), rtol=1e-4)
+  n_targets = sum(len(vec[f"match_0_{i}"][0]) for i in range(b))
+  assert float(aux["num_masks"]) == n_targets
