@@ -1,7 +1,9 @@
-"""Shared config builder: the reference SeMask-FPN / Swin-FPN recipe (SPEC section 6).
+"""Shared config builders: the reference SeMask-FPN / Swin-FPN recipe (SPEC section 6)
+and the detectron2 SeMask-Mask2Former recipe (SPEC section 10).
 
-Each experiment file calls `semask_fpn_config(dataset, variant)` and changes
-what its experiment changes. Steps (`total_steps`, `*_every_steps`) count
+Each experiment file calls `semask_fpn_config(dataset, variant)` or
+`semask_mask2former_config(dataset, variant)` and changes what its experiment
+changes. Steps (`total_steps`, `*_every_steps`) count
 optimizer updates of `batch_size` images, i.e. mmseg iterations.
 """
 from __future__ import annotations
@@ -10,7 +12,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from input_pipeline import default_data_config
-from semask_jax.models import default_model_config
+from semask_jax.models import SEMASK_MASK2FORMER, default_model_config
 
 # Per-dataset recipe: lr, weight decay, total batch, warmup ratio, OHEM variants.
 RECIPES = {
@@ -68,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.warmup_ratio = 1e-6
   c.optimizer.no_decay_keys = ('absolute_pos_embed', 'relative_position_bias_table', 'norm')
   c.optimizer.grad_clip_norm = config_dict.placeholder(float)
+  c.optimizer.backbone_lr_mult = 1.0  # detectron2 BACKBONE_MULTIPLIER (0.1 for Mask2Former)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 8  # images per eval step over all devices (a multiple of the device count)
@@ -100,6 +103,70 @@ def semask_fpn_config(dataset: str, variant: str, *, semask: bool = True
   if variant in r['ohem']:
     c.loss.ohem_min_kept = OHEM_MIN_KEPT
   crop = tuple(c.data.crop_size)
+  c.eval.crop_size = crop
+  c.eval.stride = tuple(s * 2 // 3 for s in crop)
+  return c
+
+
+# detectron2 SeMask-Mask2Former recipes (SPEC 10): crop, iterations, test short side / max.
+MASK2FORMER_RECIPES = {
+    'ade20k': dict(crop=(512, 512), crop_l=(640, 640), steps=160_000, test_short=640,
+                   test_max=2560),
+    'cityscapes': dict(crop=(512, 1024), crop_l=(512, 1024), steps=90_000, test_short=1024,
+                       test_max=4096),
+}
+# No weight decay (detectron2 build_optimizer): every norm (LayerNorm, GroupNorm -- the
+# pixel decoder's input_proj.<l>.1 --, the semantic layers' norm1), the decoder's
+# nn.Embedding tables and the Swin position tables. The pixel decoder's bare
+# `transformer.level_embed` Parameter keeps its decay, as in the reference.
+MASK2FORMER_NO_DECAY_KEYS = ('absolute_pos_embed', 'relative_position_bias_table', 'norm',
+                             'input_proj.0.1.', 'input_proj.1.1.', 'input_proj.2.1.',
+                             'predictor.query_feat', 'predictor.query_embed',
+                             'predictor.level_embed')
+
+
+def mask2former_loss_config() -> ml_collections.ConfigDict:
+  """SeMaskSetCriterion settings (detectron2 MODEL.MASK_FORMER.* defaults, SPEC 10)."""
+  loss = ml_collections.ConfigDict()
+  loss.class_weight = 2.0
+  loss.mask_weight = 5.0
+  loss.dice_weight = 5.0
+  loss.cate_weight = 0.4
+  loss.no_object_weight = 0.1
+  loss.train_num_points = 12544
+  loss.oversample_ratio = 3.0
+  loss.importance_sample_ratio = 0.75
+  loss.max_targets = 64  # static target slots per image (ADE20K crops have <= ~40 classes)
+  return loss
+
+
+def semask_mask2former_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
+  """SeMask-Mask2Former with `dataset`'s detectron2 recipe: AdamW 1e-4, wd 0.05, backbone
+  lr x 0.1, poly 0.9 without warm-up, gradient clipping at global norm 0.01, batch 16."""
+  r = MASK2FORMER_RECIPES[dataset]
+  c = base_config()
+  c.data = default_data_config(dataset)
+  c.model = default_model_config(variant, c.data.num_classes, num_sem_blocks=1,
+                                 name=SEMASK_MASK2FORMER)
+  c.init_from = PRETRAINED[variant]
+  c.batch_size = 16
+  c.total_steps = r['steps']
+  c.checkpoint_every_steps = 5_000
+  c.eval_every_steps = 5_000
+  c.loss = mask2former_loss_config()
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.weight_decay = 0.05
+  c.optimizer.poly_power = 0.9
+  c.optimizer.warmup_steps = 0
+  c.optimizer.backbone_lr_mult = 0.1
+  c.optimizer.grad_clip_norm = 0.01
+  c.optimizer.no_decay_keys = MASK2FORMER_NO_DECAY_KEYS
+  crop = r['crop_l'] if variant == 'L' else r['crop']
+  c.data.crop_size = crop
+  c.data.cat_max_ratio = 1.0  # detectron2 single-category max area 1.0: no constraint
+  # Test: short side test_short, long side at most test_max (ResizeShortestEdge) -- the
+  # same as a keep-ratio rescale into (test_max, test_short).
+  c.data.test_scale = (r['test_max'], r['test_short'])
   c.eval.crop_size = crop
   c.eval.stride = tuple(s * 2 // 3 for s in crop)
   return c

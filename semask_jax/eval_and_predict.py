@@ -19,6 +19,7 @@ from semask_jax import evaluate as evaluate_lib
 from semask_jax import predict
 from semask_jax import sharding as sharding_lib
 from semask_jax.metrics import format_table
+from semask_jax.models import model_class
 from semask_jax.state import TrainState, merge_model, restore_for_inference
 
 
@@ -35,10 +36,11 @@ def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
   def model_fn_from_state(params_and_stats):
     params, batch_stats = params_and_stats
     model = merge_model(graphdef, params, batch_stats, rest)
-    return lambda images: model(images, train=False)['seg_logits']
+    return model.segment
 
-  step = evaluate_lib.make_eval_step(model_fn_from_state, num_classes, config.eval,
-                                     ignore_index=config.data.ignore_index)
+  step = evaluate_lib.make_eval_step(
+      model_fn_from_state, num_classes, config.eval, ignore_index=config.data.ignore_index,
+      probabilities=model_class(config.model).SCORES_ARE_PROBABILITIES)
   replicated = sharding_lib.replicated(mesh)
   eval_step = jax.jit(step, out_shardings=replicated, donate_argnums=(0,),
                       compiler_options=sharding_lib.compiler_options(config))

@@ -113,10 +113,12 @@ def slide_logits(model_fn: ModelFn, images: jax.Array, image_hw: jax.Array,
 
 def inference(model_fn: ModelFn, images: jax.Array, image_hw: jax.Array, label_hw: jax.Array,
               label_shape: tuple[int, int], cfg: ml_collections.ConfigDict,
-              num_classes: int) -> jax.Array:
+              num_classes: int, *, probabilities: bool = False) -> jax.Array:
   """Scores at the original size [B, Lh, Lw, K]: logits (one pass) or mean softmax (scales x flip).
 
   cfg: mode ('whole' | 'slide'), crop_size, stride (slide), scales (list of ratios), flip (bool).
+  probabilities: the model's scores are already probabilities (Mask2Former's semantic
+  inference): several passes average them as they are.
   """
   scales = tuple(cfg.scales)
   flips = (False, True) if cfg.flip else (False,)
@@ -143,21 +145,21 @@ def inference(model_fn: ModelFn, images: jax.Array, image_hw: jax.Array, label_h
       logits = resize_dynamic(logits, hw, label_hw, label_shape)
       if single:
         return logits
-      probs = jax.nn.softmax(logits, axis=-1)
+      probs = logits if probabilities else jax.nn.softmax(logits, axis=-1)
       total = probs if total is None else total + probs
   return total / (len(scales) * len(flips))
 
 
 def make_eval_step(model_fn_from_state: Callable[[Any], ModelFn], num_classes: int,
-                   cfg: ml_collections.ConfigDict, *, ignore_index: int
-                   ) -> Callable[..., jax.Array]:
+                   cfg: ml_collections.ConfigDict, *, ignore_index: int,
+                   probabilities: bool = False) -> Callable[..., jax.Array]:
   """(cm [K, K], inference state, batch) -> cm + this batch's confusion matrix."""
 
   def step(cm: jax.Array, state: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
     model_fn = model_fn_from_state(state)
     label = batch['label']
     scores = inference(model_fn, batch['image'], batch['image_hw'], batch['label_hw'],
-                       label.shape[1:3], cfg, num_classes)
+                       label.shape[1:3], cfg, num_classes, probabilities=probabilities)
     pred = jnp.argmax(scores, axis=-1).astype(jnp.int32)
     return cm + metrics_lib.confusion_matrix(pred, label, num_classes, ignore_index=ignore_index,
                                              valid=batch.get('valid'))

@@ -60,6 +60,12 @@ def decay_mask(params: Any, no_decay_keys: Sequence[str] = NO_DECAY_KEYS) -> Any
       lambda path, _: not any(k in param_name(path) for k in no_decay_keys), params)
 
 
+def backbone_mask(params: Any) -> Any:
+  """True for the parameters of the backbone (names starting with 'backbone.')."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: param_name(path).startswith('backbone.'), params)
+
+
 def create_optimizer(config: ml_collections.ConfigDict, params: Any
                      ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW (+ optional MultiSteps accumulation) from `config.optimizer` and `config.total_steps`.
@@ -74,6 +80,11 @@ def create_optimizer(config: ml_collections.ConfigDict, params: Any
       warmup_iters=o.warmup_steps, warmup_ratio=o.warmup_ratio)
   mask = decay_mask(params, tuple(o.no_decay_keys))
   tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask)
+  mult = float(o.get('backbone_lr_mult', 1.0))
+  if mult != 1.0:
+    # detectron2's BACKBONE_MULTIPLIER scales the backbone's learning rate, i.e. its whole
+    # AdamW step (the decoupled weight decay is lr * wd * p too).
+    tx = optax.chain(tx, optax.masked(optax.scale(mult), backbone_mask(params)))
   if o.get('grad_clip_norm'):
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
   k = int(config.get('grad_accum_steps', 1))
@@ -102,4 +113,4 @@ def count_params(tree: Mapping[str, Any]) -> int:
 
 
 __all__ = ['NO_DECAY_KEYS', 'poly_warmup_schedule', 'param_name', 'decay_mask',
-           'create_optimizer', 'optimizer_updates', 'current_lr', 'count_params']
+           'backbone_mask', 'create_optimizer', 'optimizer_updates', 'current_lr', 'count_params']

@@ -20,6 +20,7 @@ from PIL import Image
 import input_pipeline
 from input_pipeline import transforms as T
 from semask_jax import evaluate as evaluate_lib
+from semask_jax.models import model_class
 from semask_jax.state import merge_model
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -77,10 +78,11 @@ def make_predict_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any
   @functools.partial(jax.jit, static_argnums=(4,))
   def fn(params, batch_stats, image, image_hw, out_shape):
     model = merge_model(graphdef, params, batch_stats, rest)
-    model_fn = lambda x: model(x, train=False)['seg_logits']  # noqa: E731
     out_hw = jnp.asarray([out_shape], jnp.int32)
-    scores = evaluate_lib.inference(model_fn, image, image_hw, out_hw, out_shape, config.eval,
-                                    config.model.num_classes)
+    scores = evaluate_lib.inference(
+        model.segment, image, image_hw, out_hw, out_shape, config.eval,
+        config.model.num_classes,
+        probabilities=model_class(config.model).SCORES_ARE_PROBABILITIES)
     return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
   return fn

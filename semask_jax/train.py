@@ -17,6 +17,7 @@ boundaries only.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -36,7 +37,9 @@ from semask_jax import optim
 from semask_jax import sharding as sharding_lib
 from semask_jax import summary
 from semask_jax.eval_and_predict import make_eval_fn, write_eval_results
+from semask_jax import mask2former_loss
 from semask_jax.losses import segmentation_loss
+from semask_jax.models import SeMaskMask2Former, model_class
 from semask_jax.state import TrainState, create_model, init_train_state, merge_model
 
 
@@ -55,12 +58,56 @@ def micro_batch_size(config: ml_collections.ConfigDict) -> int:
 # ----------------------------------------------------------------------------- step
 
 
+LossFn = Callable[[Mapping[str, Any], jax.Array, jax.Array],
+                  tuple[jax.Array, dict[str, jax.Array]]]
+# fold_in constant that separates the criterion's point draws from the model's dropout keys.
+_CRITERION_STREAM = 0x51EB
+
+
+def criterion_config(config: ml_collections.ConfigDict) -> mask2former_loss.CriterionConfig:
+  """The Mask2Former criterion's settings from config.loss and config.data."""
+  fields = [f.name for f in dataclasses.fields(mask2former_loss.CriterionConfig)]
+  return mask2former_loss.CriterionConfig(
+      num_classes=config.model.num_classes, ignore_index=config.data.ignore_index,
+      **{k: config.loss[k] for k in fields if k in config.loss})
+
+
+def make_loss(config: ml_collections.ConfigDict) -> LossFn:
+  """(model outputs, labels [B, H, W], rng) -> (loss, scalar metrics) for config.model's head.
+
+  SeMask-FPN: CE on the FPN logits + cate_w * CE on the semantic decoder (SPEC 3).
+  SeMask-Mask2Former: the set criterion over all predictions (SPEC 10); the metrics
+  are the final prediction's terms.
+  """
+  if model_class(config.model) is SeMaskMask2Former:
+    crit = criterion_config(config)
+
+    def m2f_loss(out, labels, rng):
+      total, aux = mask2former_loss.set_criterion(
+          out, labels, crit, key=jax.random.fold_in(rng, _CRITERION_STREAM))
+      metrics = {f'loss_{k}': aux[f'loss_{k}'][-1] for k in ('ce', 'mask', 'dice', 'cate')}
+      metrics['num_masks'] = aux['num_masks']
+      metrics['dropped_targets'] = aux['num_dropped_targets'].sum().astype(jnp.float32)
+      return total, metrics
+
+    return m2f_loss
+  loss_cfg = config.loss
+
+  def fpn_loss(out, labels, rng):
+    del rng
+    return segmentation_loss(out, labels, ignore_index=config.data.ignore_index,
+                             cate_w=loss_cfg.cate_w, reduction=loss_cfg.reduction,
+                             ohem_min_kept=loss_cfg.ohem_min_kept)
+
+  return fpn_loss
+
+
 def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, config: ml_collections.ConfigDict
                     ) -> Callable[[TrainState, Mapping[str, jax.Array]],
                                   tuple[TrainState, dict[str, jax.Array]]]:
   """One micro step: forward/backward on a global batch, (accumulated) AdamW update, guard."""
-  loss_cfg = config.loss
+  compute_loss = make_loss(config)
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -68,10 +115,7 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation,
     def loss_fn(params):
       model = merge_model(graphdef, params, state.batch_stats, rest)
       out = model(batch['image'], train=True, rng=rng)
-      loss, aux = segmentation_loss(out, batch['label'], ignore_index=config.data.ignore_index,
-                                    cate_w=loss_cfg.cate_w,
-                                    reduction=loss_cfg.reduction,
-                                    ohem_min_kept=loss_cfg.ohem_min_kept)
+      loss, aux = compute_loss(out, batch['label'], rng)
       new_bs = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
       return loss, (aux, new_bs)
 
@@ -116,7 +160,8 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def progress_line(update: int, total: int, m: Mapping[str, float], images_per_s: float,
                   eta_s: float) -> str:
-  terms = ' '.join(f'{k} {m[k]:.4f}' for k in ('loss', 'loss_ce', 'loss_cate') if k in m)
+  terms = ' '.join(f'{k} {m[k]:.4f}' for k in ('loss', 'loss_ce', 'loss_mask', 'loss_dice',
+                                                'loss_cate') if k in m)
   eta = time.strftime('%H:%M:%S', time.gmtime(max(eta_s, 0)))
   return (f'step {update}/{total} {terms} lr {m["lr"]:.3e} '
           f'{images_per_s:.1f} img/s ETA {eta}')

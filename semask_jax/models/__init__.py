@@ -14,15 +14,19 @@ from semask_jax.models.semask_fpn import SeMaskFPN
 from semask_jax.models.semask_mask2former import SeMaskMask2Former
 
 
+def model_class(cfg: Mapping[str, Any] | ModelConfig) -> type:
+  """SeMaskFPN or SeMaskMask2Former, by the config's name."""
+  name = cfg.name if isinstance(cfg, ModelConfig) else cfg.get("name", SEMASK_FPN)
+  return SeMaskMask2Former if name == SEMASK_MASK2FORMER else SeMaskFPN
+
+
 def build_model(cfg: Mapping[str, Any] | ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
   """The model of a (flat ml_collections or typed) model config; validates it first."""
   config = ModelConfig.from_config(cfg)
-  if config.name == SEMASK_FPN:
-    return SeMaskFPN(config, rngs=rngs)
-  return SeMaskMask2Former(config, rngs=rngs)
+  return model_class(config)(config, rngs=rngs)
 
 
 __all__ = ["MODEL_NAMES", "SEMASK_FPN", "SEMASK_MASK2FORMER", "VARIANTS", "BackboneConfig",
-           "FPNHeadConfig", "Mask2FormerHeadConfig", "ModelConfig", "SeMaskFPN", "SeMaskMask2Former", "build_model",
+           "FPNHeadConfig", "Mask2FormerHeadConfig", "ModelConfig", "SeMaskFPN", "SeMaskMask2Former", "build_model", "model_class",
            "default_model_config", "model_config_from_dict", "reference_sem_global",
            "resolve_sem_global", "resize_bilinear"]

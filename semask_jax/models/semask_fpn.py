@@ -18,6 +18,9 @@ STRIDES = (4, 8, 16, 32)
 class SeMaskFPN(nnx.Module):
   """The whole segmentation model; attribute names follow the mmseg checkpoint."""
 
+  # segment() returns logits (multi-scale evaluation averages their softmax).
+  SCORES_ARE_PROBABILITIES = False
+
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     if not isinstance(config.head, FPNHeadConfig):
       raise ValueError(f"SeMaskFPN needs an FPN head config, got {type(config.head).__name__}")
@@ -44,3 +47,7 @@ class SeMaskFPN(nnx.Module):
     if self.config.backbone.has_semantic:
       out["cls_logits"] = semantic_decoder(sems, STRIDES)
     return out
+
+  def segment(self, images: jax.Array) -> jax.Array:
+    """Eval-mode per-class scores: the Semantic-FPN logits [B, H/4, W/4, K]."""
+    return self(images, train=False)["seg_logits"]

@@ -38,6 +38,10 @@ class SemSegHead(nnx.Module):
 class SeMaskMask2Former(nnx.Module):
   """images [B, H, W, 3] -> Mask2Former predictions + the SeMask semantic prior."""
 
+  # segment() returns class-times-mask scores in [0, 1], averaged as they are over
+  # scales and flips (detectron2's test-time augmentation), not through a softmax.
+  SCORES_ARE_PROBABILITIES = True
+
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     if not isinstance(config.head, Mask2FormerHeadConfig):
       raise ValueError("SeMaskMask2Former needs a Mask2Former head config, got "
@@ -75,3 +79,7 @@ class SeMaskMask2Former(nnx.Module):
     out.update(feats=feats, sems=sems, mask_features=mask_features,
                multi_scale_features=multi_scale)
     return out
+
+  def segment(self, images: jax.Array) -> jax.Array:
+    """Eval-mode per-class scores at the input size [B, H, W, K] (semantic inference)."""
+    return self(images, train=False)["sem_seg"]
