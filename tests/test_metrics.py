@@ -1,12 +1,17 @@
-"""Confusion matrix / mIoU against NumPy on known predictions; the TensorBoard event writer."""
+"""Confusion matrix / mIoU against NumPy on known predictions; the TensorBoard / jsonl writer."""
 import functools
+import io
 import json
 import os
+import struct
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from semask_jax import metrics, summary
 
@@ -68,25 +73,73 @@ def test_compute_metrics_known_values():
     metrics.compute_metrics(cm, ['a'])
 
 
-def test_crc32c_and_event_file_round_trip(tmp_path):
-  assert summary.crc32c(b'123456789') == 0xE3069283  # the standard CRC-32C check value
+def _crc32c(data: bytes) -> int:
+  """CRC-32C (Castagnoli), bit by bit: independent of the writer's implementation."""
+  c = 0xFFFFFFFF
+  for b in data:
+    c ^= b
+    for _ in range(8):
+      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+  return c ^ 0xFFFFFFFF
+
+
+def _masked_crc32c(data: bytes) -> int:
+  c = _crc32c(data)
+  return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def read_event_file(path) -> list:
+  """TensorBoard's record framing (length, masked CRC32C of it, payload, masked CRC32C of it)
+  parsed by hand, payloads as tensorboardX's Event protos."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  data = open(path, 'rb').read()
+  events, pos = [], 0
+  while pos < len(data):
+    header = data[pos:pos + 8]
+    (n,) = struct.unpack('<Q', header)
+    assert struct.unpack('<I', data[pos + 8:pos + 12])[0] == _masked_crc32c(header)
+    payload = data[pos + 12:pos + 12 + n]
+    assert struct.unpack('<I', data[pos + 12 + n:pos + 16 + n])[0] == _masked_crc32c(payload)
+    events.append(event_pb2.Event.FromString(payload))
+    pos += 16 + n
+  return events
+
+
+def test_event_file_scalars_images_and_jsonl(tmp_path):
+  assert _crc32c(b'123456789') == 0xE3069283  # the standard CRC-32C check value
+  image = np.random.default_rng(0).integers(0, 256, (6, 9, 3), dtype=np.uint8)
   w = summary.MetricWriter(str(tmp_path))
   w.write_scalars(3, {'loss': 0.5, 'lr': np.float32(1e-4)})
-  w.write_scalars(4, {'loss': float('nan')})
+  w.write_scalars(4, {'loss': float('nan'), 'eval/mIoU': jnp.float32(0.25)})
+  w.write_images(5, {'eval/example_0': image})
+  with pytest.raises(ValueError, match='uint8'):
+    w.write_images(5, {'bad': image.astype(np.float32)})
   w.close()
+  w.write_scalars(6, {'loss': 1.0})  # closed: ignored
   events = [f for f in os.listdir(tmp_path) if f.startswith('events.out.tfevents.')]
   assert len(events) == 1
-  records = summary.read_events(str(tmp_path / events[0]))
-  assert len(records) == 3  # file_version + 2 steps
-  assert b'brain.Event:2' in records[0]
-  assert b'loss' in records[1] and b'lr' in records[1]
-  assert records[1] == summary.encode_event(3, _wall_time(records[1]), {'loss': 0.5, 'lr': np.float32(1e-4)})
+  records = read_event_file(tmp_path / events[0])
+  assert records[0].file_version == 'brain.Event:2'
+  scalars = [(e.step, v.tag, v.simple_value) for e in records for v in e.summary.value
+             if v.HasField('simple_value')]
+  assert scalars == [(3, 'loss', 0.5), (3, 'lr', pytest.approx(1e-4)), (4, 'eval/mIoU', 0.25)]
+  images = [(e.step, v.tag, v.image) for e in records for v in e.summary.value if v.HasField('image')]
+  assert [(s, t) for s, t, _ in images] == [(5, 'eval/example_0')]
+  im = images[0][2]
+  assert (im.height, im.width, im.colorspace) == (6, 9, 3)
+  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(im.encoded_image_string))), image)
   lines = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   assert lines[0] == {'step': 3, 'loss': 0.5, 'lr': pytest.approx(1e-4)}
-  assert lines[1]['loss'] == 'nan'
+  assert lines[1] == {'step': 4, 'loss': 'nan', 'eval/mIoU': 0.25}
+  assert len(lines) == 2
 
 
-def _wall_time(record: bytes) -> float:
-  import struct
-  assert record[0] == 0x09
-  return struct.unpack('<d', record[1:9])[0]
+def test_metric_writer_imports_neither_torch_nor_tensorflow(tmp_path):
+  code = ('import sys; from semask_jax import summary; w = summary.MetricWriter(sys.argv[1]); '
+          'w.write_scalars(1, {"a": 1.0}); w.close(); '
+          'print(sorted(m for m in ("torch", "tensorflow") if m in sys.modules))')
+  out = subprocess.run([sys.executable, '-c', code, str(tmp_path)], capture_output=True, text=True,
+                       check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.stdout.strip() == '[]'
+  import tensorboardX  # pylint: disable=import-outside-toplevel
+  assert tensorboardX.__version__  # still importable normally afterwards
