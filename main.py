@@ -11,19 +11,25 @@ TPU pods and SLURM/Open MPI jobs are detected by jax.distributed.initialize().
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import re
 import sys
+from typing import Iterator
 
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+from semask_jax import cli
 
-config_flags.DEFINE_config_file(
-    'config', os.path.join(_HERE, 'configs', 'demo.py'),
-    'Config file (optionally file.py:arg); override fields with --config.x=y.', lock_config=True)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_DEFAULT_CONFIG = os.path.join(_HERE, 'configs', 'demo.py')
+
+# --config is defined in _define_config_flag (it parses the config file when defined).
 flags.DEFINE_string('workdir', 'workdir/demo', 'Checkpoints, logs, eval results, predictions.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'], 'What to run.')
 flags.DEFINE_string('input', None, '--mode=predict: an image file or a folder of images.')
@@ -64,13 +70,82 @@ class _QuietLibraries:
     return record.levelno >= 30 or not noisy
 
 
+def _config_argument(argv: list[str]) -> str:
+  """The value of the last --config in argv (absl's rule), else the default config."""
+  value = _DEFAULT_CONFIG
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == '--':
+      break
+    if arg in ('--config', '-config') and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif m := re.match(r'^--?config=(.*)$', arg):
+      value = m.group(1)
+  return value
+
+
+def _load_config(spec: str) -> ml_collections.ConfigDict:
+  """get_config(arg) of 'file.py[:arg]', as config_flags loads it (for error messages)."""
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_main_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(*([arg] if arg else []))
+
+
+@contextlib.contextmanager
+def _unknown_config_keys(argv: list[str]) -> Iterator[None]:
+  """ml_collections raises KeyError/AttributeError for an unknown --config.<key>: a UserError
+  naming the key and the closest existing one; any other such error stays a bug."""
+  try:
+    yield
+  except (KeyError, AttributeError) as e:
+    names = [m.group(2) for a in argv if (m := re.match(r'^--?(no)?config\.([^=]+)', a))]
+    error = cli.unknown_key_error(_load_config(_config_argument(argv)), names)
+    if error is None:
+      raise
+    raise error from e
+
+
+def _define_config_flag(argv: list[str]) -> None:
+  """Defines --config. Without --config on the command line this loads the default
+  config and applies the --config.x=y overrides now."""
+  path = _config_argument(argv).split(':', 1)[0]
+  if not os.path.isfile(path):
+    raise cli.UserError(f'config file {path!r} not found')
+  with _unknown_config_keys(argv):
+    config_flags.DEFINE_config_file(
+        'config', _DEFAULT_CONFIG,
+        'Config file (optionally file.py:arg); override fields with --config.x=y.',
+        lock_config=True)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing with its errors (unknown flag, bad value) as UserErrors."""
+  with _unknown_config_keys(argv):
+    try:
+      return FLAGS(argv)
+    except flags.Error as e:
+      message = str(e)
+      if 'Error whilst parsing config file' in message:  # get_config(arg) raised: its last line
+        message = f'--config={_config_argument(argv)}: {message.strip().splitlines()[-1]}'
+      raise cli.UserError(message) from e
+
+
+def _run(argv: list[str]) -> None:
+  _define_config_flag(argv)
+  app.run(main, argv, flags_parser=_parse_flags)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if FLAGS.mode == 'predict' and not FLAGS.input:
+    raise cli.UserError('--mode=predict needs --input (an image or a folder)')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   _maybe_initialize_distributed()
   # pylint: disable=g-import-not-at-top  (after distributed init)
   from semask_jax import eval_and_predict
+  from semask_jax import predict
   from semask_jax import train
   config, workdir = FLAGS.config, FLAGS.workdir
   if FLAGS.mode == 'train':
@@ -84,12 +159,11 @@ def main(argv: list[str]) -> None:
     results = eval_and_predict.evaluate_only(config, workdir)
     print(f'Eval: mIoU {results["mIoU"]:.4f}  aAcc {results["aAcc"]:.4f}', flush=True)
   else:
-    if not FLAGS.input:
-      raise app.UsageError('--mode=predict needs --input (an image or a folder)')
+    predict.check_readable(predict.list_images(FLAGS.input))  # before the model is built
     written = eval_and_predict.predict_only(config, workdir, FLAGS.input, FLAGS.output)
     print(f'Wrote {len(written)} images', flush=True)
 
 
 if __name__ == '__main__':
   sys.path.insert(0, _HERE)
-  app.run(main)
+  cli.run(_run, sys.argv)

@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.stride = (341, 341)  # slide only
   c.eval.scales = (1.0,)  # multi-scale: (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
   c.eval.flip = False
+  c.eval.num_summary_images = 3  # TensorBoard: input | ground truth | prediction per eval; 0 = off
 
   c.predict = ml_collections.ConfigDict()
   c.predict.opacity = 0.5

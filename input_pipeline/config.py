@@ -25,7 +25,9 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
     raise ValueError(f'Unknown dataset {name!r}; expected one of {DATASETS}.')
   c = ml_collections.ConfigDict()
   c.name = name
-  c.data_dir = None  # TFDS data_dir holding the prepared ArrayRecord files.
+  # TFDS data_dir holding the prepared ArrayRecord files (None: TFDS's default); a str
+  # placeholder so that --config.data.data_dir=DIR can set it.
+  c.data_dir = ml_collections.config_dict.placeholder(str)
   c.train_split = 'train'
   c.eval_split = 'validation'
   c.ignore_index = IGNORE_INDEX  # label value of unlabelled pixels: loss, metrics, crop, pad

@@ -6,16 +6,21 @@ for image files; the demo writes and predicts a few generated scenes.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
 import input_pipeline
+from input_pipeline import transforms as T
 from semask_jax import evaluate as evaluate_lib
+from semask_jax.cli import ConfigError
 from semask_jax import predict
 from semask_jax import sharding as sharding_lib
 from semask_jax.metrics import format_table
@@ -30,7 +35,7 @@ def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
   num_classes = config.model.num_classes
   names = list(info.class_names)
   if len(names) != num_classes:
-    raise ValueError(f'config.model.num_classes={num_classes} but data set '
+    raise ConfigError(f'config.model.num_classes={num_classes} but data set '
                      f'{config.data.name!r} has {len(names)} classes')
 
   def model_fn_from_state(params_and_stats):
@@ -51,6 +56,71 @@ def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
                                                   global_batch_size=config.eval.batch_size)
     return evaluate_lib.evaluate(eval_step, (state.params, state.batch_stats), batches,
                                  num_classes, names, to_global, replicated)
+
+  return run
+
+
+def summary_image(image: np.ndarray, image_hw: np.ndarray, label: np.ndarray,
+                  label_hw: np.ndarray, pred: np.ndarray, palette: np.ndarray,
+                  data_cfg: ml_collections.ConfigDict) -> np.ndarray:
+  """Input | ground truth | prediction of one eval example, uint8 [Lh, 3 * Lw, 3] (original size).
+
+  image: normalised [Hp, Wp, 3] (valid part image_hw); label, pred: [Lh_pad, Lw_pad]
+  (valid part label_hw); the masks in the data set's palette, ignored pixels black.
+  """
+  (h, w), (lh, lw) = image_hw, label_hw
+  rgb = image[:h, :w] * np.asarray(data_cfg.std, np.float32) + np.asarray(data_cfg.mean, np.float32)
+  rgb = T.resize_bilinear(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), (lh, lw))
+  return np.concatenate([rgb, predict.colorize(label[:lh, :lw], palette),
+                         predict.colorize(pred[:lh, :lw], palette)], axis=1)
+
+
+def make_summary_images_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
+                           mesh: jax.sharding.Mesh
+                           ) -> Callable[[TrainState], dict[str, np.ndarray]] | None:
+  """state -> {'eval/example_<i>': summary_image} for TensorBoard, or None when turned off.
+
+  The first `config.eval.num_summary_images` examples of the eval split, read once and
+  predicted with the evaluation's inference: one extra jitted call on a small batch,
+  replicated on every device (every process reads the same examples and takes part).
+  """
+  n = int(config.eval.get('num_summary_images', 3))
+  if n <= 0:
+    return None
+  palette = input_pipeline.dataset_info(config.data.name).palette
+  probabilities = model_class(config.model).SCORES_ARE_PROBABILITIES
+  replicated = sharding_lib.replicated(mesh)
+  examples: dict[str, Any] = {}
+
+  @functools.partial(jax.jit, out_shardings=replicated,
+                     compiler_options=sharding_lib.compiler_options(config))
+  def predict_fn(params, batch_stats, batch):
+    model = merge_model(graphdef, params, batch_stats, rest)
+    scores = evaluate_lib.inference(
+        model.segment, batch['image'], batch['image_hw'], batch['label_hw'],
+        batch['label'].shape[1:3], config.eval, config.model.num_classes,
+        probabilities=probabilities)
+    return jnp.argmax(scores, axis=-1).astype(jnp.int32)  # [n, Lh_pad, Lw_pad]
+
+  def run(state: TrainState) -> dict[str, np.ndarray]:
+    if not examples:
+      data_cfg = config.data.copy_and_resolve_references()
+      data_cfg.worker_count = 0  # one small batch: no worker processes
+      batch = next(iter(input_pipeline.create_eval_iterator(
+          data_cfg, global_batch_size=n, process_index=0, process_count=1)))
+      valid = np.asarray(batch['valid'])
+      examples['host'] = {k: np.asarray(batch[k])[valid]
+                          for k in ('image', 'image_hw', 'label', 'label_hw')}
+      examples['device'] = sharding_lib.replicate(examples['host'], mesh)
+    host = examples['host']
+    if not len(host['image']):  # an empty eval split
+      return {}
+    pred = predict_fn(state.params, state.batch_stats, examples['device'])
+    pred = np.asarray(pred.addressable_data(0))  # replicated: the whole batch
+    return {f'eval/example_{i}': summary_image(host['image'][i], host['image_hw'][i],
+                                               host['label'][i], host['label_hw'][i], pred[i],
+                                               palette, config.data)
+            for i in range(len(pred))}
 
   return run
 

@@ -20,6 +20,7 @@ from PIL import Image
 import input_pipeline
 from input_pipeline import transforms as T
 from semask_jax import evaluate as evaluate_lib
+from semask_jax.cli import InputError
 from semask_jax.models import model_class
 from semask_jax.state import merge_model
 
@@ -45,7 +46,17 @@ def load_rgb(path: str) -> np.ndarray:
     with Image.open(path) as im:
       return np.asarray(im.convert('RGB'))
   except OSError as e:
-    raise ValueError(f'cannot read image {path!r}: {e}') from e
+    raise InputError(f'cannot read image {path!r}: {e}') from e
+
+
+def check_readable(paths: list[str]) -> None:
+  """Opens each image's header (cheap), so that an unreadable file fails before the model is built."""
+  for path in paths:
+    try:
+      with Image.open(path):
+        pass
+    except OSError as e:
+      raise InputError(f'cannot read image {path!r}: {e}') from e
 
 
 def colorize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:

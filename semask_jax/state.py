@@ -73,18 +73,20 @@ def init_train_state(config: ml_collections.ConfigDict, model: nnx.Module, mesh:
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
                           mesh: jax.sharding.Mesh) -> tuple[TrainState, Any, Any, int]:
   """(state, graphdef, rest, step) from workdir's latest checkpoint, or config.init_from."""
-  model = create_model(config)
-  state, graphdef, rest, _, _ = init_train_state(config, model, mesh)
   ckpt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  step = 0
-  if os.path.isdir(ckpt_dir):
-    ckpt = checkpointing.Checkpointer(ckpt_dir, async_save=False)
-    latest = ckpt.latest_step()
-    if latest is not None:
-      state = ckpt.restore(latest, checkpointing.abstract_like(state))
-      step = latest  # checkpoints are numbered by optimizer updates
-    ckpt.close()
-  if step == 0 and not config.get('init_from'):
+  ckpt = checkpointing.Checkpointer(ckpt_dir, async_save=False) if os.path.isdir(ckpt_dir) else None
+  latest = ckpt.latest_step() if ckpt else None
+  if latest is None and not config.get('init_from'):  # before building the model: fail fast
+    if ckpt:
+      ckpt.close()
     raise FileNotFoundError(f'no checkpoint in {ckpt_dir} and no config.init_from: '
                             'nothing to evaluate or predict with')
+  model = create_model(config)
+  state, graphdef, rest, _, _ = init_train_state(config, model, mesh)
+  step = 0
+  if latest is not None:
+    state = ckpt.restore(latest, checkpointing.abstract_like(state))
+    step = latest  # checkpoints are numbered by optimizer updates
+  if ckpt:
+    ckpt.close()
   return state, graphdef, rest, step

@@ -36,7 +36,8 @@ from semask_jax import checkpointing
 from semask_jax import optim
 from semask_jax import sharding as sharding_lib
 from semask_jax import summary
-from semask_jax.eval_and_predict import make_eval_fn, write_eval_results
+from semask_jax.cli import ConfigError
+from semask_jax.eval_and_predict import make_eval_fn, make_summary_images_fn, write_eval_results
 from semask_jax import mask2former_loss
 from semask_jax.losses import segmentation_loss
 from semask_jax.models import SeMaskMask2Former, model_class
@@ -50,7 +51,7 @@ class NonFiniteLossError(RuntimeError):
 def micro_batch_size(config: ml_collections.ConfigDict) -> int:
   k = int(config.grad_accum_steps)
   if k < 1 or config.batch_size % k:
-    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by '
+    raise ConfigError(f'config.batch_size={config.batch_size} is not divisible by '
                      f'config.grad_accum_steps={k}')
   return config.batch_size // k
 
@@ -211,6 +212,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info('Mesh %s over %d processes; global micro batch %d x %d accumulation',
                dict(mesh.shape), jax.process_count(), micro_bs, k)
 
+  # The data first: a data set that is not prepared fails before the model is built.
+  train_iter = input_pipeline.create_train_iterator(config.data, seed=config.seed,
+                                                    global_batch_size=micro_bs)
   model = create_model(config)
   state, graphdef, rest, tx, schedule = init_train_state(config, model, mesh)
   del model
@@ -219,9 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_step = jit_train_step(make_train_step(graphdef, rest, tx, schedule, config),
                               state_sharding, mesh, sharding_lib.compiler_options(config))
   run_eval = make_eval_fn(config, graphdef, rest, mesh)
-
-  train_iter = input_pipeline.create_train_iterator(config.data, seed=config.seed,
-                                                    global_batch_size=micro_bs)
+  summary_images = make_summary_images_fn(config, graphdef, rest, mesh)  # None: off
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     keep=config.keep_checkpoints,
                                     async_save=config.async_checkpointing)
@@ -275,6 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           results = run_eval(state)
           write_eval_results(workdir, update, results)
           writer.write_scalars(update, {f'eval/{m}': results[m] for m in ('mIoU', 'mAcc', 'aAcc')})
+          if summary_images:  # every process: a jitted call on the replicated state
+            writer.write_images(update, summary_images(state))
           if jax.process_index() == 0:
             logging.info('eval step %d: mIoU %.4f aAcc %.4f mAcc %.4f', update,
                          results['mIoU'], results['aAcc'], results['mAcc'])

@@ -143,3 +143,42 @@ def test_metric_writer_imports_neither_torch_nor_tensorflow(tmp_path):
   assert out.stdout.strip() == '[]'
   import tensorboardX  # pylint: disable=import-outside-toplevel
   assert tensorboardX.__version__  # still importable normally afterwards
+
+
+def test_summary_images_show_input_label_and_the_evaluated_prediction():
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  import input_pipeline  # pylint: disable=import-outside-toplevel
+  from input_pipeline import synthetic  # pylint: disable=import-outside-toplevel
+  from semask_jax import eval_and_predict, predict  # pylint: disable=import-outside-toplevel
+  from semask_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+  from semask_jax.state import create_model, init_train_state  # pylint: disable=import-outside-toplevel
+  config = tiny.get_config()
+  config.data.synthetic.num_eval = 2  # the images show the whole eval split
+  config.eval.num_summary_images = 3
+  mesh = sharding_lib.make_mesh()
+  state, graphdef, rest, _, _ = init_train_state(config, create_model(config), mesh)
+  images = eval_and_predict.make_summary_images_fn(config, graphdef, rest, mesh)(state)
+  assert sorted(images) == ['eval/example_0', 'eval/example_1']
+  palette = input_pipeline.dataset_info(config.data.name).palette
+  assert len({tuple(c) for c in palette}) == len(palette)
+  colour_to_id = {tuple(c): k for k, c in enumerate(palette)}
+  s, k = config.data.synthetic, config.model.num_classes
+  cm = np.zeros((k, k), np.int64)
+  for i in range(2):
+    raw, label = synthetic.generate_scene(s.seed, config.data.eval_split, i, height=s.height,
+                                          width=s.width, num_classes=config.data.num_classes,
+                                          max_objects=s.max_objects)
+    got = images[f'eval/example_{i}']
+    assert got.dtype == np.uint8 and got.shape == (s.height, 3 * s.width, 3)
+    # Input: normalised, resized to test_scale and back: within the round trip's error.
+    assert np.abs(got[:, :s.width].astype(int) - raw.astype(int)).mean() < 8
+    np.testing.assert_array_equal(got[:, s.width:2 * s.width], predict.colorize(label, palette))
+    pred = np.asarray([[colour_to_id[tuple(c)] for c in row] for row in got[:, 2 * s.width:]])
+    cm += numpy_confusion(pred, label.astype(np.int64), k)
+  # The predictions are the evaluated ones: the same metrics as the evaluation of the split.
+  want = eval_and_predict.make_eval_fn(config, graphdef, rest, mesh)(state)
+  got_metrics = metrics.compute_metrics(
+      cm, list(input_pipeline.dataset_info(config.data.name).class_names))
+  assert got_metrics['aAcc'] == want['aAcc'] and got_metrics['mIoU'] == want['mIoU']
+  config.eval.num_summary_images = 0
+  assert eval_and_predict.make_summary_images_fn(config, graphdef, rest, mesh) is None

@@ -1,0 +1,95 @@
+"""Command-line errors: a user's mistake ends in one line on stderr and exit status 2.
+
+Every entry point (main.py, convert_weights, input_pipeline.prepare,
+semask_jax.bench) runs its main function through `run`. A mistake in what the
+user typed or named (a config file or key, a flag value, a missing checkpoint,
+data set or input file, an unreadable image) raises `UserError`, or a
+`FileNotFoundError`, which at the command line names a path the user gave; `run`
+prints `error: <message>` and exits with status 2. Any other exception is a bug
+and keeps its traceback. Kept free of jax imports: it runs before them.
+"""
+from __future__ import annotations
+
+import difflib
+import sys
+from typing import Any, Callable, Iterable, Mapping
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+  """A mistake in the command line, the config or the files it names (not a bug)."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config value that cannot work (a ValueError for callers that catch those)."""
+
+
+class InputError(UserError, ValueError):
+  """An input file that cannot be read (a ValueError for callers that catch those)."""
+
+
+# The exception types that are the user's mistakes at the command line.
+EXPECTED = (UserError, FileNotFoundError)
+
+
+def one_line(error: BaseException) -> str:
+  """The message of `error` on one line (multi-line messages are joined with spaces)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return ' '.join(lines) or type(error).__name__
+
+
+def fail(error: BaseException | str) -> None:
+  """Prints `error: <message>` on stderr and exits with status 2."""
+  message = error if isinstance(error, str) else one_line(error)
+  sys.stdout.flush()
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def run(main_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+  """main_fn(*args, **kwargs), with the user's mistakes (EXPECTED) turned into `fail`."""
+  try:
+    return main_fn(*args, **kwargs)
+  except EXPECTED as e:
+    fail(e)
+
+
+# ----------------------------------------------------------------------------- config keys
+
+
+def flat_keys(config: Mapping[str, Any], prefix: str = '') -> list[str]:
+  """Dotted paths of every field of a (nested) ConfigDict, inner nodes included."""
+  keys = []
+  for k, v in config.items():
+    path = f'{prefix}{k}'
+    keys.append(path)
+    if hasattr(v, 'items'):
+      keys.extend(flat_keys(v, path + '.'))
+  return keys
+
+
+def suggest(name: str, candidates: Iterable[str]) -> str | None:
+  """The closest candidate to `name` (difflib), or None."""
+  candidates = list(candidates)
+  match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+  if not match:  # a right field name at the wrong level: --config.learning_rate
+    leaf = name.rsplit('.', 1)[-1]
+    by_leaf = {c.rsplit('.', 1)[-1]: c for c in reversed(candidates)}
+    match = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.8)]
+  return match[0] if match else None
+
+
+def unknown_key_error(config: Mapping[str, Any], names: Iterable[str],
+                      flag: str = 'config') -> ConfigError | None:
+  """A ConfigError for the first of `names` (dotted override paths) that `config` lacks."""
+  keys = flat_keys(config)
+  known = set(keys)
+  for name in names:
+    if name not in known:
+      hint = suggest(name, keys)
+      message = f'--{flag}.{name}: no such config key'
+      if hint:
+        message += f'; did you mean {hint!r}?'
+      return ConfigError(message)
+  return None
