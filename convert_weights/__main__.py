@@ -16,6 +16,7 @@ import sys
 
 from convert_weights.checkpoint import save_conversion
 from convert_weights.core import ConversionError, convert_semask, convert_swin_imagenet
+from semask_jax import cli
 from semask_jax.models import VARIANTS, default_model_config
 
 
@@ -50,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  """0, or 2 after one `error:` line on stderr (a missing or unfitting checkpoint, an existing --out)."""
   args = _parser().parse_args(argv)
   try:
     if args.kind == "swin_imagenet":
@@ -60,9 +62,10 @@ def main(argv=None) -> int:
       conv = convert_swin_imagenet(args.pth, cfg, allow_pickle=args.allow_pickle, seed=args.seed)
     else:
       conv = convert_semask(args.pth, allow_pickle=args.allow_pickle)
-  except (ConversionError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  except ConversionError as e:  # its key lists follow the error line
+    return cli.report(e, details=True)
+  except FileNotFoundError as e:
+    return cli.report(e)
   r = conv.report
   print(r.summary())
   groups = (("used", r.used), ("skipped", r.skipped), ("new", r.new), ("resized", r.resized))
@@ -70,7 +73,10 @@ def main(argv=None) -> int:
     for name, keys in groups:
       for k in keys:
         print(f"  {name}: {k}")
-  out = save_conversion(conv, args.out)
+  try:
+    out = save_conversion(conv, args.out)
+  except FileExistsError as e:
+    return cli.report(e)
   print(f"wrote {out} (use it as config.init_from)")
   return 0
 

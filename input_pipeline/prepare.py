@@ -5,7 +5,7 @@
 
 Every example is validated (image decodes, label present and the same size,
 label values mapped into [0, K) or 255). By default any bad example stops the
-run with exit status 1 and a report naming every bad file and why; with
+run with exit status 2 and a report naming every bad file and why; with
 --skip_bad the good ones are written. Safe to re-run: a prepared data set is
 left as it is, an interrupted one is rebuilt from scratch. Ends with one line
 per split: `split=<name> examples=<n> skipped=<m>`.
@@ -13,12 +13,14 @@ per split: `split=<name> examples=<n> skipped=<m>`.
 from __future__ import annotations
 
 import argparse
+import logging
 import pathlib
 import sys
 
 import tensorflow_datasets as tfds
 
 from input_pipeline import builders
+from semask_jax import cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,16 +49,26 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, skip_bad: bool = False
           for name, split in builder.info.splits.items()]
 
 
+class _NotPreparedYetFilter(logging.Filter):
+  """Drops TFDS's warning that a data set has no dataset_info.json: the normal case here."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'has no dataset_info.json' not in record.getMessage()
+
+
+_NOT_PREPARED_YET = _NotPreparedYetFilter()
+
+
 def main(argv: list[str] | None = None) -> int:
+  """0, or 2 after an `error:` line on stderr (a missing download, bad examples)."""
   args = parse_args(argv)
+  logging.getLogger('absl').addFilter(_NOT_PREPARED_YET)  # once
   try:
     rows = prepare(args.dataset, args.manual_dir, args.data_dir, args.skip_bad)
-  except builders.BadExamplesError as e:
-    print(f'prepare {args.dataset}: FAILED, nothing written.\n{e}', file=sys.stderr)
-    return 1
+  except builders.BadExamplesError as e:  # the error line, then one line per bad file
+    return cli.report(f'prepare {args.dataset}: nothing written; {e}', details=True)
   except FileNotFoundError as e:
-    print(f'prepare {args.dataset}: FAILED: {e}', file=sys.stderr)
-    return 1
+    return cli.report(f'prepare {args.dataset}: {e}')
   if args.skip_bad:
     builder = builders.get_builder(args.dataset, args.data_dir)
     for split, bad in (builder.info.metadata.get('skipped') or {}).items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import sys
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NoReturn
 
 EXIT_USER_ERROR = 2
 
@@ -33,18 +33,28 @@ class InputError(UserError, ValueError):
 EXPECTED = (UserError, FileNotFoundError)
 
 
-def one_line(error: BaseException) -> str:
-  """The message of `error` on one line (multi-line messages are joined with spaces)."""
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  return ' '.join(lines) or type(error).__name__
+def format_error(error: BaseException | str, details: bool = False) -> str:
+  """`error: <message>` on one line (a multi-line message joined with spaces), or with
+  `details`, its first line followed by the others indented (a report, e.g. of keys)."""
+  text = error if isinstance(error, str) else str(error)
+  lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+  if not lines:
+    return f'error: {type(error).__name__}'
+  if details:
+    return '\n'.join([f'error: {lines[0].strip()}'] + ['  ' + line for line in lines[1:]])
+  return 'error: ' + ' '.join(line.strip() for line in lines)
 
 
-def fail(error: BaseException | str) -> None:
-  """Prints `error: <message>` on stderr and exits with status 2."""
-  message = error if isinstance(error, str) else one_line(error)
+def report(error: BaseException | str, details: bool = False) -> int:
+  """Prints format_error(error) on stderr; returns the exit status (for mains that return it)."""
   sys.stdout.flush()
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(EXIT_USER_ERROR)
+  print(format_error(error, details), file=sys.stderr, flush=True)
+  return EXIT_USER_ERROR
+
+
+def fail(error: BaseException | str, details: bool = False) -> NoReturn:
+  """Prints format_error(error) on stderr and exits with status 2."""
+  sys.exit(report(error, details))
 
 
 def run(main_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

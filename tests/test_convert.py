@@ -137,7 +137,7 @@ def test_cli_and_orbax_round_trip(tmp_path):
   torch.save({"meta": {}, "state_dict": {k: torch.from_numpy(v) for k, v in sd.items()}}, pth)
   out = tmp_path / "converted"
   assert cli_main(["semask", "--pth", str(pth), "--out", str(out)]) == 0
-  assert cli_main(["semask", "--pth", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "x")]) == 1
+  assert cli_main(["semask", "--pth", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "x")]) == 2
   cfg = model_config_from_dict(meta["config"])
   model = build_model(cfg, rngs=nnx.Rngs(123))  # a different init, then overwritten
   meta_out = load_into_model(model, out)

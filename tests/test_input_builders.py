@@ -52,7 +52,7 @@ def test_prepare_validates_maps_and_reruns(tmp_path, capsys, name, zipped):
 
   # Default: every bad file is named with its reason, non-zero exit, nothing written.
   rc, out, err = run_prepare(capsys, *args)
-  assert rc == 1
+  assert rc == 2
   assert '4 bad example(s)' in err
   truncated = 'does not load' if name == 'coco_stuff10k' else 'truncated'  # .mat vs PNG
   for why in ('does not decode', 'out of range', truncated, '!= image size'):
@@ -93,7 +93,7 @@ def test_missing_download_is_a_clear_error(tmp_path, capsys):
   (tmp_path / 'empty').mkdir()
   rc, _, err = run_prepare(capsys, '--dataset', 'cityscapes', '--manual_dir',
                            str(tmp_path / 'empty'), '--data_dir', str(tmp_path / 'd'))
-  assert rc == 1 and 'leftImg8bit_trainvaltest.zip' in err
+  assert rc == 2 and 'leftImg8bit_trainvaltest.zip' in err
 
 
 def test_unprepared_data_dir_is_a_clear_error(tmp_path):
@@ -111,7 +111,7 @@ def test_coco_mat_without_s_key_is_reported(tmp_path, capsys):
   scipy.io.savemat(mat, {'L': np.zeros((2, 2), np.uint8)})
   rc, _, err = run_prepare(capsys, '--dataset', 'coco_stuff10k', '--manual_dir', str(manual),
                            '--data_dir', str(tmp_path / 'd'))
-  assert rc == 1 and "no key 'S'" in err and mat.name in err
+  assert rc == 2 and "no key 'S'" in err and mat.name in err
 
 
 def test_train_and_eval_over_prepared_files(tmp_path, capsys):
