@@ -52,7 +52,8 @@ import optax
 from flax import nnx
 
 from semask_jax.losses import segmentation_loss
-from semask_jax.models import build_model, default_model_config
+from semask_jax import cli
+from semask_jax.models import VARIANTS, build_model, default_model_config
 
 # ----------------------------------------------------------------------------
 # FLOP counting on the jaxpr.
@@ -454,6 +455,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  help="model config override KEY=VALUE (Python literal), e.g. fpn_channels=128")
   p.add_argument("--json", default=None, help="write the result here")
   a = p.parse_args(argv)
+  config_file = (a.config or "").partition(":")[0]
+  if a.config and not os.path.isfile(config_file):
+    raise cli.UserError(f"config file {config_file!r} not found")
+  if not a.config and a.variant.upper() not in VARIANTS:
+    raise cli.UserError(f"--variant must be one of {'|'.join(VARIANTS)}, got {a.variant!r}")
   import ast
   overrides = {}
   for o in a.override:
@@ -486,4 +492,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)
