@@ -100,7 +100,21 @@ def semask_fpn_config(dataset: str, variant: str, *, semask: bool = True
   c.optimizer.weight_decay = r['wd']
   c.optimizer.warmup_ratio = r['warmup_ratio']
   if variant == 'L' and r['crop'] == 512:
+    # The reference's 640x640 configs (ade20k_640x640.py, ...): img_scale (2560, 640), train
+    # and test.
     c.data.crop_size = (640, 640)
+    c.data.img_scale = c.data.test_scale = (2560, 640)
+  if semask:
+    # SeMask's own data configs: cat_max_ratio 0.75 for ADE20K T (ade20k.py ...) and
+    # Cityscapes, 1.0 (no redraw) for ADE20K S/B/L and COCO-Stuff 10k (SPEC 6).
+    if dataset == 'ade20k' and variant != 'T':
+      c.data.cat_max_ratio = 1.0
+  else:
+    # The Swin-FPN baselines use the Swin data configs (configs/_base_/datasets/swin/): the
+    # ratio drawn uniformly from [0.5, 2.0] and cat_max_ratio 0.75 on every data set.
+    c.data.ratio_list = None
+    c.data.ratio_range = (0.5, 2.0)
+    c.data.cat_max_ratio = 0.75
   if variant in r['ohem']:
     c.loss.ohem_min_kept = OHEM_MIN_KEPT
   crop = tuple(c.data.crop_size)

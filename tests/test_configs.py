@@ -1,0 +1,75 @@
+"""The experiment configs carry the reference recipes (SPEC sections 6 and 10)."""
+import jax
+import pytest
+from flax import nnx
+
+from configs import (ade20k_semask_mask2former, cityscapes_semask_mask2former, common,
+                     swin_fpn)
+from semask_jax import optim
+from semask_jax.models import ModelConfig, build_model
+
+
+@pytest.mark.parametrize("dataset", ["ade20k", "cityscapes", "coco_stuff10k"])
+@pytest.mark.parametrize("variant", ["T", "S", "B", "L"])
+def test_semask_fpn_data_recipe(dataset, variant):
+  c = common.semask_fpn_config(dataset, variant)
+  crop = {"cityscapes": (768, 768)}.get(dataset, (640, 640) if variant == "L" else (512, 512))
+  assert tuple(c.data.crop_size) == crop
+  scale = {"cityscapes": (2048, 1024)}.get(dataset, (2560, 640) if variant == "L" else (2048, 512))
+  assert tuple(c.data.img_scale) == tuple(c.data.test_scale) == scale
+  # cat_max_ratio 0.75 only for ADE20K T and Cityscapes.
+  want = 0.75 if dataset == "cityscapes" or (dataset == "ade20k" and variant == "T") else 1.0
+  assert c.data.cat_max_ratio == want
+  if dataset == "cityscapes":
+    assert c.data.ratio_list is None and tuple(c.data.ratio_range) == (0.5, 2.0)
+  else:
+    assert tuple(c.data.ratio_list) == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+@pytest.mark.parametrize("dataset", ["ade20k", "cityscapes", "coco_stuff10k"])
+def test_swin_fpn_baselines_use_the_swin_data_recipe(dataset):
+  c = swin_fpn.get_config(f"{dataset},S")
+  assert c.data.ratio_list is None and tuple(c.data.ratio_range) == (0.5, 2.0)
+  assert c.data.cat_max_ratio == 0.75
+  assert set(c.model.num_sem_blocks) == {0}
+
+
+@pytest.mark.parametrize("module,classes,global_stage3", [
+    (ade20k_semask_mask2former, 150, True), (cityscapes_semask_mask2former, 19, False)])
+def test_mask2former_recipe(module, classes, global_stage3):
+  for variant in "TSBL":
+    c = module.get_config(variant)
+    m = ModelConfig.from_config(c.model)
+    assert m.name == "semask_mask2former" and m.num_classes == classes
+    # Global semantic attention only in the last stage and only for 150 classes (SPEC 10).
+    assert m.backbone.sem_global == (False, False, False, global_stage3)
+    assert m.backbone.num_sem_blocks == (1, 1, 1, 1)
+    assert (m.head.num_queries, m.head.dec_layers, m.head.enc_dim_feedforward) == (100, 9, 1024)
+    o = c.optimizer
+    assert (o.learning_rate, o.weight_decay, o.poly_power, o.warmup_steps) == (1e-4, 0.05, 0.9, 0)
+    assert (o.backbone_lr_mult, o.grad_clip_norm, c.batch_size) == (0.1, 0.01, 16)
+  assert ade20k_semask_mask2former.get_config("L").data.crop_size == (640, 640)
+  assert ade20k_semask_mask2former.get_config("T").total_steps == 160_000
+
+
+def test_mask2former_no_decay_and_backbone_masks():
+  """detectron2's rule: no decay for norms (GroupNorm at input_proj.<l>.1 too), the decoder's
+  embeddings and the Swin bias tables; the pixel decoder's bare level_embed decays."""
+  c = ade20k_semask_mask2former.get_config("T")
+  c.model.depths = (1, 1, 1, 1)
+  params = nnx.to_pure_dict(nnx.state(
+      nnx.eval_shape(lambda: build_model(c.model, rngs=nnx.Rngs(0))), nnx.Param))
+  decay = {optim.param_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(
+      optim.decay_mask(params, c.optimizer.no_decay_keys))}
+  backbone = {optim.param_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(
+      optim.backbone_mask(params))}
+  pd, pr = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
+  assert not decay[pd + "input_proj.0.1.scale"] and not decay[pd + "adapter_1.norm.bias"]
+  assert decay[pd + "input_proj.0.0.kernel"] and decay[pd + "transformer.level_embed"]
+  for name in ("query_feat.embedding", "query_embed.embedding", "level_embed.embedding",
+               "decoder_norm.scale"):
+    assert not decay[pr + name], name
+  assert decay[pr + "class_embed.kernel"]
+  assert not decay["backbone.layers.0.blocks.0.attn.relative_position_bias_table"]
+  assert not decay["backbone.layers.0.semantic_layer.norm1.scale"]
+  assert backbone["backbone.patch_embed.proj.kernel"] and not backbone[pd + "mask_features.kernel"]
