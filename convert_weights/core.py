@@ -314,6 +314,16 @@ def infer_mask2former_config(sd: StateDict, *, source: str = "state dict"):
 # Entry points.
 # ----------------------------------------------------------------------------
 
+def _convert_trained(sd_or_path, config, infer, allow_pickle: bool, seed: int) -> Conversion:
+  """A trained checkpoint -> Conversion; the config read by `infer` from the shapes if None."""
+  sd, source = _load(sd_or_path, allow_pickle)
+  if config is None:
+    config = infer(sd, source=source)
+  model = build_model(config, rngs=nnx.Rngs(seed))
+  report = load_state_dict(model, sd, source=source)
+  return Conversion(model, config, report)
+
+
 def convert_semask(sd_or_path, config=None, *, allow_pickle: bool = False,
                    seed: int = 0) -> Conversion:
   """A trained SeMask-FPN / Swin-FPN checkpoint (.pth path or state dict) -> Conversion.
@@ -321,29 +331,20 @@ def convert_semask(sd_or_path, config=None, *, allow_pickle: bool = False,
   With config=None the model config is read from the shapes; a given config
   must fit the checkpoint exactly.
   """
-  sd, source = _load(sd_or_path, allow_pickle)
-  if config is None:
-    config = infer_model_config(sd, source=source)
-  model = build_model(config, rngs=nnx.Rngs(seed))
-  report = load_state_dict(model, sd, source=source)
-  return Conversion(model, config, report)
+  return _convert_trained(sd_or_path, config, infer_model_config, allow_pickle, seed)
 
 
 def convert_semask_mask2former(sd_or_path, config=None, *, allow_pickle: bool = False,
                                seed: int = 0) -> Conversion:
   """A released SeMask-Mask2Former checkpoint ({'model': state_dict}, .pth path or state
   dict) -> Conversion. With config=None the config is read from the shapes."""
-  sd, source = _load(sd_or_path, allow_pickle)
-  if config is None:
-    config = infer_mask2former_config(sd, source=source)
-  model = build_model(config, rngs=nnx.Rngs(seed))
-  report = load_state_dict(model, sd, source=source)
-  return Conversion(model, config, report)
+  return _convert_trained(sd_or_path, config, infer_mask2former_config, allow_pickle, seed)
 
 
 def convert_swin_imagenet(sd_or_path, config, *, allow_pickle: bool = False,
                           seed: int = 0) -> Conversion:
-  """A Swin ImageNet checkpoint -> the backbone of a SeMask-FPN / Swin-FPN model `config`."""
+  """A Swin ImageNet checkpoint -> the backbone of a model `config` (SeMask-FPN, Swin-FPN
+  or SeMask-Mask2Former)."""
   sd, source = _load(sd_or_path, allow_pickle)
   model = build_model(config, rngs=nnx.Rngs(seed))
   report = load_state_dict(model, sd, source=source, backbone_only=True)

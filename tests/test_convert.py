@@ -31,11 +31,12 @@ def _fake_state_dict(keys):
           for i, (k, shape, dtype) in enumerate(keys)}
 
 
+@pytest.mark.parametrize("head", ["semask_fpn", "semask_mask2former"])
 @pytest.mark.parametrize("name", list(VARIANT_OF))
-def test_swin_imagenet_key_lists_are_covered(name):
+def test_swin_imagenet_key_lists_are_covered(name, head):
   entry = _swin_keys()[name]
   sd = _fake_state_dict(entry["keys"])
-  cfg = default_model_config(VARIANT_OF[name], num_classes=19)
+  cfg = default_model_config(VARIANT_OF[name], num_classes=19, name=head)
   model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))  # shapes only: fast
   r, updates = plan_state_dict(model, sd, backbone_only=True)
   skipped = {k for k in sd if k.endswith(("relative_position_index", "attn_mask"))
@@ -43,7 +44,7 @@ def test_swin_imagenet_key_lists_are_covered(name):
   assert set(r.skipped) == skipped
   assert set(r.used) == set(sd) - skipped
   assert not r.resized
-  assert all(k.startswith("decode_head.") or ".semantic_layer." in k
+  assert all(k.startswith(("decode_head.", "sem_seg_head.")) or ".semantic_layer." in k
              or k.split(".")[1].startswith("norm") and k.split(".")[1][4:].isdigit()
              for k in r.new)
   assert any(".semantic_layer." in k for k in r.new) and "backbone.norm3.weight" in r.new
