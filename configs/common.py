@@ -12,6 +12,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from input_pipeline import default_data_config
+from input_pipeline.config import use_detectron2_recipe
 from semask_jax.models import SEMASK_MASK2FORMER, default_model_config
 
 # Per-dataset recipe: lr, weight decay, total batch, warmup ratio, OHEM variants.
@@ -123,12 +124,22 @@ def semask_fpn_config(dataset: str, variant: str, *, semask: bool = True
   return c
 
 
-# detectron2 SeMask-Mask2Former recipes (SPEC 10): crop, iterations, test short side / max.
+# detectron2 SeMask-Mask2Former recipes (SPEC 10): crop and iterations, and the
+# Mask2Former INPUT settings (configs/<dataset>/semantic-segmentation/Base-*.yaml,
+# swin/*_res640.yaml) per crop: `base` of the short-side choices int(x * 0.1 * base),
+# x = 5..20, MAX_SIZE_TRAIN, SIZE_DIVISIBILITY (mapper pad; -1 none), MIN/MAX_SIZE_TEST.
+# ADE20K scales all of them with the crop (512: 512/2048, 640: 640/2560).
 MASK2FORMER_RECIPES = {
-    'ade20k': dict(crop=(512, 512), crop_l=(640, 640), steps=160_000, test_short=640,
-                   test_max=2560),
-    'cityscapes': dict(crop=(512, 1024), crop_l=(512, 1024), steps=90_000, test_short=1024,
-                       test_max=4096),
+    'ade20k': dict(crop=(512, 512), crop_l=(640, 640), steps=160_000),
+    'cityscapes': dict(crop=(512, 1024), crop_l=(512, 1024), steps=90_000),
+}
+MASK2FORMER_INPUT = {
+    ('ade20k', 512): dict(base=512, max_size=2048, size_divisibility=512,
+                          test_short_edge=512, test_max_size=2048),
+    ('ade20k', 640): dict(base=640, max_size=2560, size_divisibility=640,
+                          test_short_edge=640, test_max_size=2560),
+    ('cityscapes', 512): dict(base=1024, max_size=4096, size_divisibility=-1,
+                              test_short_edge=1024, test_max_size=2048),
 }
 # No weight decay (detectron2 build_optimizer): every norm (LayerNorm, GroupNorm -- the
 # pixel decoder's input_proj.<l>.1 --, the semantic layers' norm1), the decoder's
@@ -157,7 +168,8 @@ def mask2former_loss_config() -> ml_collections.ConfigDict:
 
 def semask_mask2former_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
   """SeMask-Mask2Former with `dataset`'s detectron2 recipe: AdamW 1e-4, wd 0.05, backbone
-  lr x 0.1, poly 0.9 without warm-up, gradient clipping at global norm 0.01, batch 16."""
+  lr x 0.1, poly 0.9 without warm-up, gradient clipping at global norm 0.01, batch 16;
+  data: the Mask2Former transforms (data.recipe 'detectron2', MASK2FORMER_INPUT)."""
   r = MASK2FORMER_RECIPES[dataset]
   c = base_config()
   c.data = default_data_config(dataset)
@@ -178,10 +190,11 @@ def semask_mask2former_config(dataset: str, variant: str) -> ml_collections.Conf
   c.optimizer.no_decay_keys = MASK2FORMER_NO_DECAY_KEYS
   crop = r['crop_l'] if variant == 'L' else r['crop']
   c.data.crop_size = crop
-  c.data.cat_max_ratio = 1.0  # detectron2 single-category max area 1.0: no constraint
-  # Test: short side test_short, long side at most test_max (ResizeShortestEdge) -- the
-  # same as a keep-ratio rescale into (test_max, test_short).
-  c.data.test_scale = (r['test_max'], r['test_short'])
+  inp = MASK2FORMER_INPUT[(dataset, crop[0])]
+  use_detectron2_recipe(c.data, **inp)  # also cat_max_ratio 1.0: no category constraint
+  # mmseg-style bound equal to ResizeShortestEdge(test_short_edge, test_max_size) up to
+  # rounding; only what still reads test_scale (semask_jax/predict.py) uses it.
+  c.data.test_scale = (inp['test_max_size'], inp['test_short_edge'])
   c.eval.crop_size = crop
   c.eval.stride = tuple(s * 2 // 3 for s in crop)
   return c

@@ -4,6 +4,10 @@ Configs do `config.data = default_data_config('ade20k')` and then override
 fields. Sizes follow the project's conventions: `img_scale`/`test_scale` are
 (long, short) edge bounds as in mmseg's keep-ratio Resize, `crop_size` and the
 `eval_*_hw` pads are (height, width).
+
+`recipe` picks the transforms: 'mmseg' (SeMask-FPN, SPEC 6) or 'detectron2'
+(SeMask-Mask2Former, SPEC 10: ResizeShortestEdge, crop, ColorAugSSD, flip,
+pad to `size_divisibility`; `use_detectron2_recipe` sets its values).
 """
 from __future__ import annotations
 
@@ -17,6 +21,12 @@ DATASETS = ('synthetic', 'ade20k', 'cityscapes', 'coco_stuff10k')
 MEAN_RGB = (123.675, 116.28, 103.53)
 STD_RGB = (58.395, 57.12, 57.375)
 MMSEG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+RECIPES = ('mmseg', 'detectron2')
+
+
+def short_edge_choices(base: int) -> tuple[int, ...]:
+  """Mask2Former's MIN_SIZE_TRAIN: [int(x * 0.1 * base) for x in range(5, 21)]."""
+  return tuple(int(x * 0.1 * base) for x in range(5, 21))
 
 
 def default_data_config(name: str) -> ml_collections.ConfigDict:
@@ -31,6 +41,7 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
   c.train_split = 'train'
   c.eval_split = 'validation'
   c.ignore_index = IGNORE_INDEX  # label value of unlabelled pixels: loss, metrics, crop, pad
+  c.recipe = 'mmseg'  # or 'detectron2' (Mask2Former); see use_detectron2_recipe
   # Train transforms (mmseg order: resize, crop, flip, photometric, norm, pad).
   c.img_scale = (2048, 512)  # (long, short) bound, times the drawn ratio.
   c.ratio_list = MMSEG_RATIOS  # Ratio drawn uniformly from this list, or ...
@@ -45,6 +56,16 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
   c.hue_delta = 18
   c.mean = MEAN_RGB
   c.std = STD_RGB
+  # detectron2 recipe only (recipe='detectron2'; crop_size, cat_max_ratio (as
+  # SINGLE_CATEGORY_MAX_AREA), flip_prob, the photometric values (ColorAugSSD), mean and
+  # std are shared): the short side is drawn from `short_edge_choices` with the long
+  # side at most `max_size`; image (128) and label (255) padded to size_divisibility
+  # (<= 0: none); test: short side test_short_edge, long side at most test_max_size.
+  c.short_edge_choices = short_edge_choices(512)
+  c.max_size = 2048
+  c.size_divisibility = 512
+  c.test_short_edge = 512
+  c.test_max_size = 2048
   # Eval: keep-ratio resize to test_scale, fixed pads (None: max over split).
   c.test_scale = (2048, 512)
   c.eval_pad_hw = None  # (h, w) pad of the resized image.
@@ -87,4 +108,25 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
     c.synthetic.height = 80
     c.synthetic.width = 96
     c.synthetic.max_objects = 5
+  return c
+
+
+def use_detectron2_recipe(c: ml_collections.ConfigDict, *, base: int, max_size: int,
+                          size_divisibility: int, test_short_edge: int, test_max_size: int
+                          ) -> ml_collections.ConfigDict:
+  """Switches a data config to the Mask2Former (detectron2) transforms in place.
+
+  Short side a uniform choice of int(x * 0.1 * base), x = 5..20; crop with no
+  category constraint (SINGLE_CATEGORY_MAX_AREA 1.0); ColorAugSSD with the
+  photometric values of section 6; flip 0.5. `crop_size` is left as it is.
+  """
+  c.recipe = 'detectron2'
+  c.short_edge_choices = short_edge_choices(base)
+  c.max_size = int(max_size)
+  c.size_divisibility = int(size_divisibility)
+  c.test_short_edge = int(test_short_edge)
+  c.test_max_size = int(test_max_size)
+  c.cat_max_ratio = 1.0
+  c.photometric = True
+  c.flip_prob = 0.5
   return c

@@ -1,7 +1,8 @@
 """grain loaders: sharded, seeded, resumable train stream; finite padded eval.
 
 Train: IndexSampler over this process's shard (shuffled per epoch with the
-seed, repeated forever) -> decode -> mmseg train transforms -> batch of
+seed, repeated forever) -> decode -> the recipe's train transforms (mmseg, or
+detectron2's for Mask2Former; data.recipe) -> batch of
 global_batch_size // process_count, optionally in `worker_count` processes.
 Per-example randomness comes from grain's per-record Generator, so batches
 depend only on (seed, data, process layout), not on worker count or timing,
@@ -21,6 +22,7 @@ Restore with the same seed, batch size, process count and worker_count.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Iterable
 
@@ -103,6 +105,7 @@ def create_train_iterator(data_cfg: ml_collections.ConfigDict, *, seed: int,
 
   Yields {'image': float32 [b, crop_h, crop_w, 3] normalised, 'label': int32
   [b, crop_h, crop_w] (255 = ignore)} (+ 'index' int32 [b] if keep_index),
+  ([b, sd, sd] with the detectron2 recipe's size_divisibility sd > 0),
   b = global_batch_size // process_count. process_index/count default to
   jax's; they are arguments only so that tests can emulate several hosts.
   """
@@ -163,7 +166,7 @@ def eval_pads(cfg: ml_collections.ConfigDict, source: Any) -> tuple[tuple[int, i
   if cfg.eval_pad_hw is not None and cfg.eval_label_pad_hw is not None:
     return tuple(cfg.eval_pad_hw), tuple(cfg.eval_label_pad_hw)
   sizes = np.asarray([(int(r['height']), int(r['width'])) for r in _records_for_sizes(source)])
-  resized = np.asarray([T.rescale_size(tuple(s), cfg.test_scale) for s in sizes])
+  resized = np.asarray([T.test_size(tuple(s), cfg) for s in sizes])
   m = int(cfg.eval_pad_multiple)
   pad = tuple(_round_up(int(v), m) for v in resized.max(0))
   label_pad = tuple(int(v) for v in sizes.max(0))
@@ -185,7 +188,7 @@ def create_eval_iterator(data_cfg: ml_collections.ConfigDict, *, global_batch_si
                          process_count: int | None = None) -> grain.DataLoader:
   """Finite, deterministic eval batches; re-iterable (each iter() starts over).
 
-  Yields {'image': float32 [b, Hp, Wp, 3] (resized to test_scale, 0-padded),
+  Yields {'image': float32 [b, Hp, Wp, 3] (resized by the recipe's test resize, 0-padded),
   'image_hw': int32 [b, 2] (resized size), 'label': int32 [b, Lh, Lw]
   (original size, 255-padded), 'label_hw': int32 [b, 2] (original size),
   'valid': bool [b], 'index': int32 [b] (record index, -1 for padding)}.
@@ -199,8 +202,7 @@ def create_eval_iterator(data_cfg: ml_collections.ConfigDict, *, global_batch_si
   padded = PaddedShardSource(source, start, stop, length)
   sampler = grain.samplers.IndexSampler(num_records=length, shard_options=grain.sharding.NoSharding(),
                                         shuffle=False, num_epochs=1)
-  ops = [T.EvalTransform(tuple(data_cfg.test_scale), pad_hw, label_pad_hw,
-                         tuple(data_cfg.mean), tuple(data_cfg.std)),
+  ops = [T.eval_transform(data_cfg, pad_hw, label_pad_hw),
          grain.transforms.Batch(b, drop_remainder=False)]
   return make_loader(padded, sampler, ops, data_cfg, grain.sharding.NoSharding())
 
@@ -211,3 +213,101 @@ def make_global_batch(local_batch: dict, mesh: jax.sharding.Mesh,
   sharding = NamedSharding(mesh, PartitionSpec(data_axis))
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+# --------------------------------------------------- eval, one image at a time
+
+
+def scale_images(image: np.ndarray, data_cfg: ml_collections.ConfigDict,
+                 ratios: Iterable[float]) -> list[np.ndarray]:
+  """The reference's test images of one ORIGINAL uint8 RGB image: one normalised float32
+  [h_r, w_r, 3] per ratio, each at its own size (no padding).
+
+  mmseg MultiScaleFlipAug: ratio r keep-ratio resizes the original to
+  (int(long * r), int(short * r)) of test_scale (r = 1.0: test_scale itself),
+  cv2 bilinear, mmcv normalisation. The detectron2 recipe (data.recipe, Mask2Former)
+  uses its own test resize (short edge, max size times r) and normalisation.
+  """
+  out = []
+  for r in ratios:
+    if data_cfg.get('recipe', 'mmseg') == 'detectron2':
+      out.append(np.asarray(T.test_preprocess(image, _d2_scaled(data_cfg, r))[0], np.float32))
+      continue
+    hw = scale_sizes(image.shape[:2], data_cfg, (r,))[0]
+    out.append(T.normalize(T.resize_bilinear(image, hw), tuple(data_cfg.mean),
+                           tuple(data_cfg.std)))
+  return out
+
+
+def _d2_scaled(data_cfg: ml_collections.ConfigDict, r: float) -> ml_collections.ConfigDict:
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.test_short_edge = int(cfg.test_short_edge * r)
+  cfg.test_max_size = int(cfg.test_max_size * r)
+  return cfg
+
+
+def scale_sizes(hw: tuple[int, int], data_cfg: ml_collections.ConfigDict,
+                ratios: Iterable[float]) -> list[tuple[int, int]]:
+  """The (h, w) of scale_images' outputs for an original of size hw (no decoding)."""
+  if data_cfg.get('recipe', 'mmseg') == 'detectron2':
+    return [tuple(T.test_size(tuple(hw), _d2_scaled(data_cfg, r))) for r in ratios]
+  return [T.rescale_size(tuple(hw), (int(data_cfg.test_scale[0] * r), int(data_cfg.test_scale[1] * r)))
+          for r in ratios]
+
+
+@dataclasses.dataclass(frozen=True)
+class PerImageEvalTransform(grain.transforms.Map):
+  """Record -> {'images': tuple of normalised [h_r, w_r, 3] (one per ratio, own size),
+  'label': uint8 [H, W] (original), 'index': int32}."""
+  data_cfg: Any
+  ratios: tuple[float, ...]
+
+  def map(self, ex: dict) -> dict:
+    d2 = self.data_cfg.get('recipe', 'mmseg') == 'detectron2'
+    ex = T.Decode(**({'image_backend': 'pil'} if d2 else {})).map(ex)
+    return {'images': tuple(scale_images(ex['image'], self.data_cfg, self.ratios)),
+            'label': ex['label'], 'index': ex['index']}
+
+
+def per_image_eval_slice(data_cfg: ml_collections.ConfigDict, *,
+                         process_index: int | None = None,
+                         process_count: int | None = None) -> tuple[Any, int, int]:
+  """(eval source, start, stop): this process's contiguous slice of the eval split."""
+  p, n = _process_layout(process_index, process_count)
+  source = data_source(data_cfg, data_cfg.eval_split)
+  start, stop, _ = eval_shard(len(source), 1, p, n)
+  return source, start, stop
+
+
+def per_image_eval_sizes(data_cfg: ml_collections.ConfigDict, *,
+                         process_index: int | None = None,
+                         process_count: int | None = None) -> list[tuple[int, int]]:
+  """Original (h, w) of this process's eval images, in iteration order (cheap size scan
+  where the source has one): lets the evaluator compile every shape up front."""
+  source, start, stop = per_image_eval_slice(data_cfg, process_index=process_index,
+                                             process_count=process_count)
+  sizes = [(int(r['height']), int(r['width'])) for r in _records_for_sizes(source)]
+  return sizes[start:stop]
+
+
+def create_per_image_eval_iterator(data_cfg: ml_collections.ConfigDict, *,
+                                   ratios: Iterable[float] = (1.0,),
+                                   process_index: int | None = None,
+                                   process_count: int | None = None) -> Iterable[dict]:
+  """This process's eval images one at a time, as the reference tests them (batch 1).
+
+  Yields {'images': tuple of float32 [h_r, w_r, 3] (one per ratio, see scale_images),
+  'label': uint8 [H, W] original size, 'index': int32}. Every record of the split
+  appears on exactly one process (contiguous slices, as create_eval_iterator's);
+  processes may get different counts (no collective runs per image).
+  """
+  source, start, stop = per_image_eval_slice(data_cfg, process_index=process_index,
+                                             process_count=process_count)
+  if stop <= start:
+    return iter(())
+  sub = PaddedShardSource(source, start, stop, stop - start)
+  sampler = grain.samplers.IndexSampler(num_records=stop - start,
+                                        shard_options=grain.sharding.NoSharding(),
+                                        shuffle=False, num_epochs=1)
+  ops = [PerImageEvalTransform(data_cfg, tuple(float(r) for r in ratios))]
+  return make_loader(sub, sampler, ops, data_cfg, grain.sharding.NoSharding())

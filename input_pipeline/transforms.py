@@ -12,6 +12,13 @@ ids with 255 = ignore. Sizes are (h, w) unless named otherwise. mmseg keeps
 images BGR until Normalize(to_rgb=True); every op here is per channel or has
 an RGB twin of the BGR cv2 call (COLOR_RGB2HSV for COLOR_BGR2HSV), so holding
 RGB from the decode on gives the same numbers.
+
+The Mask2Former (detectron2) recipe has its own ops (`d2_*`, `D2*`), again the
+library's exact calls: PIL decode (detectron2 read_image), PIL bilinear resize
+of uint8 images and torch-`nearest` of the (float64) label in ResizeTransform,
+RandomCrop_CategoryAreaConstraint, ColorAugSSDTransform (cv2 HSV round trips),
+HFlip, the mapper's pad to SIZE_DIVISIBILITY with 128 / 255 and the model's
+float32 (x - mean) / std.
 """
 from __future__ import annotations
 
@@ -85,6 +92,36 @@ def decode_label(data: bytes | np.ndarray, what: str = 'label') -> np.ndarray:
   except Exception as e:
     raise ValueError(f'cannot decode {what}: {e}') from e
   return arr
+
+
+# detectron2 _apply_exif_orientation: EXIF Orientation tag -> PIL transpose.
+_EXIF_ORIENTATION = 0x0112
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                   6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                   8: Image.Transpose.ROTATE_90}
+
+
+def decode_image_pil(data: bytes | np.ndarray, what: str = 'image') -> np.ndarray:
+  """Encoded image bytes (or an array) -> uint8 RGB [H, W, 3], as detectron2 reads it.
+
+  detectron2.data.detection_utils.read_image(format='RGB'): Image.open, the EXIF
+  orientation applied, .convert('RGB'), np.asarray. PIL and OpenCV agree on most
+  JPEGs but not on every file (grey/palette/CMYK/16-bit conversions), so the
+  detectron2 recipe decodes with PIL.
+  """
+  if isinstance(data, np.ndarray):
+    return data
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      try:
+        orientation = im.getexif().get(_EXIF_ORIENTATION)
+      except Exception:  # pylint: disable=broad-except  (corrupt EXIF: as detectron2)
+        orientation = None
+      out = im.transpose(_EXIF_TRANSPOSE[orientation]) if orientation in _EXIF_TRANSPOSE else im
+      return np.asarray(out.convert('RGB'))
+  except Exception as e:
+    raise ValueError(f'cannot decode {what}: {e}') from e
 
 
 # ----------------------------------------------------------------- resizing
@@ -286,16 +323,188 @@ def pad_to(x: np.ndarray, hw: tuple[int, int], value: float) -> np.ndarray:
   return out
 
 
+# ----------------------------------------------------------------- detectron2
+
+
+def shortest_edge_size(hw: tuple[int, int], short_edge: int, max_size: int) -> tuple[int, int]:
+  """detectron2 ResizeShortestEdge.get_output_shape: short side -> short_edge, long side
+  at most max_size, each side rounded with int(x + 0.5)."""
+  h, w = hw
+  size = short_edge * 1.0
+  scale = size / min(h, w)
+  if h < w:
+    newh, neww = size, scale * w
+  else:
+    newh, neww = scale * h, size
+  if max(newh, neww) > max_size:
+    scale = max_size * 1.0 / max(newh, neww)
+    newh = newh * scale
+    neww = neww * scale
+  return int(newh + 0.5), int(neww + 0.5)
+
+
+def resize_pil_bilinear(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+  """detectron2 ResizeTransform.apply_image on uint8: PIL Image.resize, BILINEAR.
+
+  PIL's filter widens with the downscale factor (antialiased), unlike cv2's.
+  """
+  return np.asarray(Image.fromarray(image).resize((int(out_hw[1]), int(out_hw[0])),
+                                                  Image.Resampling.BILINEAR))
+
+
+def _torch_nearest_index(in_size: int, out_size: int, dtype: type = np.float32) -> np.ndarray:
+  """torch F.interpolate(mode='nearest') source index: min(floor(i * scale), in - 1)
+  with scale = in / out, both the division and the product in `dtype`."""
+  scale = dtype(in_size) / dtype(out_size)
+  idx = np.floor(np.arange(out_size, dtype=dtype) * scale).astype(np.int64)
+  return np.minimum(idx, in_size - 1)
+
+
+def resize_label_nearest_torch(label: np.ndarray, out_hw: tuple[int, int],
+                               index_dtype: type = np.float32) -> np.ndarray:
+  """detectron2 ResizeTransform.apply_segmentation: the mapper holds the label as
+  float64, so it goes through torch F.interpolate(mode='nearest'), not PIL.
+
+  PyTorch 1.x (SeMask's 1.9) computes the source index in float32 for every dtype;
+  PyTorch 2.x in the input's opmath type, i.e. float64 for this label
+  (index_dtype=np.float64). The two pick a different row/column for a few sizes
+  (e.g. 512 -> 282: output 141 reads 255 in float32, 256 in float64); cv2's
+  INTER_NEAREST (1 / (out / in) in float64) is a third rule.
+  """
+  rows = _torch_nearest_index(label.shape[0], int(out_hw[0]), index_dtype)
+  cols = _torch_nearest_index(label.shape[1], int(out_hw[1]), index_dtype)
+  return np.take(np.take(label, rows, axis=0), cols, axis=1)
+
+
+def d2_crop_box(rng: np.random.Generator, hw: tuple[int, int], crop_hw: tuple[int, int]
+                ) -> tuple[int, int, int, int]:
+  """detectron2 RandomCrop('absolute'): size min(crop, image), offsets h0 then w0 uniform
+  over the valid range; (y1, y2, x1, x2)."""
+  ch, cw = min(crop_hw[0], hw[0]), min(crop_hw[1], hw[1])
+  y0 = int(rng.integers(hw[0] - ch + 1))
+  x0 = int(rng.integers(hw[1] - cw + 1))
+  return y0, y0 + ch, x0, x0 + cw
+
+
+def d2_random_crop(rng: np.random.Generator, image: np.ndarray, label: np.ndarray,
+                   crop_hw: tuple[int, int], single_category_max_area: float = 1.0,
+                   ignore_index: int = IGNORE_INDEX):
+  """detectron2 RandomCrop_CategoryAreaConstraint: a crop (of at most the image size;
+  a smaller image stays smaller); below 1.0 up to 10 draws until >= 2 classes remain and
+  max count < sum * ratio (ignore excluded), else the 10th draw."""
+  box = d2_crop_box(rng, label.shape[:2], crop_hw)
+  if single_category_max_area < 1.0:
+    for i in range(10):
+      if i:
+        box = d2_crop_box(rng, label.shape[:2], crop_hw)
+      y1, y2, x1, x2 = box
+      labels, cnt = np.unique(label[y1:y2, x1:x2], return_counts=True)
+      cnt = cnt[labels != ignore_index]
+      if len(cnt) > 1 and np.max(cnt) < np.sum(cnt) * single_category_max_area:
+        break
+  y1, y2, x1, x2 = box
+  return image[y1:y2, x1:x2], label[y1:y2, x1:x2]
+
+
+def color_aug_ssd(rng: np.random.Generator, image: np.ndarray,
+                  p: PhotometricParams = PhotometricParams()) -> np.ndarray:
+  """detectron2 ColorAugSSDTransform (PointRend) on uint8 RGB.
+
+  The same four steps and arithmetic as mmseg's distortion (float32 affine, clip,
+  truncating cast; uint8 HSV round trips), but the order is drawn first:
+  brightness; then randrange(2) ? (contrast, saturation, hue) : (saturation, hue,
+  contrast); each step with p = 0.5. The hue delta is random.randint(-d, d),
+  both ends included (mmseg's numpy randint excludes d). The reference swaps RGB to
+  BGR for COLOR_BGR2HSV; COLOR_RGB2HSV on RGB gives the same H, S, V.
+  """
+  def contrast(img):
+    if rng.integers(2):
+      return cv2.LUT(img, convert_table(alpha=rng.uniform(*p.contrast_range)))
+    return img
+
+  def saturation(img):
+    if rng.integers(2):
+      hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+      hsv[..., 1] = cv2.LUT(hsv[..., 1], convert_table(alpha=rng.uniform(*p.saturation_range)))
+      return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    return img
+
+  def hue(img):
+    if rng.integers(2):
+      hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+      delta = rng.integers(-p.hue_delta, p.hue_delta + 1)  # random.randint: [-d, d]
+      hsv[..., 0] = cv2.LUT(hsv[..., 0], hue_table(delta))
+      return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    return img
+
+  img = image
+  if rng.integers(2):
+    img = cv2.LUT(img, convert_table(beta=rng.uniform(-p.brightness_delta, p.brightness_delta)))
+  if rng.integers(2):
+    return hue(saturation(contrast(img)))
+  return contrast(hue(saturation(img)))
+
+
+@functools.lru_cache(maxsize=8)
+def _d2_normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+  """float32 [1, 256, C]: (v - mean) / std of every uint8 value in float32."""
+  v = np.arange(256, dtype=np.float32)[None, :, None]
+  table = (v - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  table = np.ascontiguousarray(table, np.float32)
+  table.flags.writeable = False  # shared by every call
+  return table
+
+
+def d2_normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """uint8 RGB -> float32 (x - pixel_mean) / pixel_std as the Mask2Former model computes
+  it (float32 tensors, subtraction then division). A table lookup: the same floats.
+  (For the ImageNet mean/std this equals mmcv's multiply by a float64 1 / std on all
+  256 values; other constants need not.)"""
+  mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+  if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == len(mean) <= 4:
+    return cv2.LUT(image, _d2_normalize_table(mean, std))
+  return ((image.astype(np.float32) - np.asarray(mean, np.float32))
+          / np.asarray(std, np.float32))
+
+
+def pad_or_crop_to(x: np.ndarray, hw: tuple[int, int], value: float) -> np.ndarray:
+  """torch F.pad(x, [0, W - w, 0, H - h], value): bottom/right pad, or crop where negative."""
+  return pad_to(x[:hw[0], :hw[1]], hw, value)
+
+
+def test_size(hw: tuple[int, int], cfg) -> tuple[int, int]:
+  """The test-time resized size of an image of size hw under the data config's recipe."""
+  if cfg.recipe == 'detectron2':
+    return shortest_edge_size(hw, int(cfg.test_short_edge), int(cfg.test_max_size))
+  return rescale_size(hw, tuple(cfg.test_scale))
+
+
+def test_preprocess(image: np.ndarray, cfg) -> tuple[np.ndarray, tuple[int, int]]:
+  """uint8 RGB [H, W, 3] -> (resized, normalised float32 [h, w, 3], (h, w)) as the
+  recipe's test pipeline: mmseg keep-ratio resize (cv2) + mmcv normalisation, or
+  detectron2 ResizeShortestEdge (PIL) + the model's normalisation."""
+  hw = test_size(image.shape[:2], cfg)
+  if cfg.recipe == 'detectron2':
+    return d2_normalize(resize_pil_bilinear(image, hw), cfg.mean, cfg.std), hw
+  return normalize(resize_bilinear(image, hw), cfg.mean, cfg.std), hw
+
+
 # ----------------------------------------------------------------- grain ops
 
 
+@dataclasses.dataclass(frozen=True)
 class Decode(grain.transforms.Map):
-  """Encoded record -> {'image' uint8 [H,W,3], 'label' uint8 [H,W], 'index'}."""
+  """Encoded record -> {'image' uint8 [H,W,3], 'label' uint8 [H,W], 'index'}.
+
+  image_backend 'cv2' (mmcv.imfrombytes) or 'pil' (detectron2 read_image).
+  """
+  image_backend: str = 'cv2'
 
   def map(self, ex: Example) -> Example:
     name = ex.get('file_name', b'?')
     name = name.decode() if isinstance(name, bytes) else str(name)
-    image = decode_image(ex['image'], f'image of {name}')
+    decode = decode_image_pil if self.image_backend == 'pil' else decode_image
+    image = decode(ex['image'], f'image of {name}')
     label = decode_label(ex['label'], f'label of {name}')
     if image.shape[:2] != label.shape[:2]:
       raise ValueError(f'{name}: image {image.shape[:2]} vs label {label.shape[:2]}')
@@ -365,16 +574,87 @@ class NormalizeAndPad(grain.transforms.Map):
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalTransform(grain.transforms.Map):
-  """Test-time: keep-ratio resize to test_scale, fixed pads, original label kept.
+class ResizeShortestEdge(grain.transforms.RandomMap):
+  """detectron2 ResizeShortestEdge(sample_style='choice'): the short side a uniform
+  choice, long side <= max_size; image PIL bilinear, label torch nearest."""
+  short_edge_choices: tuple[int, ...]
+  max_size: int
 
-  Records with index < 0 are padding: zero image, all-ignore label, valid=False.
+  def random_map(self, ex: Example, rng: np.random.Generator) -> Example:
+    size = self.short_edge_choices[rng.integers(len(self.short_edge_choices))]
+    hw = shortest_edge_size(ex['image'].shape[:2], int(size), self.max_size)
+    return dict(ex, image=resize_pil_bilinear(ex['image'], hw),
+                label=resize_label_nearest_torch(ex['label'], hw))
+
+
+@dataclasses.dataclass(frozen=True)
+class D2RandomCrop(grain.transforms.RandomMap):
+  """detectron2 RandomCrop_CategoryAreaConstraint('absolute', crop_hw, max_area, 255)."""
+  crop_hw: tuple[int, int]
+  single_category_max_area: float = 1.0
+  ignore_index: int = IGNORE_INDEX
+
+  def random_map(self, ex: Example, rng: np.random.Generator) -> Example:
+    image, label = d2_random_crop(rng, ex['image'], ex['label'], self.crop_hw,
+                                  self.single_category_max_area, self.ignore_index)
+    return dict(ex, image=image, label=label)
+
+
+@dataclasses.dataclass(frozen=True)
+class ColorAugSSD(grain.transforms.RandomMap):
+  params: PhotometricParams = PhotometricParams()
+
+  def random_map(self, ex: Example, rng: np.random.Generator) -> Example:
+    return dict(ex, image=color_aug_ssd(rng, ex['image'], self.params))
+
+
+@dataclasses.dataclass(frozen=True)
+class D2PadAndNormalize(grain.transforms.Map):
+  """MaskFormerSemanticDatasetMapper's pad, then the model's normalisation; int32 labels.
+
+  size_divisibility > 0: image padded with 128 (uint8, before normalising: the pad
+  becomes (128 - mean) / std) and label with 255 to exactly (sd, sd), as the mapper's
+  F.pad(size_divisibility - size). What is still short of out_hw (size_divisibility <= 0
+  and an image smaller than the crop) gets the model's ImageList pad: 0 after
+  normalising, label 255 (detectron2 pads its target masks with 0 = no class there).
+  Batches thus have one fixed shape, out_hw.
+  """
+  size_divisibility: int
+  out_hw: tuple[int, int]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  keep_index: bool = False
+
+  def map(self, ex: Example) -> Example:
+    image, label = ex['image'], ex['label']
+    sd = self.size_divisibility
+    if sd > 0:
+      image = pad_or_crop_to(image, (sd, sd), 128)
+      label = pad_or_crop_to(label, (sd, sd), IGNORE_INDEX)
+    out = {'image': pad_to(d2_normalize(image, self.mean, self.std), self.out_hw, 0.0),
+           'label': pad_to(label, self.out_hw, IGNORE_INDEX).astype(np.int32)}
+    if self.keep_index:
+      out['index'] = ex['index']
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTransform(grain.transforms.Map):
+  """Test-time: the recipe's resize (`test_preprocess`), fixed pads, original label kept.
+
+  mmseg: keep-ratio resize to test_scale; detectron2: ResizeShortestEdge(test_short_edge,
+  test_max_size) on the PIL-decoded image. The image pad is 0 after normalising (the
+  detectron2 model's ImageList pad). Records with index < 0 are padding: zero image,
+  all-ignore label, valid=False.
   """
   test_scale: tuple[int, int]
   pad_hw: tuple[int, int]
   label_pad_hw: tuple[int, int]
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  recipe: str = 'mmseg'
+  test_short_edge: int = 0
+  test_max_size: int = 0
 
   def map(self, ex: Example) -> Example:
     if ex.get('pad', False):
@@ -383,9 +663,8 @@ class EvalTransform(grain.transforms.Map):
               'label': np.full(self.label_pad_hw, IGNORE_INDEX, np.int32),
               'label_hw': np.zeros(2, np.int32),
               'valid': np.bool_(False), 'index': np.int32(-1)}
-    ex = Decode().map(ex)
-    hw = rescale_size(ex['image'].shape[:2], self.test_scale)
-    image = normalize(resize_bilinear(ex['image'], hw), self.mean, self.std)
+    ex = Decode('pil' if self.recipe == 'detectron2' else 'cv2').map(ex)
+    image, hw = test_preprocess(ex['image'], self)
     return {'image': pad_to(image, self.pad_hw, 0.0),
             'image_hw': np.asarray(hw, np.int32),
             'label': pad_to(ex['label'].astype(np.int32), self.label_pad_hw, IGNORE_INDEX),
@@ -393,8 +672,49 @@ class EvalTransform(grain.transforms.Map):
             'valid': np.bool_(True), 'index': ex['index']}
 
 
+def eval_transform(cfg, pad_hw: tuple[int, int], label_pad_hw: tuple[int, int]
+                   ) -> EvalTransform:
+  """EvalTransform of a data config."""
+  return EvalTransform(tuple(cfg.test_scale), tuple(pad_hw), tuple(label_pad_hw),
+                       tuple(cfg.mean), tuple(cfg.std), str(cfg.recipe),
+                       int(cfg.test_short_edge), int(cfg.test_max_size))
+
+
+def _photometric_params(cfg) -> PhotometricParams:
+  return PhotometricParams(cfg.brightness_delta, tuple(cfg.contrast_range),
+                           tuple(cfg.saturation_range), int(cfg.hue_delta))
+
+
+def d2_train_out_hw(cfg) -> tuple[int, int]:
+  """Train batch (h, w) of the detectron2 recipe: (sd, sd), else the crop size."""
+  sd = int(cfg.size_divisibility)
+  return (sd, sd) if sd > 0 else tuple(cfg.crop_size)
+
+
+def detectron2_train_transforms(cfg) -> list[grain.transforms.Map | grain.transforms.RandomMap]:
+  """MaskFormerSemanticDatasetMapper (train) as grain ops: read_image, ResizeShortestEdge,
+  RandomCrop_CategoryAreaConstraint, ColorAugSSD, RandomFlip, pad; then the model's
+  normalisation. Per-image targets (classes + masks) are built in the train step
+  (mask2former_loss.present_classes) from the label: a [B, H, W] label moves far
+  less data to the device than [B, T, H, W] masks would."""
+  ops = [Decode('pil'),
+         ResizeShortestEdge(tuple(int(v) for v in cfg.short_edge_choices), int(cfg.max_size)),
+         D2RandomCrop(tuple(cfg.crop_size), float(cfg.cat_max_ratio), int(cfg.ignore_index))]
+  if cfg.photometric:
+    ops.append(ColorAugSSD(_photometric_params(cfg)))
+  ops.append(RandomFlip(float(cfg.flip_prob)))
+  ops.append(D2PadAndNormalize(int(cfg.size_divisibility), d2_train_out_hw(cfg),
+                               tuple(cfg.mean), tuple(cfg.std), bool(cfg.keep_index)))
+  return ops
+
+
 def train_transforms(cfg) -> list[grain.transforms.Map | grain.transforms.RandomMap]:
-  """The mmseg train pipeline (after loading) as grain ops, from a data config."""
+  """The train pipeline (after loading) as grain ops, from a data config: mmseg's
+  (recipe 'mmseg') or Mask2Former's (recipe 'detectron2')."""
+  if cfg.recipe == 'detectron2':
+    return detectron2_train_transforms(cfg)
+  if cfg.recipe != 'mmseg':
+    raise ValueError(f"data.recipe must be 'mmseg' or 'detectron2', got {cfg.recipe!r}")
   ops = [Decode(),
          RandomResize(tuple(cfg.img_scale),
                       tuple(cfg.ratio_list) if cfg.ratio_list else None,
@@ -402,9 +722,7 @@ def train_transforms(cfg) -> list[grain.transforms.Map | grain.transforms.Random
          RandomCrop(tuple(cfg.crop_size), float(cfg.cat_max_ratio), int(cfg.ignore_index)),
          RandomFlip(float(cfg.flip_prob))]
   if cfg.photometric:
-    ops.append(PhotometricDistortion(PhotometricParams(
-        cfg.brightness_delta, tuple(cfg.contrast_range), tuple(cfg.saturation_range),
-        int(cfg.hue_delta))))
+    ops.append(PhotometricDistortion(_photometric_params(cfg)))
   ops.append(NormalizeAndPad(tuple(cfg.crop_size), tuple(cfg.mean), tuple(cfg.std),
                              bool(cfg.keep_index)))
   return ops
