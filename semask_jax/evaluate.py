@@ -1,4 +1,15 @@
-"""Inference (whole image, sliding window, multi-scale + flip) and the mIoU evaluation loop.
+"""Inference (whole image, sliding window, multi-scale + flip) and the mIoU evaluation loops.
+
+Two evaluations:
+* `PerImageInference` / `evaluate_per_image` (--mode=eval, --mode=predict): what the
+  reference computes. Each image alone at its own size (batch 1, no canvas padding;
+  Mask2Former pads to its size divisibility as detectron2 does), logits resized to
+  the original size, softmax averaged over scales x flips, argmax. One compiled
+  model program per distinct input shape (compiled once, optionally ahead of time in
+  threads, and kept in the persistent compilation cache); resizing to the original
+  size runs in small programs keyed by coarse size buckets.
+* `make_eval_step` / `evaluate` (the periodic evaluation during training): the fast
+  approximation below, images padded to one canvas per batch.
 
 Eval batches hold images of different sizes padded to one shape (`image_hw`
 gives each valid size) and labels at the original size padded with 255
@@ -9,9 +20,13 @@ F.interpolate(bilinear, align_corners=False) for every size.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import math
+import os
+import threading
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -180,10 +195,318 @@ def evaluate(eval_step: Callable[..., jax.Array], state: Any, batches: Iterable[
   result = metrics_lib.compute_metrics(cm_host, class_names)
   result['num_batches'] = n
   result['seconds'] = time.time() - start
-  logging.info('Evaluated %d batches in %.1fs', n, result['seconds'])
+  logging.info('Evaluated %d batches in %.1fs on a padded canvas (fast, approximate); '
+               '--mode=eval is reference-exact', n, result['seconds'])
   return result
 
 
 def _fully_replicated(x: jax.Array) -> jax.Array:
   """The local copy of a replicated global array (readable on every process)."""
   return x.addressable_data(0) if not x.is_fully_addressable else x
+
+
+# --------------------------------------------- per-image (reference-exact) inference
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-int(x) // m) * m
+
+
+def _taps(in_size: jax.Array, out_size: jax.Array, n_out: int
+          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """torch bilinear (align_corners=False) source indices and weight for traced sizes.
+
+  src = max(in/out * (dst + .5) - .5, 0) in float32, i0 = floor(src), i1 = i0 + 1 (both
+  clamped to in - 1), weight of i1 = src - i0: the float32 numbers of
+  models/resize._axis_taps, for sizes known only at run time.
+  """
+  scale = in_size.astype(jnp.float32) / out_size.astype(jnp.float32)
+  dst = jnp.arange(n_out, dtype=jnp.float32)
+  src = jnp.maximum(scale * (dst + jnp.float32(0.5)) - jnp.float32(0.5), jnp.float32(0.0))
+  last = in_size.astype(jnp.int32) - 1
+  i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), last)
+  i1 = jnp.minimum(i0 + 1, last)
+  return i0, i1, src - i0.astype(jnp.float32)
+
+
+def resize_valid(x: jax.Array, in_hw: jax.Array, out_hw: jax.Array,
+                 out_shape: tuple[int, int]) -> jax.Array:
+  """x[:in_h, :in_w] resized bilinearly to out_hw, in an out_shape canvas ([H, W, C]).
+
+  Sizes are traced (one program per canvas pair, not per image size); the canvas
+  beyond out_hw holds don't-care values. Columns first, then rows: torch's
+  h0 * (w0 * x00 + w1 * x01) + h1 * (w0 * x10 + w1 * x11).
+  """
+  x = x.astype(jnp.float32)
+  i0, i1, w1 = _taps(in_hw[1], out_hw[1], out_shape[1])
+  w1 = w1[None, :, None]
+  x = jnp.take(x, i0, axis=1) * (1 - w1) + jnp.take(x, i1, axis=1) * w1
+  i0, i1, w1 = _taps(in_hw[0], out_hw[0], out_shape[0])
+  w1 = w1[:, None, None]
+  return jnp.take(x, i0, axis=0) * (1 - w1) + jnp.take(x, i1, axis=0) * w1
+
+
+def slide_boxes(hw: tuple[int, int], crop: tuple[int, int], stride: tuple[int, int]
+                ) -> list[tuple[int, int, int, int]]:
+  """mmseg slide_inference's windows (y1, y2, x1, x2), clipped to the image: an image
+  smaller than the crop gets one window of its own size (no padding)."""
+  (h, w), (ch, cw), (sh, sw) = hw, crop, stride
+  h_grids = max(h - ch + sh - 1, 0) // sh + 1
+  w_grids = max(w - cw + sw - 1, 0) // sw + 1
+  boxes = []
+  for i in range(h_grids):
+    for j in range(w_grids):
+      y2, x2 = min(i * sh + ch, h), min(j * sw + cw, w)
+      boxes.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
+  return boxes
+
+
+class PerImageInference:
+  """The reference's test-time computation for one image at a time (mmseg simple_test /
+  aug_test; detectron2's semantic inference for Mask2Former).
+
+  For each scale image [h, w, 3] (and its mirror when cfg.flip): the model at exactly
+  (h, w) (`pad_multiple` > 0: zero-padded to that multiple after normalisation and the
+  scores cropped back, as detectron2's ImageList), logits resized to (h, w) (mmseg
+  encode_decode) or windows as slide_inference; then resized to the original size,
+  softmax (unless the model's scores are probabilities), flipped back, averaged over
+  the terms in mmseg's order (scales outer, flips inner), argmax.
+
+  Programs: the model's per distinct input shape (the expensive compiles), resize +
+  softmax + accumulate per (canvas, original-size bucket, flip), argmax + confusion
+  matrix per bucket. Compiled executables are kept; `compile_seconds` and
+  `model_shapes` report what was compiled.
+  """
+
+  def __init__(self, model_fn_from_params: Callable[[Any], ModelFn], params: Any,
+               cfg: ml_collections.ConfigDict, num_classes: int, *, ignore_index: int = 255,
+               probabilities: bool = False, pad_multiple: int = 0,
+               device: jax.Device | None = None, canvas_multiple: int = 32,
+               out_multiple: int = 64):
+    if cfg.mode not in ('whole', 'slide'):
+      raise ValueError(f"config.eval.mode must be 'whole' or 'slide', got {cfg.mode!r}")
+    self.model_fn_from_params = model_fn_from_params
+    self.cfg = cfg
+    self.num_classes = int(num_classes)
+    self.ignore_index = int(ignore_index)
+    self.probabilities = probabilities
+    self.pad_multiple = int(pad_multiple)
+    self.canvas_multiple = int(canvas_multiple)
+    self.out_multiple = int(out_multiple)
+    self.flips = (False, True) if cfg.flip else (False,)
+    self.device = device or jax.local_devices()[0]
+    local = lambda x: x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable else x  # noqa: E731
+    self.params = jax.device_put(jax.tree.map(local, params), self.device)
+    self._sharding = jax.sharding.SingleDeviceSharding(self.device)
+    self._compiled: dict[tuple, Any] = {}
+    self._lock = threading.Lock()
+    self.compile_seconds = 0.0
+    self.model_shapes: set[tuple[int, int]] = set()
+
+  # ----------------------------------------------------------- programs
+
+  def encode_decode(self, model_fn: ModelFn, x: jax.Array) -> jax.Array:
+    """[n, h, w, 3] -> scores at the input size [n, h, w, K] (mmseg encode_decode; with
+    pad_multiple, detectron2's padded forward cropped back to the image)."""
+    h, w = x.shape[1:3]
+    if self.pad_multiple:
+      m = self.pad_multiple
+      x = jnp.pad(x, ((0, 0), (0, _round_up(h, m) - h), (0, _round_up(w, m) - w), (0, 0)))
+    out = resize_bilinear(model_fn(x).astype(jnp.float32), x.shape[1:3])
+    return out[:, :h, :w]
+
+  def _model_program(self, params: Any, image: jax.Array) -> jax.Array:
+    """image [1, h, w, 3] -> logits [h, w, K] zero-padded to the canvas."""
+    model_fn = self.model_fn_from_params(params)
+    h, w = image.shape[1:3]
+    if self.cfg.mode == 'whole':
+      logits = self.encode_decode(model_fn, image)[0]
+    else:
+      boxes = slide_boxes((h, w), tuple(self.cfg.crop_size), tuple(self.cfg.stride))
+      windows = jnp.stack([image[0, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
+      crops = jax.lax.map(lambda c: self.encode_decode(model_fn, c[None])[0], windows)
+      logits = jnp.zeros((h, w, crops.shape[-1]), jnp.float32)
+      count = np.zeros((h, w, 1), np.float32)
+      for k, (y1, y2, x1, x2) in enumerate(boxes):
+        logits = logits.at[y1:y2, x1:x2].add(crops[k])
+        count[y1:y2, x1:x2] += 1
+      logits = logits / jnp.asarray(count)
+    hc, wc = self.canvas_shape((h, w))
+    return jnp.pad(logits, ((0, hc - h), (0, wc - w), (0, 0)))
+
+  def _post_program(self, flip: bool, out_shape: tuple[int, int], acc: jax.Array | None,
+                    canvas: jax.Array, in_hw: jax.Array, out_hw: jax.Array) -> jax.Array:
+    """acc + this term's probabilities at the original size (in an out_shape canvas)."""
+    scores = resize_valid(canvas, in_hw, out_hw, out_shape)
+    probs = scores if self.probabilities else jax.nn.softmax(scores, axis=-1)
+    if flip:
+      probs = flip_valid(probs[None], out_hw[None, 1])[0]
+    return probs if acc is None else acc + probs
+
+  def _finish_program(self, n_terms: int, acc: jax.Array, label: jax.Array | None = None,
+                      cm: jax.Array | None = None) -> jax.Array:
+    """argmax of the mean; with a label: cm + this image's confusion matrix."""
+    pred = jnp.argmax(acc / n_terms if n_terms > 1 else acc, axis=-1).astype(jnp.int32)
+    if label is None:
+      return pred
+    return cm + metrics_lib.confusion_matrix(pred[None], label[None].astype(jnp.int32),
+                                             self.num_classes, ignore_index=self.ignore_index)
+
+  # ----------------------------------------------------------- compilation
+
+  def canvas_shape(self, hw: Sequence[int]) -> tuple[int, int]:
+    return tuple(_round_up(v, self.canvas_multiple) for v in hw)
+
+  def out_shape(self, hw: Sequence[int]) -> tuple[int, int]:
+    return tuple(_round_up(v, self.out_multiple) for v in hw)
+
+  def _spec(self, shape: Sequence[int], dtype: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=self._sharding)
+
+  def _get(self, key: tuple, fn: Callable[..., jax.Array], *specs: Any) -> Any:
+    with self._lock:
+      compiled = self._compiled.get(key)
+    if compiled is None:
+      start = time.perf_counter()
+      compiled = jax.jit(fn).lower(*specs).compile()
+      seconds = time.perf_counter() - start
+      with self._lock:
+        if key not in self._compiled:
+          self._compiled[key] = compiled
+          self.compile_seconds += seconds
+          if key[0] == 'model':
+            self.model_shapes.add(key[1])
+        compiled = self._compiled[key]
+    return compiled
+
+  def _model(self, hw: tuple[int, int]) -> Any:
+    return self._get(('model', tuple(hw)), self._model_program, self.params,
+                     self._spec((1, *hw, 3), jnp.float32))
+
+  def _post(self, canvas: tuple[int, int], out: tuple[int, int], flip: bool, first: bool) -> Any:
+    k = self.num_classes
+    hw = self._spec((2,), jnp.int32)
+    canvas_spec = self._spec((*canvas, k), jnp.float32)
+    if first:
+      fn = lambda c, i, o: self._post_program(flip, out, None, c, i, o)  # noqa: E731
+      return self._get(('post', canvas, out, flip, True), fn, canvas_spec, hw, hw)
+    fn = functools.partial(self._post_program, flip, out)
+    return self._get(('post', canvas, out, flip, False), fn, self._spec((*out, k), jnp.float32),
+                     canvas_spec, hw, hw)
+
+  def _finish(self, out: tuple[int, int], n_terms: int, with_label: bool) -> Any:
+    acc = self._spec((*out, self.num_classes), jnp.float32)
+    if not with_label:
+      return self._get(('pred', out, n_terms), functools.partial(self._finish_program, n_terms),
+                       acc)
+    return self._get(('cm', out, n_terms), functools.partial(self._finish_program, n_terms), acc,
+                     self._spec(out, jnp.uint8),
+                     self._spec((self.num_classes, self.num_classes), jnp.int32))
+
+  def precompile(self, items: Iterable[tuple[Sequence[tuple[int, int]], tuple[int, int]]], *,
+                 with_label: bool = True, workers: int | None = None) -> float:
+    """Compiles every program the given images need, in `workers` threads (XLA compiles
+    release the GIL); items: (scale sizes, original size) per image. Returns wall seconds."""
+    jobs: dict[tuple, Callable[[], Any]] = {}
+    for sizes, orig in items:
+      out = self.out_shape(orig)
+      n = len(sizes) * len(self.flips)
+      jobs[('finish', out, n)] = functools.partial(self._finish, out, n, with_label)
+      t = 0
+      for hw in sizes:
+        hw = tuple(int(v) for v in hw)
+        jobs[('model', hw)] = functools.partial(self._model, hw)
+        for flip in self.flips:
+          c = self.canvas_shape(hw)
+          jobs[('post', c, out, flip, t == 0)] = functools.partial(self._post, c, out, flip, t == 0)
+          t += 1
+    # The expensive model programs first, largest first.
+    order = sorted(jobs, key=lambda k: (k[0] != 'model', -math.prod(k[1]) if k[0] == 'model' else 0))
+    start = time.perf_counter()
+    workers = workers or min(len(order), os.cpu_count() or 1) or 1
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      for f in [pool.submit(jobs[k]) for k in order]:
+        f.result()
+    return time.perf_counter() - start
+
+  # ----------------------------------------------------------- running
+
+  def _put(self, x: np.ndarray) -> jax.Array:
+    return jax.device_put(np.ascontiguousarray(x), self.device)
+
+  def scores(self, images: Sequence[np.ndarray], out_hw: tuple[int, int]
+             ) -> tuple[jax.Array, int]:
+    """Summed per-term probabilities [Ho, Wo, K] (original size out_hw in an out_shape
+    canvas) over scales x flips, and the number of terms."""
+    out = self.out_shape(out_hw)
+    out_hw_dev = self._put(np.asarray(out_hw, np.int32))
+    acc, t = None, 0
+    for image in images:
+      hw = tuple(image.shape[:2])
+      canvas = self._model(hw)
+      in_hw = self._put(np.asarray(hw, np.int32))
+      for flip in self.flips:
+        x = image[:, ::-1] if flip else image
+        logits = canvas(self.params, self._put(x[None].astype(np.float32, copy=False)))
+        post = self._post(self.canvas_shape(hw), out, flip, acc is None)
+        acc = post(logits, in_hw, out_hw_dev) if acc is None else post(acc, logits, in_hw,
+                                                                      out_hw_dev)
+        t += 1
+    return acc, t
+
+  def predict(self, images: Sequence[np.ndarray], out_hw: tuple[int, int]) -> np.ndarray:
+    """Class ids int32 [H, W] at the original size out_hw."""
+    acc, n = self.scores(images, out_hw)
+    pred = self._finish(self.out_shape(out_hw), n, False)(acc)
+    return np.asarray(pred)[:out_hw[0], :out_hw[1]]
+
+  def update_confusion(self, cm: jax.Array, images: Sequence[np.ndarray],
+                       label: np.ndarray) -> jax.Array:
+    """cm + the confusion matrix of this image's prediction against label uint8 [H, W]."""
+    out_hw = tuple(label.shape[:2])
+    acc, n = self.scores(images, out_hw)
+    out = self.out_shape(out_hw)
+    label = np.asarray(label, np.uint8)
+    padded = np.full(out, self.ignore_index, np.uint8)
+    padded[:out_hw[0], :out_hw[1]] = label
+    return self._finish(out, n, True)(acc, self._put(padded), cm)
+
+  def zeros_cm(self) -> jax.Array:
+    return self._put(np.zeros((self.num_classes, self.num_classes), np.int32))
+
+
+def evaluate_per_image(inference: PerImageInference, examples: Iterable[Mapping[str, Any]],
+                       class_names: list[str], *,
+                       precompile_items: Iterable[tuple[Sequence[tuple[int, int]],
+                                                        tuple[int, int]]] | None = None,
+                       sync_every: int = 16) -> dict[str, Any]:
+  """mIoU of the reference's per-image test over `examples` ({'images': per-scale images,
+  'label': uint8 original size}, this process's share); confusion matrices summed over
+  processes. precompile_items: compile every shape first (in threads)."""
+  start = time.time()
+  precompile_wall = 0.0
+  if precompile_items is not None:
+    precompile_wall = inference.precompile(precompile_items)
+  cm = inference.zeros_cm()
+  n = 0
+  for ex in examples:
+    cm = inference.update_confusion(cm, ex['images'], ex['label'])
+    n += 1
+    if n % sync_every == 0:
+      cm.block_until_ready()  # bound the work queued ahead of the device
+  cm_host = np.asarray(cm)
+  counts = np.asarray([n, len(inference.model_shapes), inference.compile_seconds], np.float64)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    cm_host = np.asarray(multihost_utils.process_allgather(cm_host)).sum(0)
+    counts = np.asarray(multihost_utils.process_allgather(counts))
+    counts = np.asarray([counts[:, 0].sum(), counts[:, 1].max(), counts[:, 2].max()])
+  result = metrics_lib.compute_metrics(cm_host, class_names)
+  result.update(num_images=int(counts[0]), num_shapes=int(counts[1]),
+                compile_seconds=float(counts[2]), precompile_wall_seconds=precompile_wall,
+                seconds=time.time() - start)
+  logging.info('Evaluated %d images one at a time at their own sizes (reference-exact): '
+               '%d input shapes, %.1fs compiling (%.1fs wall ahead of time), %.1fs in all',
+               result['num_images'], result['num_shapes'], result['compile_seconds'],
+               precompile_wall, result['seconds'])
+  return result

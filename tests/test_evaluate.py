@@ -107,3 +107,241 @@ def test_multiscale_flip_averages_softmax_at_label_size():
   cfg.mode = 'bogus'
   with pytest.raises(ValueError, match='whole'):
     evaluate.inference(fake_model, images, hw, label_hw, (20, 30), cfg, 2)
+
+
+# ------------------------------------------- per-image (reference-exact) evaluation
+
+import cv2  # noqa: E402
+
+from input_pipeline import pipeline  # noqa: E402
+from input_pipeline import transforms as T  # noqa: E402
+from semask_jax import metrics  # noqa: E402
+
+K = 3
+MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+
+
+def stand_in(images):
+  """Stride-4 'model' whose logits depend on position AND on the input size (zero
+  padding of the input would change every logit), [B, ceil(h/4), ceil(w/4), 3]."""
+  b, h, w, _ = images.shape
+  feats = jnp.stack([images.sum(-1), images[..., 0] * 2 - images[..., 1], images[..., 2]], -1)
+  hp, wp = -(-h // 4) * 4, -(-w // 4) * 4
+  feats = jnp.pad(feats, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
+  feats = feats.reshape(b, hp // 4, 4, wp // 4, 4, 3).mean((2, 4))
+  yy = jnp.arange(hp // 4, dtype=jnp.float32)[:, None]
+  xx = jnp.arange(wp // 4, dtype=jnp.float32)[None, :]
+  pos = jnp.stack([jnp.sin(0.7 * yy + 0.13 * h) * jnp.cos(0.5 * xx + 0 * yy),
+                   jnp.cos(0.3 * xx + 0.11 * w) + 0 * yy,
+                   jnp.sin(0.2 * (yy + xx))], -1)
+  return feats + pos
+
+
+def stand_in_probs(images):
+  """Mask2Former-like: per-class scores in (0, 1) at the input size."""
+  return jax.nn.sigmoid(resize_bilinear(stand_in(images), images.shape[1:3]))
+
+
+def run_model(fn, x_hwc):
+  return np.asarray(fn(jnp.asarray(x_hwc[None])))[0]
+
+
+def mmseg_encode_decode(x_hwc):
+  """EncoderDecoder.encode_decode: logits resized to the input size."""
+  return torch_resize(run_model(stand_in, x_hwc), x_hwc.shape[:2])
+
+
+def mmseg_slide_logits(x_hwc, crop, stride):
+  """EncoderDecoder.slide_inference (before the rescale), transcribed."""
+  h_img, w_img, _ = x_hwc.shape
+  (h_crop, w_crop), (h_stride, w_stride) = crop, stride
+  h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+  w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+  preds = np.zeros((h_img, w_img, K), np.float32)
+  count = np.zeros((h_img, w_img, 1), np.float32)
+  for h_idx in range(h_grids):
+    for w_idx in range(w_grids):
+      y1, x1 = h_idx * h_stride, w_idx * w_stride
+      y2, x2 = min(y1 + h_crop, h_img), min(x1 + w_crop, w_img)
+      y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
+      crop_logit = mmseg_encode_decode(x_hwc[y1:y2, x1:x2])
+      preds += np.pad(crop_logit, ((y1, h_img - y2), (x1, w_img - x2), (0, 0)))
+      count[y1:y2, x1:x2] += 1
+  assert (count == 0).sum() == 0
+  return preds / count
+
+
+def mmseg_test_images(image_u8, test_scale, ratios, flip):
+  """MultiScaleFlipAug(img_ratios, flip) + Resize(keep_ratio) + RandomFlip + Normalize:
+  (normalised image, flip) per augmentation, scales outer, flips inner."""
+  out = []
+  for r in ratios:
+    long_edge, short_edge = int(test_scale[0] * r), int(test_scale[1] * r)
+    h, w = image_u8.shape[:2]
+    f = min(long_edge / max(h, w), short_edge / min(h, w))  # mmcv.rescale_size
+    new_w, new_h = int(w * f + 0.5), int(h * f + 0.5)
+    img = cv2.resize(image_u8, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    for fl in ((False, True) if flip else (False,)):
+      x = img[:, ::-1] if fl else img
+      out.append((T.normalize(np.ascontiguousarray(x), MEAN, STD), fl))
+  return out
+
+
+def mmseg_aug_test(image_u8, test_scale, ratios, flip, mode='whole', crop=None, stride=None):
+  """EncoderDecoder.inference per augmentation (rescale to ori_shape, softmax, flip back),
+  summed and divided as aug_test: mean probabilities [H, W, K]."""
+  ori = image_u8.shape[:2]
+  total = None
+  augs = mmseg_test_images(image_u8, test_scale, ratios, flip)
+  for x, fl in augs:
+    logit = mmseg_encode_decode(x) if mode == 'whole' else mmseg_slide_logits(x, crop, stride)
+    logit = torch_resize(logit, ori)
+    out = torch.softmax(torch.from_numpy(logit), dim=-1).numpy()
+    if fl:
+      out = out[:, ::-1]
+    total = out if total is None else total + out
+  return total / len(augs) if len(augs) > 1 else total
+
+
+def d2_semantic(image_u8, test_scale, pad):
+  """detectron2 MaskFormer inference (single scale): normalise, pad with zeros to the
+  size divisibility, scores at the padded size, crop to the image, resize to the original."""
+  (x, _), = mmseg_test_images(image_u8, test_scale, (1.0,), False)
+  h, w = x.shape[:2]
+  xp = np.pad(x, ((0, -(-h // pad) * pad - h), (0, -(-w // pad) * pad - w), (0, 0)))
+  r = run_model(stand_in_probs, xp)[:h, :w]
+  return torch_resize(r, image_u8.shape[:2])
+
+
+def data_cfg(test_scale):
+  return ml_collections.ConfigDict(dict(test_scale=test_scale, mean=MEAN, std=STD))
+
+
+def eval_cfg(**kw):
+  c = dict(mode='whole', crop_size=(24, 24), stride=(16, 16), scales=(1.0,), flip=False)
+  c.update(kw)
+  return ml_collections.ConfigDict(c)
+
+
+SIZES = [(37, 53), (61, 29), (50, 50)]  # original sizes: odd, portrait, square
+
+
+def random_images(seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in SIZES]
+
+
+def per_image_scores(inf, image_u8, test_scale, ratios):
+  images = pipeline.scale_images(image_u8, data_cfg(test_scale), ratios)
+  acc, n = inf.scores(images, image_u8.shape[:2])
+  h, w = image_u8.shape[:2]
+  return np.asarray(acc)[:h, :w] / n
+
+
+@pytest.mark.parametrize('ratios,flip', [((1.0,), False), ((0.5, 0.75, 1.25), True)])
+def test_per_image_whole_matches_mmseg(ratios, flip):
+  test_scale = (56, 36)
+  inf = evaluate.PerImageInference(lambda p: stand_in, {}, eval_cfg(scales=ratios, flip=flip), K)
+  for image in random_images():
+    want = mmseg_aug_test(image, test_scale, ratios, flip)
+    got = per_image_scores(inf, image, test_scale, ratios)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    pred = inf.predict(pipeline.scale_images(image, data_cfg(test_scale), ratios), image.shape[:2])
+    np.testing.assert_array_equal(pred, want.argmax(-1))
+  # One model program per distinct input shape, whatever the flips.
+  shapes = {x.shape[:2] for image in random_images()
+            for x, _ in mmseg_test_images(image, test_scale, ratios, False)}
+  assert inf.model_shapes == shapes
+
+
+def test_padding_changes_the_stand_in():
+  """The stand-in sees padding, so the tests above would catch a padded canvas."""
+  (x, _), = mmseg_test_images(random_images()[0], (56, 36), (1.0,), False)
+  padded = np.pad(x, ((0, 32 - x.shape[0] % 32), (0, 32 - x.shape[1] % 32), (0, 0)))
+  a = mmseg_encode_decode(x)
+  b = mmseg_encode_decode(padded)[:x.shape[0], :x.shape[1]]
+  assert (a.argmax(-1) != b.argmax(-1)).mean() > 0.05
+
+
+def test_per_image_slide_matches_mmseg_including_images_smaller_than_the_crop():
+  test_scale = (56, 36)
+  crop, stride = (24, 30), (16, 20)
+  ratios = (0.5, 1.0)  # at 0.5 the images are smaller than the crop: one smaller window
+  inf = evaluate.PerImageInference(lambda p: stand_in, {},
+                                   eval_cfg(mode='slide', crop_size=crop, stride=stride,
+                                            scales=ratios, flip=True), K)
+  for image in random_images(1):
+    want = mmseg_aug_test(image, test_scale, ratios, True, 'slide', crop, stride)
+    got = per_image_scores(inf, image, test_scale, ratios)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert evaluate.slide_boxes((10, 13), (24, 30), (16, 20)) == [(0, 10, 0, 13)]
+
+
+def test_per_image_pads_to_the_size_divisibility_for_mask2former():
+  test_scale = (56, 36)
+  inf = evaluate.PerImageInference(lambda p: stand_in_probs, {}, eval_cfg(), K,
+                                   probabilities=True, pad_multiple=16)
+  for image in random_images(2):
+    want = d2_semantic(image, test_scale, 16)
+    got = per_image_scores(inf, image, test_scale, (1.0,))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def cuda_bilinear(x, out_hw):
+  """torch's CUDA upsample_bilinear2d (align_corners=False) in float32 NumPy:
+  h0 * (w0 * x00 + w1 * x01) + h1 * (w0 * x10 + w1 * x11)."""
+  def taps(n_in, n_out):
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5))
+                     - np.float32(0.5), np.float32(0))
+    i0 = np.minimum(src.astype(np.int32), n_in - 1)
+    return i0, np.minimum(i0 + 1, n_in - 1), (src - i0).astype(np.float32)
+  h0, h1, hl = taps(x.shape[0], out_hw[0])
+  w0, w1, wl = taps(x.shape[1], out_hw[1])
+  wl, hl = wl[None, :, None], hl[:, None, None]
+  rows = lambda r: (1 - wl) * x[r][:, w0] + wl * x[r][:, w1]  # noqa: E731
+  return (1 - hl) * rows(h0) + hl * rows(h1)
+
+
+def test_resize_valid_is_torch_bilinear_for_traced_sizes():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((16, 20, 3)).astype(np.float32)
+  fn = jax.jit(evaluate.resize_valid, static_argnums=(3,))
+  for (ih, iw), (oh, ow) in [((16, 20), (16, 20)), ((11, 7), (37, 53)), ((13, 19), (5, 4))]:
+    out = np.asarray(fn(jnp.asarray(x), jnp.array([ih, iw]), jnp.array([oh, ow]), (64, 64)))
+    # The formula of the reference's (CUDA) kernel: equal up to XLA's FMA contraction.
+    np.testing.assert_allclose(out[:oh, :ow], cuda_bilinear(x[:ih, :iw], (oh, ow)),
+                               rtol=0, atol=5e-7)
+    # torch's CPU kernel rounds differently (weight products first, vectorised): a few
+    # float32 ulps of the O(1) inputs.
+    np.testing.assert_allclose(out[:oh, :ow], torch_resize(x[:ih, :iw], (oh, ow)),
+                               rtol=0, atol=2e-6)
+
+
+def test_evaluate_per_image_confusion_matrix_and_precompile():
+  test_scale = (56, 36)
+  ratios = (0.75, 1.0)
+  images = random_images(3)
+  rng = np.random.default_rng(4)
+  labels = [rng.integers(0, K + 1, im.shape[:2]).astype(np.uint8) for im in images]
+  for lab in labels:
+    lab[lab == K] = 255
+  inf = evaluate.PerImageInference(lambda p: stand_in, {}, eval_cfg(scales=ratios, flip=True), K)
+  examples = [{'images': pipeline.scale_images(im, data_cfg(test_scale), ratios), 'label': lab}
+              for im, lab in zip(images, labels)]
+  items = [(pipeline.scale_sizes(im.shape[:2], data_cfg(test_scale), ratios), im.shape[:2])
+           for im in images]
+  res = evaluate.evaluate_per_image(inf, examples, ['a', 'b', 'c'], precompile_items=items)
+  compiled = len(inf._compiled)  # pylint: disable=protected-access
+  want_cm = np.zeros((K, K), np.int64)
+  for im, lab in zip(images, labels):
+    pred = mmseg_aug_test(im, test_scale, ratios, True).argmax(-1)
+    ok = lab != 255
+    np.add.at(want_cm, (lab[ok].astype(int), pred[ok]), 1)
+  want = metrics.compute_metrics(want_cm, ['a', 'b', 'c'])
+  assert res['mIoU'] == pytest.approx(want['mIoU'], abs=1e-12)
+  assert res['num_pixels'] == int((np.concatenate([l.ravel() for l in labels]) != 255).sum())
+  assert res['num_images'] == 3
+  assert res['num_shapes'] == len({hw for sizes, _ in items for hw in sizes})
+  assert res['compile_seconds'] > 0
+  assert len(inf._compiled) == compiled  # pylint: disable=protected-access  (all ahead of time)
