@@ -6,9 +6,13 @@ Same recipe shape as the paper's (set criterion with Hungarian matching, deep
 supervision, the semantic head's loss_cate, AdamW with backbone lr x 0.1 and
 gradient clipping), scaled down: a 32-wide backbone, one deformable encoder layer,
 three decoder layers (one round over the three levels), 12 queries for 6 classes,
-1024 sampled points per mask.
+1024 sampled points per mask. Data: the Mask2Former (detectron2) transforms scaled to
+the 80x96 scenes as ADE20K's are to its ~512 short sides: short side a choice of
+int(x * 0.1 * 80), x = 5..20, long side <= 320, 64x64 crops padded (128 / 255) to 64,
+ColorAugSSD, flip; tested at short side 80 (the scenes' own size).
 """
 from configs import common
+from input_pipeline.config import use_detectron2_recipe
 from semask_jax.models import SEMASK_MASK2FORMER, default_model_config
 
 
@@ -16,6 +20,8 @@ def get_config(arg: str | None = None):
   del arg
   c = common.base_config()
   c.data = common.default_data_config('synthetic')
+  use_detectron2_recipe(c.data, base=80, max_size=320, size_divisibility=64,
+                        test_short_edge=80, test_max_size=320)
   m = default_model_config('T', c.data.num_classes, num_sem_blocks=1, name=SEMASK_MASK2FORMER)
   m.embed_dim = 32
   m.depths = (1, 1, 1, 1)

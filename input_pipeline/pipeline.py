@@ -104,8 +104,9 @@ def create_train_iterator(data_cfg: ml_collections.ConfigDict, *, seed: int,
   """Infinite train batches for this process.
 
   Yields {'image': float32 [b, crop_h, crop_w, 3] normalised, 'label': int32
-  [b, crop_h, crop_w] (255 = ignore)} (+ 'index' int32 [b] if keep_index),
-  ([b, sd, sd] with the detectron2 recipe's size_divisibility sd > 0),
+  [b, crop_h, crop_w] (255 = ignore)} (+ 'index' int32 [b] if keep_index);
+  the detectron2 recipe with size_divisibility sd > 0 gives [b, sd, sd]. Mask2Former's
+  per-image targets are made from 'label' in the train step, not here.
   b = global_batch_size // process_count. process_index/count default to
   jax's; they are arguments only so that tests can emulate several hosts.
   """
