@@ -8,6 +8,10 @@ r"""SeMask-JAX entry point: train (default), eval or predict.
 Multi-process (GPU/CPU hosts): pass --coordinator_address, --num_processes and
 --process_id (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID);
 TPU pods and SLURM/Open MPI jobs are detected by jax.distributed.initialize().
+
+A mistake (a missing config file, an unknown --config key, a bad flag value, no
+checkpoint to evaluate, an unreadable input, a data set not prepared) ends with
+one `error: ...` line on stderr and exit status 2; a traceback means a bug.
 """
 from __future__ import annotations
 
@@ -63,9 +67,12 @@ def _maybe_initialize_distributed() -> None:
 
 
 class _QuietLibraries:
-  """absl-handler filter: drops INFO chatter of orbax/grain (one line per file written)."""
+  """absl-handler filter: drops INFO chatter of orbax/grain (one line per file written), and
+  TFDS's warning on a data set that is not prepared (the error that follows says what to do)."""
 
   def filter(self, record) -> bool:
+    if 'has no dataset_info.json' in record.getMessage():
+      return False
     noisy = any(p in record.pathname for p in ('/orbax/', '/grain/'))
     return record.levelno >= 30 or not noisy
 
@@ -123,12 +130,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing with its errors (unknown flag, bad value) as UserErrors."""
   with _unknown_config_keys(argv):
     try:
-      return FLAGS(argv)
+      args = FLAGS(argv)
     except flags.Error as e:
       message = str(e)
-      if 'Error whilst parsing config file' in message:  # get_config(arg) raised: its last line
-        message = f'--config={_config_argument(argv)}: {message.strip().splitlines()[-1]}'
+      if 'Error whilst parsing config file' in message:  # get_config(arg) raised: its message
+        last = re.sub(r'^\w+: ', '', message.strip().splitlines()[-1])
+        message = f'--config={_config_argument(argv)}: {last}'
       raise cli.UserError(message) from e
+  try:  # config_flags defers a file it could not load (e.g. named in a --flagfile) to here
+    FLAGS.config.keys()
+  except OSError as e:
+    raise cli.UserError(f'--config: {e}') from e
+  return args
 
 
 def _run(argv: list[str]) -> None:

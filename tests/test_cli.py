@@ -58,16 +58,13 @@ def test_main_bad_values_and_flags(tmp_path):
   rc, err, _ = run('main.py', f'--config={TINY}', '--config.total_steps=abc', f'--workdir={tmp_path}')
   assert assert_user_error(rc, err) == (
       "error: flag --config.total_steps=abc: invalid literal for int() with base 10: 'abc'")
-  rc, err, _ = run('main.py', f'--config={TINY}', '--config.learning_rate=1', f'--workdir={tmp_path}')
-  assert assert_user_error(rc, err).endswith("did you mean 'optimizer.learning_rate'?")
-  rc, err, _ = run('main.py', f'--config={TINY}', '--mode=predicted', f'--workdir={tmp_path}')
-  assert '--mode=predicted' in assert_user_error(rc, err)
   rc, err, _ = run('main.py', f'--config={TINY}', '--mode=predict', f'--workdir={tmp_path}')
   assert assert_user_error(rc, err) == (
       'error: --mode=predict needs --input (an image or a folder)')
-  rc, err, _ = run('main.py', f'--config={os.path.join(ROOT, "configs", "ade20k_semask_fpn.py")}:X',
-                   f'--workdir={tmp_path}')
-  assert "config argument must be one of T, S, B, L; got 'X'" in assert_user_error(rc, err)
+  ade = os.path.join(ROOT, 'configs', 'ade20k_semask_fpn.py')
+  rc, err, _ = run('main.py', f'--config={ade}:X', f'--workdir={tmp_path}')
+  assert assert_user_error(rc, err) == (
+      f"error: --config={ade}:X: config argument must be one of T, S, B, L; got 'X'")
 
 
 def test_main_predict_input_missing_or_unreadable(tmp_path, bad_image):
