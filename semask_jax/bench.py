@@ -5,7 +5,14 @@ r"""Throughput, FLOPs, utilisation and memory of SeMask-FPN on the local device.
   python -m semask_jax.bench --variant B --num_classes 150 --mode infer --batch 1 --size 512
 
 Reported (and written to --json):
-  compile_s            lowering + XLA compilation of the benchmarked step
+  compile_s            lowering + XLA compilation of the benchmarked step (a cold compile:
+                       the persistent compilation cache is a fresh directory unless
+                       --compile_cache names one); compile_cpu_s: the process CPU time of it
+                       (the wall time is not meaningful on a loaded machine)
+  cached_compile_s     the same step traced, lowered and compiled again after
+                       jax.clear_caches(), so that it comes from the persistent cache (what a
+                       resumed run pays); cached_compile_hit: whether it did (cache-hit event);
+                       cached_compile_cpu_s its CPU time. The timed steps run this executable.
   images_per_s         batch / median wall time of --runs timed steps after --warmup
   flops_per_image      model FLOPs counted from the jaxpr: 2 per multiply-add of every
                        dot_general and conv_general_dilated (the mmcv/fvcore convention).
@@ -29,6 +36,7 @@ Reported (and written to --json):
                        memory analysis; outputs aliased with donated inputs counted once)
 
 It runs unchanged on CPU, GPU and TPU (single device: the step is jitted, not sharded).
+--profile DIR writes a jax.profiler trace of the timed steps (TensorBoard / XProf / Perfetto).
 """
 from __future__ import annotations
 
@@ -42,6 +50,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -51,6 +60,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from semask_jax import compile_cache
+from input_pipeline.info import IGNORE_INDEX
 from semask_jax.losses import segmentation_loss
 from semask_jax import cli
 from semask_jax.models import VARIANTS, build_model, default_model_config
@@ -166,7 +177,7 @@ def make_train_fns(graphdef, tx):
   def loss_fn(params, rest, images, labels, rng):
     model = nnx.merge(graphdef, params, rest, copy=True)
     out = model(images, train=True, rng=rng)
-    loss, _ = segmentation_loss(out, labels)
+    loss, _ = segmentation_loss(out, labels, ignore_index=IGNORE_INDEX)
     _, _, new_rest = nnx.split(model, nnx.Param, ...)
     return loss, new_rest
 
@@ -198,7 +209,9 @@ def make_matmul(dtype, n: int | None = None) -> tuple[Callable[[], Any], float]:
     n = 2048 if platform_name == "cpu" else 8192
   reps = 2 if platform_name == "cpu" else 16
   ka, kb = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype) / np.sqrt(n)
+  # Scaled in float32, then cast: a NumPy scalar would promote a bfloat16 array to
+  # float32, and the loop carry (cast back to `dtype` by the body) would change type.
+  a = (jax.random.normal(ka, (n, n), jnp.float32) / np.sqrt(n)).astype(dtype)
   b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
 
   @jax.jit
@@ -308,8 +321,62 @@ def _time(fn: Callable[[], Any], warmup: int, runs: int) -> list[float]:
 def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int = 150,
               mode: str = "infer", batch: int = 1, size: int = 512, dtype: str = "float32",
               remat: str = "none", warmup: int = 1, runs: int = 5,
-              matmul_n: int | None = None, model_overrides: dict | None = None
+              matmul_n: int | None = None, model_overrides: dict | None = None,
+              profile_dir: str | None = None, cache_dir: str | None = None
               ) -> dict[str, Any]:
+  """The measurements of the module docstring, as a dict (the --json file).
+
+  cache_dir: persistent compilation cache directory; None for a fresh temporary one
+  (so that compile_s is a cold compile).
+  """
+  if cache_dir is None:
+    with tempfile.TemporaryDirectory(prefix="semask_bench_cache_") as tmp:
+      return run_bench(config=config, variant=variant, num_classes=num_classes, mode=mode,
+                       batch=batch, size=size, dtype=dtype, remat=remat, warmup=warmup,
+                       runs=runs, matmul_n=matmul_n, model_overrides=model_overrides,
+                       profile_dir=profile_dir, cache_dir=tmp)
+  previous_cache = jax.config.jax_compilation_cache_dir
+  compile_cache.enable(cache_dir)
+  try:
+    return _run_bench(config=config, variant=variant, num_classes=num_classes, mode=mode,
+                      batch=batch, size=size, dtype=dtype, remat=remat, warmup=warmup,
+                      runs=runs, matmul_n=matmul_n, model_overrides=model_overrides,
+                      profile_dir=profile_dir)
+  finally:
+    if previous_cache:
+      compile_cache.enable(previous_cache)
+    else:
+      compile_cache.disable()
+
+
+class _CacheHits:
+  """Counts persistent-cache hits (JAX monitoring events) while active."""
+
+  def __init__(self):
+    self.hits = 0
+    self.active = False
+    jax.monitoring.register_event_listener(self._on_event)
+
+  def _on_event(self, event: str, **_):
+    if self.active and event == "/jax/compilation_cache/cache_hits":
+      self.hits += 1
+
+
+_cache_hits: _CacheHits | None = None
+
+
+def _timed_compile(lower: Callable[[], Any]) -> tuple[Any, float, float]:
+  """(compiled, wall s, process CPU s) of lower().compile()."""
+  t, c = time.perf_counter(), time.process_time()
+  compiled = lower().compile()
+  return compiled, time.perf_counter() - t, time.process_time() - c
+
+
+def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat, warmup,
+               runs, matmul_n, model_overrides, profile_dir) -> dict[str, Any]:
+  global _cache_hits
+  if _cache_hits is None:
+    _cache_hits = _CacheHits()
   cfg = load_model_config(config, variant, num_classes)
   cfg.dtype = dtype
   cfg.remat = remat not in ("none", "", None, False)
@@ -346,27 +413,36 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
 
   # Real model (host-side init), then compile and time.
   model = build_model(cfg, rngs=nnx.Rngs(0))
-  t0 = time.perf_counter()
   if mode == "infer":
     graphdef, state = nnx.split(model)
-    fn = jax.jit(make_infer_fn(graphdef))
-    compiled = fn.lower(state, images).compile()
-    compile_s = time.perf_counter() - t0
-    call = lambda: compiled(state, images)  # noqa: E731
+    infer_fn = make_infer_fn(graphdef)
+    lower = lambda: jax.jit(infer_fn).lower(state, images)  # noqa: E731
   elif mode == "train":
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     _, step = make_train_fns(graphdef, tx)
     carry = (params, rest, tx.init(params))
-    fn = jax.jit(step, donate_argnums=0)
-    compiled = fn.lower(carry, images, labels, key).compile()
-    compile_s = time.perf_counter() - t0
+    lower = lambda: jax.jit(step, donate_argnums=0).lower(carry, images, labels, key)  # noqa: E731
+  else:
+    raise ValueError(f"mode must be infer or train, got {mode!r}")
+  _block((carry if mode == "train" else state))
+  compiled, compile_s, compile_cpu_s = _timed_compile(lower)
+  # Again from the persistent cache, as a resumed run would: new trace, new lowering.
+  jax.clear_caches()
+  hits0 = _cache_hits.hits
+  _cache_hits.active = True
+  try:
+    compiled, cached_compile_s, cached_compile_cpu_s = _timed_compile(lower)
+  finally:
+    _cache_hits.active = False
+  cached_compile_hit = _cache_hits.hits > hits0
+  if mode == "infer":
+    call = lambda: compiled(state, images)  # noqa: E731
+  else:
     holder = [carry]
 
     def call():
       holder[0], loss = compiled(holder[0], images, labels, key)
       return loss
-  else:
-    raise ValueError(f"mode must be infer or train, got {mode!r}")
   del model
 
   xla_flops, xla_mem = _xla_costs(compiled, batch)
@@ -378,10 +454,17 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
   for _ in range(warmup):
     _block(call())
   times, rates = [], []
-  for _ in range(runs):
+  if profile_dir:
+    jax.profiler.start_trace(profile_dir)
+  try:
+    for _ in range(runs):
+      rates.append(mm_flops / _time(mm_call, 0, 1)[0])
+      with jax.profiler.StepTraceAnnotation(mode, step_num=len(times)):
+        times.append(_time(call, 0, 1)[0])
     rates.append(mm_flops / _time(mm_call, 0, 1)[0])
-    times.append(_time(call, 0, 1)[0])
-  rates.append(mm_flops / _time(mm_call, 0, 1)[0])
+  finally:
+    if profile_dir:
+      jax.profiler.stop_trace()
   if mode == "train":
     final_loss = float(call())
     if not np.isfinite(final_loss):
@@ -398,7 +481,9 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
       variant=variant if not config else None,
       num_classes=k, embed_dim=int(cfg.embed_dim), window_size=int(cfg.window_size),
       mode=mode, batch=batch, size=size, dtype=dtype, remat=str(remat),
-      compile_s=compile_s, step_times_s=times, median_step_s=median,
+      compile_s=compile_s, compile_cpu_s=compile_cpu_s, cached_compile_s=cached_compile_s,
+      cached_compile_cpu_s=cached_compile_cpu_s, cached_compile_hit=cached_compile_hit,
+      profile_dir=profile_dir, step_times_s=times, median_step_s=median,
       images_per_s=images_per_s,
       flops_per_image=model_flops, forward_flops_per_image=fwd_flops,
       hw_flops_per_image=hw_flops, xla_flops_per_image=xla_flops,
@@ -454,6 +539,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--override", action="append", default=[],
                  help="model config override KEY=VALUE (Python literal), e.g. fpn_channels=128")
   p.add_argument("--json", default=None, help="write the result here")
+  p.add_argument("--profile", default=None, metavar="DIR",
+                 help="write a jax.profiler trace of the timed steps to DIR")
+  p.add_argument("--compile_cache", default=None, metavar="DIR",
+                 help="persistent compilation cache directory (default: a fresh temporary "
+                 "one, so that compile_s is a cold compile)")
   a = p.parse_args(argv)
   config_file = (a.config or "").partition(":")[0]
   if a.config and not os.path.isfile(config_file):
@@ -470,12 +560,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       overrides[kk] = vv
   res = run_bench(config=a.config, variant=a.variant.upper(), num_classes=a.num_classes,
                   mode=a.mode, batch=a.batch, size=a.size, dtype=a.dtype, remat=a.remat,
-                  warmup=a.warmup, runs=a.runs, matmul_n=a.matmul_n, model_overrides=overrides)
+                  warmup=a.warmup, runs=a.runs, matmul_n=a.matmul_n, model_overrides=overrides,
+                  profile_dir=a.profile, cache_dir=a.compile_cache)
   g = 1e9
   print(f"{res['config']} {a.mode} batch={a.batch} size={a.size} {a.dtype} remat={a.remat} "
         f"on {res['device']}")
-  print(f"  compile {res['compile_s']:.1f} s; step median {res['median_step_s'] * 1e3:.1f} ms "
-        f"-> {res['images_per_s']:.3f} img/s")
+  print(f"  compile {res['compile_s']:.1f} s ({res['compile_cpu_s']:.1f} s CPU); from the "
+        f"persistent cache {res['cached_compile_s']:.1f} s ({res['cached_compile_cpu_s']:.1f} s "
+        f"CPU, {'hit' if res['cached_compile_hit'] else 'MISS'})")
+  print(f"  step median {res['median_step_s'] * 1e3:.1f} ms -> {res['images_per_s']:.3f} img/s")
   xf = res["xla_flops_per_image"]
   print(f"  GFLOP/img: model {res['flops_per_image'] / g:.1f} (forward "
         f"{res['forward_flops_per_image'] / g:.1f}, as compiled {res['hw_flops_per_image'] / g:.1f}"

@@ -75,3 +75,82 @@ def test_train_flops_are_forward_plus_backward():
                            jax.random.key(0))
   assert 2.5 * fwd < step < 3.5 * fwd, (fwd, step)
   assert np.isfinite(fwd)
+
+
+def test_bfloat16_matmul_reference_keeps_its_dtype():
+  """The reference matmul's loop carry stays bfloat16 (it used to promote to float32)."""
+  call, flops = bench.make_matmul(jnp.bfloat16, n=16)
+  out = call()
+  assert out.dtype == jnp.bfloat16 and out.shape == (16, 16) and flops > 0
+
+
+def test_cached_compile_and_profile(tmp_path):
+  """The second compile of the step comes from the persistent cache; --profile writes a trace."""
+  out = tmp_path / "b.json"
+  bench.main(["--variant", "T", "--num_classes", "5", "--mode", "train", "--batch", "1",
+              "--size", "32", "--runs", "1", "--warmup", "0", "--matmul_n", "64",
+              "--dtype", "bfloat16", "--profile", str(tmp_path / "prof"),
+              "--compile_cache", str(tmp_path / "cache"), "--json", str(out), *TINY])
+  res = json.loads(out.read_text())
+  assert res["cached_compile_hit"] is True
+  assert res["compile_s"] > 0 and res["cached_compile_s"] > 0 and res["compile_cpu_s"] > 0
+  assert np.isfinite(res["images_per_s"]) and res["dtype"] == "bfloat16"
+  assert any((tmp_path / "cache").iterdir())
+  assert list((tmp_path / "prof").rglob("*.xplane.pb"))
+  # The bench leaves no persistent cache switched on behind it.
+  assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_compile_cache_enable_sets_the_thresholds(tmp_path, monkeypatch):
+  from semask_jax import compile_cache
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  monkeypatch.delenv(compile_cache.ENV_DIR, raising=False)
+  try:
+    path = compile_cache.enable(None)
+    assert path == str(tmp_path / "xdg" / "semask_jax" / "xla")
+    assert jax.config.jax_compilation_cache_dir == path
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+    assert jax.config.jax_persistent_cache_min_entry_size_bytes == -1
+    assert jax.config.jax_compilation_cache_max_size > 0  # LRU, hence the lock file
+    other = compile_cache.enable(str(tmp_path / "w" / "jax_cache"))
+    assert other.endswith("jax_cache") and jax.config.jax_compilation_cache_dir == other
+    jax.jit(lambda x: x * 3 + 1)(jnp.arange(5.0)).block_until_ready()
+    assert [p for p in (tmp_path / "w" / "jax_cache").iterdir() if p.name != ".lockfile"]
+  finally:
+    compile_cache.disable()
+  assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_scanned_stages_equal_the_unrolled_blocks():
+  """Swin blocks under lax.scan: the same loss and gradients as the loop over blocks,
+  with drop path on (the draws follow the step key) and under remat; odd depths too."""
+  from semask_jax.models import build_model
+  from semask_jax.losses import segmentation_loss
+  cfg = bench.load_model_config(None, "T", 5)
+  for kv in TINY[1::2]:
+    k, v = kv.split("=")
+    cfg[k] = eval(v)  # pylint: disable=eval-used
+  cfg.depths, cfg.drop_path_rate = (3, 2, 1, 1), 0.5
+  images = jax.random.normal(jax.random.key(0), (2, 24, 20, 3))
+  labels = jax.random.randint(jax.random.key(1), (2, 24, 20), 0, 5)
+
+  def grads(remat, scan, rng):
+    cfg.remat = remat
+    model = build_model(cfg, rngs=nnx.Rngs(0))
+    for stage in model.backbone.layers:
+      stage.scan_blocks = scan
+    g, p, r = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def f(p):
+      out = nnx.merge(g, p, r, copy=True)(images, train=True, rng=rng)
+      return segmentation_loss(out, labels, ignore_index=255)[0]
+    return jax.value_and_grad(f)(p)
+
+  ref = grads(False, False, jax.random.key(3))
+  for remat in (False, True):
+    got = grads(remat, True, jax.random.key(3))
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  other = grads(False, True, jax.random.key(4))
+  assert abs(float(other[0]) - float(ref[0])) > 1e-6  # the draws really follow the key

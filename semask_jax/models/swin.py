@@ -17,6 +17,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from semask_jax.models import layers
+from semask_jax.models.config import BackboneConfig
 from semask_jax.models.semantic_layer import SemanticLayer
 from semask_jax.models.windows import (pad_to_multiple, relative_position_index, shift_mask,
                                        window_partition, window_reverse)
@@ -91,8 +92,9 @@ class SwinBlock(nnx.Module):
     self.norm2 = layers.LayerNorm(dim, dtype=dtype)
     self.mlp = Mlp(dim, 4 * dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, keys: layers.KeyChain) -> jax.Array:
-    """x: [B, H, W, C]."""
+  def __call__(self, x: jax.Array, keys: layers.KeyChain,
+               keep_prob: jax.Array | None = None) -> jax.Array:
+    """x: [B, H, W, C]. keep_prob: traced 1 - drop_path (the stage scan's), else the attribute."""
     b, h, w, c = x.shape
     m, s = self.window_size, self.shift
     # qkv runs on the real tokens only; the tokens that padding adds after norm1
@@ -110,9 +112,25 @@ class SwinBlock(nnx.Module):
     if s:
       y = jnp.roll(y, (s, s), axis=(1, 2))
     y = self.attn.proj(y[:, :h, :w])
-    x = x + layers.drop_path(y, self.drop_path, keys.next())
-    x = x + layers.drop_path(self.mlp(self.norm2(x)), self.drop_path, keys.next())
+    if keep_prob is None:
+      drop = lambda z, rng: layers.drop_path(z, self.drop_path, rng)  # noqa: E731
+    else:
+      drop = lambda z, rng: _drop_path_traced(z, keep_prob, rng)  # noqa: E731
+    x = x + drop(y, keys.next())
+    x = x + drop(self.mlp(self.norm2(x)), keys.next())
     return x
+
+
+def _drop_path_traced(x: jax.Array, keep_prob: jax.Array, rng: jax.Array | None) -> jax.Array:
+  """layers.drop_path with the keep probability a traced float32 scalar.
+
+  Same draws and values as layers.drop_path(x, 1 - keep_prob, rng) (at keep 1
+  every sample is kept and divided by exactly 1).
+  """
+  if rng is None:
+    return x
+  keep = jax.random.bernoulli(rng, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / keep_prob.astype(x.dtype), jnp.zeros_like(x))
 
 
 class PatchMerging(nnx.Module):
@@ -165,14 +183,65 @@ class BasicLayer(nnx.Module):
   def __call__(self, x: jax.Array, keys: layers.KeyChain
                ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Returns (stage output, semantic map or None, input of the next stage or None)."""
-    for blk in self.blocks:
-      x = self._apply(blk, x, keys, num_keys=2)  # drop path after attention and MLP
+    x = self._blocks(x, keys)
     sem = None
     if self.semantic_layer is not None:
       x, sem = self._apply(self.semantic_layer, x, keys,
                            num_keys=len(self.semantic_layer.class_injection))
     nxt = self.downsample(x) if self.downsample is not None else None
     return x, sem, nxt
+
+  def _blocks(self, x: jax.Array, keys: layers.KeyChain) -> jax.Array:
+    """The Swin blocks, as (regular, shifted) pairs under one lax.scan.
+
+    XLA then compiles one pair per stage whatever its depth (SeMask-B stage 3:
+    one pair instead of 18 blocks). Within a parity the blocks differ only in
+    their parameters and drop-path rate, so the scan carries x and runs over the
+    stacked parameters of the even and of the odd blocks (a copy of the stage's
+    weights per step, small next to its activations), their keys and rates. The
+    parameters stay in the per-block modules (names layers.{i}.blocks.{j}.*).
+    Keys are drawn in the order of a loop over the blocks, so a step's drop-path
+    draws are those of the unrolled loop. A trailing block of an odd depth runs
+    after the scan. `scan_blocks = False` unrolls (same values).
+    """
+    depth = len(self.blocks)
+    ks = [keys.next() for _ in range(2 * depth)]  # two per block: after attention, after MLP
+    pairs = depth // 2 if getattr(self, "scan_blocks", True) else 0
+    if pairs:
+      stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
+      even = stack([nnx.state(self.blocks[2 * i]) for i in range(pairs)])  # [pairs, ...]
+      odd = stack([nnx.state(self.blocks[2 * i + 1]) for i in range(pairs)])
+      keep = np.asarray([[1.0 - self.blocks[j].drop_path for j in (2 * i, 2 * i + 1)]
+                         for i in range(pairs)], np.float32)  # [pairs, 2]
+      pair_keys = None if ks[0] is None else jnp.stack(
+          [jnp.stack(ks[4 * i:4 * i + 4]) for i in range(pairs)])  # [pairs, 4] keys
+      g_even, g_odd = nnx.graphdef(self.blocks[0]), nnx.graphdef(self.blocks[1])
+
+      def pair(x, xs):
+        s_even, s_odd, k, kp = xs
+        k = [None] * 4 if k is None else [k[i] for i in range(4)]
+        x = self._apply_block(g_even, s_even, x, k[:2], kp[0])
+        x = self._apply_block(g_odd, s_odd, x, k[2:], kp[1])
+        return x, None
+
+      x, _ = jax.lax.scan(pair, x, (even, odd, pair_keys, jnp.asarray(keep)))
+    for j in range(2 * pairs, depth):
+      blk = self.blocks[j]
+      x = self._apply_block(nnx.graphdef(blk), nnx.state(blk), x, ks[2 * j:2 * j + 2], None)
+    return x
+
+  def _apply_block(self, graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array,
+                   ks: list[jax.Array | None], keep_prob: jax.Array | None) -> jax.Array:
+    """A Swin block given as (graphdef, state), rematerialised when self.remat."""
+    def apply(state, x, ks, keep_prob):
+      return nnx.merge(graphdef, state)(x, _FixedKeys(ks), keep_prob)
+
+    if not self.remat:
+      return apply(state, x, ks, keep_prob)
+    if self.remat_policy == "full":
+      return _sequenced_remat(apply, state, x, ks, keep_prob)
+    return jax.checkpoint(apply, policy=remat_policy_fn(self.remat_policy))(
+        state, x, ks, keep_prob)
 
   def _apply(self, module: nnx.Module, x: jax.Array, keys: layers.KeyChain, num_keys: int):
     """module(x, keys), rematerialised in the backward pass when self.remat."""
@@ -212,30 +281,36 @@ def sequenced_remat(block: nnx.Module, x: jax.Array, keys: list[jax.Array]) -> A
   at a time, in backward order. Same values and gradients as jax.checkpoint.
   """
   graphdef, state = nnx.split(block)
+  return _sequenced_remat(lambda s, y, k: nnx.merge(graphdef, s)(y, _FixedKeys(k)),
+                          state, x, keys)
 
-  def apply(state, x, keys):
-    return nnx.merge(graphdef, state)(x, _FixedKeys(keys))
+
+def _sequenced_remat(apply: Any, state: Any, x: jax.Array, keys: Any, *consts: Any) -> Any:
+  """apply(state, x, keys, *consts) rematerialised as in `sequenced_remat`.
+
+  keys and consts (drop-path keep probabilities) get no gradient.
+  """
 
   @jax.custom_vjp
-  def run(state, x, keys):
-    return apply(state, x, keys)
+  def run(state, x, keys, consts):
+    return apply(state, x, keys, *consts)
 
-  def fwd(state, x, keys):
-    return apply(state, x, keys), (state, x, keys)
+  def fwd(state, x, keys, consts):
+    return apply(state, x, keys, *consts), (state, x, keys, consts)
 
   def bwd(res, ct):
-    state, x, keys = res
+    state, x, keys, consts = res
     x = _after(x, ct)
     # Fresh copies of the parameters for the recomputation: otherwise XLA merges
     # its parameter-only values (broadcast norm scales and biases, the relative
     # position bias + shift mask) with the forward's and keeps them live in between.
     state, x = jax.lax.optimization_barrier((state, x))
-    _, vjp = jax.vjp(lambda s, y: apply(s, y, keys), state, x)
+    _, vjp = jax.vjp(lambda s, y: apply(s, y, keys, *consts), state, x)
     d_state, d_x = vjp(ct)
-    return d_state, d_x, None
+    return d_state, d_x, None, None
 
   run.defvjp(fwd, bwd)
-  return run(state, x, keys)
+  return run(state, x, keys, consts)
 
 
 def remat_policy_fn(name: str):
@@ -274,28 +349,25 @@ class _FixedKeys(layers.KeyChain):
 class SeMaskSwin(nnx.Module):
   """SeMask Swin: four stages, feature maps at strides 4, 8, 16, 32 through norm0..norm3."""
 
-  def __init__(self, *, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int],
-               window_size: int, num_classes: int, num_sem_blocks: Sequence[int],
-               sem_window_size: int, sem_global: Sequence[bool], use_gamma: bool = True,
-               sem_attention: str = "semantic", sem_dropout: float = 0.1,
-               drop_path_rate: float = 0.3, remat: bool = False, remat_policy: str = "full",
-               dtype=jnp.float32, rngs: nnx.Rngs):
-    self.num_stages = len(depths)
-    self.patch_embed = PatchEmbed(embed_dim, dtype=dtype, rngs=rngs)
-    dpr = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
+  def __init__(self, config: BackboneConfig, *, rngs: nnx.Rngs):
+    c = config
+    dtype = jnp.dtype(c.dtype)
+    self.num_stages = c.num_stages
+    self.patch_embed = PatchEmbed(c.embed_dim, dtype=dtype, rngs=rngs)
+    dpr = np.linspace(0.0, c.drop_path_rate, sum(c.depths)).tolist()
     stage_layers = []
-    for i, depth in enumerate(depths):
-      start = sum(depths[:i])
+    for i, depth in enumerate(c.depths):
+      start = sum(c.depths[:i])
       stage_layers.append(BasicLayer(
-          embed_dim * 2 ** i, depth, num_heads[i], window_size, dpr[start:start + depth],
-          num_classes=num_classes, num_sem_blocks=num_sem_blocks[i],
-          sem_window_size=sem_window_size, sem_global=sem_global[i], use_gamma=use_gamma,
-          sem_attention=sem_attention, sem_dropout=sem_dropout,
-          downsample=i < len(depths) - 1, remat=remat, remat_policy=remat_policy,
+          c.widths[i], depth, c.num_heads[i], c.window_size, dpr[start:start + depth],
+          num_classes=c.num_classes, num_sem_blocks=c.num_sem_blocks[i],
+          sem_window_size=c.sem_window_size, sem_global=c.sem_global[i],
+          use_gamma=c.use_gamma, sem_attention=c.sem_attention, sem_dropout=c.sem_dropout,
+          downsample=i < c.num_stages - 1, remat=c.remat, remat_policy=c.remat_policy,
           dtype=dtype, rngs=rngs))
     self.layers = nnx.List(stage_layers)
-    for i in range(len(depths)):
-      setattr(self, f"norm{i}", layers.LayerNorm(embed_dim * 2 ** i, dtype=dtype))
+    for i in range(c.num_stages):
+      setattr(self, f"norm{i}", layers.LayerNorm(c.widths[i], dtype=dtype))
 
   def __call__(self, x: jax.Array, keys: layers.KeyChain
                ) -> tuple[list[jax.Array], list[jax.Array | None]]:

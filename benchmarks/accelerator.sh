@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The accelerator rows of the bench (PERF_NOTES.md), one JSON line each on stdout,
+# for a session that has a GPU or TPU. Run from the repository root:
+#
+#   bash benchmarks/accelerator.sh                 # rows: b_train t_infer
+#   ROWS="b_train b_train_remat t_infer" OUT=/tmp/out PROFILE=1 bash benchmarks/accelerator.sh
+#
+# Rows:
+#   b_train        SeMask-B FPN, ADE20K (150 classes), bfloat16, training step, batch 16, 512x512
+#   b_train_remat  the same with remat full
+#   t_infer        SeMask-T FPN, bfloat16 inference, batch 16, 512x512
+# Each row reports utilization, compile_s (cold), cached_compile_s (from the persistent
+# compilation cache, after jax.clear_caches()), peak_memory_bytes (device peak_bytes_in_use),
+# xla_memory_bytes, images_per_s, the step times and the device. Full JSON files, the logs and,
+# with PROFILE=1, a jax.profiler trace per row go to $OUT (default benchmarks/out).
+#
+# Needs jax with the accelerator's plugin (pip install -e '.[cuda12]' / '.[cuda13]' / '.[tpu]');
+# refuses to run on CPU unless ALLOW_CPU=1 (then with tiny shapes, to check the script).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+OUT=${OUT:-benchmarks/out}
+ROWS=${ROWS:-b_train t_infer}
+RUNS=${RUNS:-5}
+mkdir -p "$OUT"
+
+platform=$($PY -c 'import jax; print(jax.devices()[0].platform)')
+extra=()
+batch=16
+size=512
+if [ "$platform" = cpu ]; then
+  if [ "${ALLOW_CPU:-0}" != 1 ]; then
+    echo "accelerator.sh: jax sees no accelerator (platform cpu); set ALLOW_CPU=1 to dry-run" >&2
+    exit 2
+  fi
+  # Dry run of the script itself: tiny model and shapes.
+  batch=1; size=64; RUNS=2
+  extra=(--matmul_n 256 --override embed_dim=16 --override "depths=(2,2,2,2)"
+         --override "num_heads=(1,1,2,2)" --override fpn_channels=16)
+fi
+$PY -c 'import jax; print("# devices:", jax.devices(), "jax", jax.__version__)' >&2
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
+  --format=csv,noheader >&2 || true
+
+row() {  # name, bench args...
+  local name=$1; shift
+  local prof=()
+  [ "${PROFILE:-0}" = 1 ] && prof=(--profile "$OUT/profile_$name")
+  if $PY -m semask_jax.bench "$@" --batch "$batch" --size "$size" --runs "$RUNS" --warmup 2 \
+      "${extra[@]}" "${prof[@]}" --json "$OUT/$name.json" >"$OUT/$name.log" 2>&1; then
+    $PY -c 'import json, sys; r = json.load(open(sys.argv[1])); r["row"] = sys.argv[2]
+print(json.dumps(r))' "$OUT/$name.json" "$name"
+  else
+    echo "{\"row\": \"$name\", \"error\": \"bench failed, see $OUT/$name.log\"}"
+    tail -5 "$OUT/$name.log" >&2
+  fi
+}
+
+for r in $ROWS; do
+  case $r in
+    b_train) row b_train --config configs/ade20k_semask_fpn.py:B --mode train --dtype bfloat16 ;;
+    b_train_remat) row b_train_remat --config configs/ade20k_semask_fpn.py:B --mode train \
+                     --dtype bfloat16 --remat full ;;
+    t_infer) row t_infer --config configs/ade20k_semask_fpn.py:T --mode infer --dtype bfloat16 ;;
+    *) echo "unknown row $r" >&2; exit 2 ;;
+  esac
+done
