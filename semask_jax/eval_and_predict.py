@@ -1,7 +1,9 @@
 """The eval and predict modes of main.py, and the evaluation used during training.
 
 `--mode=eval` restores the latest checkpoint of a workdir (or config.init_from)
-and computes mIoU over the eval split; `--mode=predict` writes colour masks
+and computes mIoU over the eval split as the reference does (each image alone at
+its own size: evaluate.PerImageInference); the periodic evaluation during training
+(make_eval_fn) pads a batch to one canvas instead, faster but approximate; `--mode=predict` writes colour masks
 for image files; the demo writes and predicts a few generated scenes.
 """
 from __future__ import annotations
@@ -18,13 +20,16 @@ import numpy as np
 from absl import logging
 
 import input_pipeline
+from input_pipeline import pipeline
 from input_pipeline import transforms as T
+from semask_jax import compile_cache
 from semask_jax import evaluate as evaluate_lib
 from semask_jax.cli import ConfigError
 from semask_jax import predict
 from semask_jax import sharding as sharding_lib
 from semask_jax.metrics import format_table
 from semask_jax.models import model_class
+from semask_jax.models.semask_mask2former import SeMaskMask2Former
 from semask_jax.state import TrainState, merge_model, restore_for_inference
 
 
@@ -58,6 +63,51 @@ def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
                                  num_classes, names, to_global, replicated)
 
   return run
+
+
+def test_size_divisibility(config: ml_collections.ConfigDict) -> int:
+  """The model's own test-time pad: detectron2 pads SeMask-Mask2Former's normalised input
+  with zeros to MODEL.MASK_FORMER.SIZE_DIVISIBILITY (32) and crops the scores back; mmseg
+  runs the FPN model on the image as it is. config.eval.size_divisibility overrides."""
+  if config.eval.get('size_divisibility') is not None:
+    return int(config.eval.size_divisibility)
+  return 32 if issubclass(model_class(config.model), SeMaskMask2Former) else 0
+
+
+def make_per_image_inference(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
+                             params: Any, batch_stats: Any) -> evaluate_lib.PerImageInference:
+  """The reference-exact per-image inference (evaluate.PerImageInference) of a model."""
+  def model_fn_from_params(params_and_stats):
+    p, b = params_and_stats
+    return merge_model(graphdef, p, b, rest).segment
+
+  return evaluate_lib.PerImageInference(
+      model_fn_from_params, (params, batch_stats), config.eval, config.model.num_classes,
+      ignore_index=config.data.ignore_index,
+      probabilities=model_class(config.model).SCORES_ARE_PROBABILITIES,
+      pad_multiple=test_size_divisibility(config))
+
+
+def evaluate_per_image(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
+                       state: TrainState) -> dict[str, Any]:
+  """mIoU as the reference computes it: each eval image alone at its own size (see
+  evaluate.PerImageInference); every input shape compiled once, ahead of time
+  (config.eval.precompile, default on), through the persistent compilation cache."""
+  if not jax.config.jax_compilation_cache_dir:
+    compile_cache.enable(None)
+  info = input_pipeline.dataset_info(config.data.name)
+  names = list(info.class_names)
+  if len(names) != config.model.num_classes:
+    raise ConfigError(f'config.model.num_classes={config.model.num_classes} but data set '
+                      f'{config.data.name!r} has {len(names)} classes')
+  inference = make_per_image_inference(config, graphdef, rest, state.params, state.batch_stats)
+  ratios = tuple(float(r) for r in config.eval.scales)
+  items = None
+  if config.eval.get('precompile', True):
+    items = [(pipeline.scale_sizes(hw, config.data, ratios), hw)
+             for hw in pipeline.per_image_eval_sizes(config.data)]
+  examples = pipeline.create_per_image_eval_iterator(config.data, ratios=ratios)
+  return evaluate_lib.evaluate_per_image(inference, examples, names, precompile_items=items)
 
 
 def summary_image(image: np.ndarray, image_hw: np.ndarray, label: np.ndarray,
@@ -142,7 +192,7 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   """--mode eval: the latest checkpoint of workdir (or init_from) on the eval split."""
   mesh = sharding_lib.make_mesh()
   state, graphdef, rest, step = restore_for_inference(config, workdir, mesh)
-  results = make_eval_fn(config, graphdef, rest, mesh)(state)
+  results = evaluate_per_image(config, graphdef, rest, state)
   path = write_eval_results(workdir, step, results)
   if jax.process_index() == 0:
     logging.info('Eval of step %d (%s):\n%s', step, path, format_table(results))
@@ -152,6 +202,8 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 def predict_only(config: ml_collections.ConfigDict, workdir: str, inputs: str,
                  output_dir: str | None = None) -> list[str]:
   """--mode predict: colour masks and overlays for an image or a folder of images."""
+  if not jax.config.jax_compilation_cache_dir:
+    compile_cache.enable(None)
   mesh = sharding_lib.make_mesh()
   state, graphdef, rest, _ = restore_for_inference(config, workdir, mesh)
   output_dir = output_dir or os.path.join(workdir, 'predictions')

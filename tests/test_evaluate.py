@@ -345,3 +345,49 @@ def test_evaluate_per_image_confusion_matrix_and_precompile():
   assert res['num_shapes'] == len({hw for sizes, _ in items for hw in sizes})
   assert res['compile_seconds'] > 0
   assert len(inf._compiled) == compiled  # pylint: disable=protected-access  (all ahead of time)
+
+
+def test_mode_eval_with_a_tiny_semask_equals_per_image_reference(tmp_path, monkeypatch):
+  """--mode=eval's evaluation (eval_and_predict.evaluate_per_image) on a real tiny SeMask:
+  the mIoU of running the model on each image alone (batch 1, its own size) and the
+  mmseg test steps written out here."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from semask_jax import compile_cache, eval_and_predict  # pylint: disable=g-import-not-at-top
+  from semask_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from semask_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.data.synthetic.num_eval = 3
+  config.data.test_scale = (45, 37)  # 40x48 scenes -> 37x44 (odd sizes)
+  config.eval.scales = (1.0, 0.75)
+  config.eval.flip = True
+  model = state_lib.create_model(config)
+  state, graphdef, rest, _, _ = state_lib.init_train_state(
+      config, model, sharding_lib.make_mesh(jax.devices()[:1]))
+  monkeypatch.setenv(compile_cache.ENV_DIR, str(tmp_path / 'cache'))
+  try:
+    res = eval_and_predict.evaluate_per_image(config, graphdef, rest, state)
+  finally:
+    compile_cache.disable()
+  segment = jax.jit(state_lib.merge_model(graphdef, state.params, state.batch_stats, rest).segment)
+  k = config.model.num_classes
+  cm = np.zeros((k, k), np.int64)
+  source = pipeline.data_source(config.data, config.data.eval_split)
+  shapes = set()
+  for i in range(len(source)):
+    image, label = source[i]['image'], source[i]['label']
+    total = None
+    for x, fl in mmseg_test_images(image, config.data.test_scale, config.eval.scales, True):
+      shapes.add(x.shape[:2])
+      logit = torch_resize(np.asarray(segment(jnp.asarray(x[None])))[0], x.shape[:2])
+      prob = torch.softmax(torch.from_numpy(torch_resize(logit, image.shape[:2])), -1).numpy()
+      prob = prob[:, ::-1] if fl else prob
+      total = prob if total is None else total + prob
+    pred = (total / 4).argmax(-1)
+    ok = label != 255
+    np.add.at(cm, (label[ok].astype(int), pred[ok]), 1)
+  names = list(input_pipeline.dataset_info(config.data.name).class_names)
+  want = metrics.compute_metrics(cm, names)
+  assert res['mIoU'] == pytest.approx(want['mIoU'], abs=1e-12)
+  assert res['aAcc'] == pytest.approx(want['aAcc'], abs=1e-12)
+  assert res['num_images'] == 3 and res['num_shapes'] == len(shapes) == 2

@@ -50,3 +50,29 @@ def test_predict_folder_writes_images_of_the_original_size(tmp_path):
     predict.list_images(str(tmp_path / 'out' / '..' / 'in' / '..'))  # folder with no images
   with pytest.raises(FileNotFoundError, match='neither a file nor a folder'):
     predict.list_images(str(tmp_path / 'missing.png'))
+
+
+def test_predict_computes_the_class_map_of_the_evaluation(tmp_path):
+  """The written mask is the evaluation's prediction (eval_and_predict's per-image
+  inference, its confusion-matrix path): a label made from the mask scores 100 %."""
+  from semask_jax import eval_and_predict  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.eval.flip = True
+  rng = np.random.default_rng(1)
+  image = rng.integers(0, 255, (31, 45, 3), dtype=np.uint8)
+  (tmp_path / 'in').mkdir()
+  Image.fromarray(image).save(tmp_path / 'in' / 'x.png')
+  model = state_lib.create_model(config)
+  state, graphdef, rest, _, _ = state_lib.init_train_state(
+      config, model, sharding_lib.make_mesh(jax.devices()[:1]))
+  predict.predict_paths(config, graphdef, rest, state.params, state.batch_stats,
+                        str(tmp_path / 'in'), str(tmp_path / 'out'))
+  mask = np.asarray(Image.open(tmp_path / 'out' / 'x_mask.png'))
+  palette = np.asarray(input_pipeline.dataset_info(config.data.name).palette, np.uint8)
+  label = (mask[:, :, None, :] == palette[None, None]).all(-1).argmax(-1).astype(np.uint8)
+  assert (palette[label] == mask).all()
+  inference = eval_and_predict.make_per_image_inference(config, graphdef, rest, state.params,
+                                                        state.batch_stats)
+  cm = np.asarray(inference.update_confusion(inference.zeros_cm(),
+                                             predict.scale_images(image, config), label))
+  assert cm.sum() == 31 * 45 and np.trace(cm) == cm.sum()
