@@ -103,24 +103,37 @@ def make_loss(config: ml_collections.ConfigDict) -> LossFn:
   return fpn_loss
 
 
+GradFn = Callable[[Any, Any, Mapping[str, jax.Array], jax.Array],
+                  tuple[tuple[jax.Array, tuple[dict[str, jax.Array], Any]], Any]]
+
+
+def make_grad_fn(graphdef: Any, rest: Any, config: ml_collections.ConfigDict) -> GradFn:
+  """The train step's forward (train mode) and backward, on its own for checks and tools:
+
+  (params, batch_stats, batch, rng) -> ((loss, (metrics, new batch_stats)), grads wrt params).
+  """
+  compute_loss = make_loss(config)
+
+  def loss_fn(params, batch_stats, batch, rng):
+    model = merge_model(graphdef, params, batch_stats, rest)
+    out = model(batch['image'], train=True, rng=rng)
+    loss, aux = compute_loss(out, batch['label'], rng)
+    new_bs = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+    return loss, (aux, new_bs)
+
+  return jax.value_and_grad(loss_fn, has_aux=True)
+
+
 def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, config: ml_collections.ConfigDict
                     ) -> Callable[[TrainState, Mapping[str, jax.Array]],
                                   tuple[TrainState, dict[str, jax.Array]]]:
   """One micro step: forward/backward on a global batch, (accumulated) AdamW update, guard."""
-  compute_loss = make_loss(config)
+  grad_fn = make_grad_fn(graphdef, rest, config)
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
-
-    def loss_fn(params):
-      model = merge_model(graphdef, params, state.batch_stats, rest)
-      out = model(batch['image'], train=True, rng=rng)
-      loss, aux = compute_loss(out, batch['label'], rng)
-      new_bs = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
-      return loss, (aux, new_bs)
-
-    (loss, (aux, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (aux, new_bs)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
