@@ -301,6 +301,7 @@ class PerImageInference:
     self._compiled: dict[tuple, Any] = {}
     self._lock = threading.Lock()
     self.compile_seconds = 0.0
+    self.compile_log: list[tuple[tuple, float]] = []  # (program key, seconds) per compile
     self.model_shapes: set[tuple[int, int]] = set()
 
   # ----------------------------------------------------------- programs
@@ -374,6 +375,7 @@ class PerImageInference:
         if key not in self._compiled:
           self._compiled[key] = compiled
           self.compile_seconds += seconds
+          self.compile_log.append((key, seconds))
           if key[0] == 'model':
             self.model_shapes.add(key[1])
         compiled = self._compiled[key]
