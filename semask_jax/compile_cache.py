@@ -63,8 +63,10 @@ def enable(cache_dir: str | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES,
   if "://" not in path:
     path = os.path.abspath(os.path.expanduser(path))
     os.makedirs(path, exist_ok=True)
-  if jax.config.jax_compilation_cache_dir not in (None, path):
-    _cc.reset_cache()  # JAX opens its cache once; re-open it at the new path.
+  if jax.config.jax_compilation_cache_dir != path or not jax.config.jax_enable_compilation_cache:
+    # JAX opens its cache, and decides whether it is used at all, once per process (at the
+    # first compile): re-open it, or a compile made while it was off keeps it off.
+    _cc.reset_cache()
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_compilation_cache_max_size", int(max_bytes))

@@ -116,6 +116,13 @@ def test_compile_cache_enable_sets_the_thresholds(tmp_path, monkeypatch):
     assert other.endswith("jax_cache") and jax.config.jax_compilation_cache_dir == other
     jax.jit(lambda x: x * 3 + 1)(jnp.arange(5.0)).block_until_ready()
     assert [p for p in (tmp_path / "w" / "jax_cache").iterdir() if p.name != ".lockfile"]
+    # Off, a compile, on again: JAX decides at a compile whether its cache is used; enable()
+    # must make it decide again.
+    compile_cache.disable()
+    jax.jit(lambda x: x * 5 - 2)(jnp.arange(6.0)).block_until_ready()
+    third = compile_cache.enable(str(tmp_path / "third"))
+    jax.jit(lambda x: x * 7 - 3)(jnp.arange(7.0)).block_until_ready()
+    assert [p for p in (tmp_path / "third").iterdir() if p.name != ".lockfile"], third
   finally:
     compile_cache.disable()
   assert jax.config.jax_compilation_cache_dir is None
