@@ -157,10 +157,14 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   _maybe_initialize_distributed()
   # pylint: disable=g-import-not-at-top  (after distributed init)
+  from semask_jax import compile_cache
   from semask_jax import eval_and_predict
   from semask_jax import predict
   from semask_jax import train
   config, workdir = FLAGS.config, FLAGS.workdir
+  cache = config.get('compilation_cache_dir', '')
+  if cache != 'off':  # a restarted or repeated run loads its compiled programs from disk
+    logging.info('Persistent compilation cache: %s', compile_cache.enable(cache or None))
   if FLAGS.mode == 'train':
     results = train.train_and_evaluate(config, workdir)
     if config.get('demo_predictions'):

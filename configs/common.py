@@ -52,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpointing = True
   c.xla_cpu_fast_compile = False  # -O0 on the CPU backend: faster compiles for small CPU runs
+  # JAX's persistent compilation cache (semask_jax/compile_cache.py): '' = the user cache
+  # ($SEMASK_JAX_COMPILATION_CACHE or ~/.cache/semask_jax/xla), a path, or 'off'.
+  c.compilation_cache_dir = ''
   c.max_nonfinite_steps = 20  # stop once more micro steps than this had a NaN/inf loss
 
   c.loss = ml_collections.ConfigDict()

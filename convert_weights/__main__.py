@@ -8,6 +8,13 @@ r"""Command line: convert PyTorch checkpoints into an orbax directory for `confi
       --variant T --num_classes 150 --num_sem_blocks 0,0,0,0 --out /tmp/swin_t_fpn_in1k
   # A trained SeMask-FPN checkpoint (variant, window and classes read from the shapes):
   python -m convert_weights semask --pth semask_tiny_fpn_ade20k.pth --out /tmp/semask_t_ade
+  # A released SeMask-Mask2Former checkpoint (detectron2 {'model': ...}; variant, window,
+  # classes, queries and layer counts read from the shapes):
+  python -m convert_weights semask_mask2former --pth semask_large_mask2former_ade20k.pth \
+      --out /tmp/semask_m2f_l_ade
+  # Swin ImageNet backbone -> SeMask-L Mask2Former for ADE20K:
+  python -m convert_weights swin_imagenet --pth swin_large_patch4_window12_384_22k.pth \
+      --variant L --num_classes 150 --head mask2former --out /tmp/semask_m2f_l_in22k
 """
 from __future__ import annotations
 
@@ -15,9 +22,10 @@ import argparse
 import sys
 
 from convert_weights.checkpoint import save_conversion
-from convert_weights.core import ConversionError, convert_semask, convert_swin_imagenet
+from convert_weights.core import (ConversionError, convert_semask, convert_semask_mask2former,
+                                  convert_swin_imagenet)
 from semask_jax import cli
-from semask_jax.models import VARIANTS, default_model_config
+from semask_jax.models import SEMASK_FPN, SEMASK_MASK2FORMER, VARIANTS, default_model_config
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -35,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--pth", required=True, help="swin_*_patch4_window*_*.pth ({'model': ...})")
   s.add_argument("--variant", required=True, choices=sorted(VARIANTS))
   s.add_argument("--num_classes", type=int, required=True)
+  s.add_argument("--head", choices=("fpn", "mask2former"), default="fpn",
+                 help="the model to build around the backbone: SeMask-FPN (default) or "
+                 "SeMask-Mask2Former")
   s.add_argument("--num_sem_blocks", type=_ints, default=(1, 1, 1, 1),
                  help="per stage; 0,0,0,0 = the Swin-FPN baseline (default 1,1,1,1)")
   s.add_argument("--window_size", type=int, default=None,
@@ -42,7 +53,10 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--seed", type=int, default=0, help="seed of the new layers' initialisation")
   t = sub.add_parser("semask", help="a trained SeMask-FPN / Swin-FPN .pth (mmseg layout)")
   t.add_argument("--pth", required=True, help="mmcv checkpoint ({'state_dict': ...})")
-  for q in (s, t):
+  m = sub.add_parser("semask_mask2former",
+                     help="a released SeMask-Mask2Former .pth (detectron2 {'model': ...})")
+  m.add_argument("--pth", required=True, help="detectron2 checkpoint ({'model': ...})")
+  for q in (s, t, m):
     q.add_argument("--out", required=True, help="output directory (must not exist yet)")
     q.add_argument("--allow_pickle", action="store_true",
                    help="torch.load with weights_only=False (only for files you trust)")
@@ -55,11 +69,14 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   try:
     if args.kind == "swin_imagenet":
+      name = SEMASK_MASK2FORMER if args.head == "mask2former" else SEMASK_FPN
       cfg = default_model_config(args.variant, args.num_classes,
-                                 num_sem_blocks=args.num_sem_blocks)
+                                 num_sem_blocks=args.num_sem_blocks, name=name)
       if args.window_size:
         cfg.window_size = cfg.sem_window_size = args.window_size
       conv = convert_swin_imagenet(args.pth, cfg, allow_pickle=args.allow_pickle, seed=args.seed)
+    elif args.kind == "semask_mask2former":
+      conv = convert_semask_mask2former(args.pth, allow_pickle=args.allow_pickle)
     else:
       conv = convert_semask(args.pth, allow_pickle=args.allow_pickle)
   except ConversionError as e:  # its key lists follow the error line

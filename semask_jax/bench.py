@@ -155,7 +155,30 @@ def load_model_config(config: str | None, variant: str, num_classes: int):
     sys.path.insert(0, root)
   spec.loader.exec_module(module)
   cfg = module.get_config(arg or None)
-  return cfg.model if "model" in cfg else cfg
+  if "model" not in cfg:
+    return cfg
+  # The experiment's loss (the Mask2Former criterion's settings) rides along with the model.
+  model_cfg = cfg.model
+  _EXPERIMENT_LOSS[id(model_cfg)] = cfg
+  return model_cfg
+
+
+# Full experiment configs of the model configs load_model_config returned (by id).
+_EXPERIMENT_LOSS: dict[int, Any] = {}
+
+
+def make_loss(model_cfg) -> Callable[..., Any]:
+  """(outputs, labels, rng) -> (loss, aux): the experiment's loss when the model config came
+  from a config file (train.make_loss: FPN or Mask2Former), else the SeMask-FPN loss."""
+  full = _EXPERIMENT_LOSS.get(id(model_cfg))
+  if full is not None:
+    from semask_jax import train  # pylint: disable=g-import-not-at-top
+    full = full.copy_and_resolve_references()
+    full.model = model_cfg
+    return train.make_loss(full)
+  if model_cfg.get("name", "semask_fpn") != "semask_fpn":
+    raise cli.UserError("a Mask2Former bench needs --config (its criterion settings)")
+  return lambda out, labels, rng: segmentation_loss(out, labels, ignore_index=IGNORE_INDEX)
 
 
 def _abstract_state(cfg):
@@ -167,19 +190,24 @@ def _abstract_state(cfg):
 def make_infer_fn(graphdef):
   def infer(state, images):
     model = nnx.merge(graphdef, state, copy=True)
-    return model(images, train=False)["seg_logits"]
+    return model.segment(images)  # FPN logits / Mask2Former semantic inference
   return infer
 
 
-def make_train_fns(graphdef, tx):
-  """(loss_and_grad(params, rest, images, labels, rng), step(carry, images, labels, rng))."""
+def make_train_fns(graphdef, tx, loss=None):
+  """(loss_and_grad(params, rest, images, labels, rng), step(carry, images, labels, rng)).
+
+  loss: (outputs, labels, rng) -> (loss, aux); default the SeMask-FPN loss."""
+  if loss is None:
+    loss = lambda out, labels, rng: segmentation_loss(  # noqa: E731
+        out, labels, ignore_index=IGNORE_INDEX)
 
   def loss_fn(params, rest, images, labels, rng):
     model = nnx.merge(graphdef, params, rest, copy=True)
     out = model(images, train=True, rng=rng)
-    loss, _ = segmentation_loss(out, labels, ignore_index=IGNORE_INDEX)
+    value, _ = loss(out, labels, rng)
     _, _, new_rest = nnx.split(model, nnx.Param, ...)
-    return loss, new_rest
+    return value, new_rest
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -401,13 +429,14 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
   if mode == "train":
     g_abs, p_abs, r_abs = nnx.split(
         nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
-    grad_fn, _ = make_train_fns(g_abs, tx)
+    grad_fn, _ = make_train_fns(g_abs, tx, make_loss(cfg))
     hw_flops = count_flops(grad_fn, p_abs, r_abs, images, labels, key) / batch
     cfg_plain = cfg.copy_and_resolve_references()
     cfg_plain.remat = False
     g0, p0, r0 = nnx.split(
         nnx.eval_shape(lambda: build_model(cfg_plain, rngs=nnx.Rngs(0))), nnx.Param, ...)
-    model_flops = count_flops(make_train_fns(g0, tx)[0], p0, r0, images, labels, key) / batch
+    model_flops = count_flops(make_train_fns(g0, tx, make_loss(cfg))[0], p0, r0, images, labels,
+                              key) / batch
   else:
     model_flops = hw_flops = fwd_flops
 
@@ -419,7 +448,7 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
     lower = lambda: jax.jit(infer_fn).lower(state, images)  # noqa: E731
   elif mode == "train":
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    _, step = make_train_fns(graphdef, tx)
+    _, step = make_train_fns(graphdef, tx, make_loss(cfg))
     carry = (params, rest, tx.init(params))
     lower = lambda: jax.jit(step, donate_argnums=0).lower(carry, images, labels, key)  # noqa: E731
   else:

@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 from convert_weights import convert_semask_mask2former
+from convert_weights.__main__ import main as cli_main
 from semask_jax import mask2former_loss as ml
 from semask_jax.models import model_config_from_dict
 from tests.golden_utils import jit_forward, load_vector, m2f_golden_files
@@ -122,6 +123,9 @@ def test_mask2former_converter_reads_a_released_pth(path, tmp_path):
   for k in cfg.keys():
     assert conv.config[k] == cfg[k], (k, conv.config[k], cfg[k])
   assert {"pixel_mean", "pixel_std", "criterion.empty_weight"} <= set(conv.report.skipped)
+  # The command line does the same and writes an orbax directory for config.init_from.
+  assert cli_main(["semask_mask2former", "--pth", str(pth), "--out", str(tmp_path / "out")]) == 0
+  assert (tmp_path / "out" / "conversion.json").is_file()
   got = nnx.to_flat_state(nnx.state(conv.model, nnx.Param))
   want = dict(nnx.to_flat_state(nnx.state(conv_sd.model, nnx.Param)))
   assert len(got) == len(want)
