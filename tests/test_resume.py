@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL after a checkpoint and restarted reproduces the uninterrupted losses."""
+"""A run killed with SIGKILL after a checkpoint and restarted reproduces the uninterrupted losses;
+the loop in-process: accumulation, resume mid-accumulation, non-finite abort, kept checkpoints."""
 import json
 import os
 import signal
@@ -10,8 +11,12 @@ import jax
 import numpy as np
 import pytest
 
+import input_pipeline
 from configs import tiny
+from semask_jax import checkpointing
+from semask_jax import optim
 from semask_jax import state as state_lib
+from semask_jax import train
 from semask_jax.sharding import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,3 +115,138 @@ def test_sigterm_saves_a_final_checkpoint_and_the_restart_continues(tmp_path, re
   got = losses(run_dir)
   np.testing.assert_allclose([got[s] for s in range(1, TOTAL + 1)],
                              [ref[s] for s in range(1, TOTAL + 1)], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the loop, in-process
+# Accumulation over micro steps, non-finite micro steps, how many checkpoints are kept,
+# a checkpoint without the data-iterator item. The runs share one compiled step.
+
+_PROGRAM_FREE_KEYS = ('keep_checkpoints', 'checkpoint_every_steps', 'max_nonfinite_steps',
+                      'log_every_steps', 'async_checkpointing')
+_COMPILED: dict[str, object] = {}
+
+
+def loop_config(**overrides):
+  c = tiny.get_config()
+  c.batch_size = 16
+  c.grad_accum_steps = 2  # micro batches of 8 images over the 8 test devices
+  c.total_steps = 3
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 1
+  c.keep_checkpoints = 2
+  c.async_checkpointing = False
+  c.update(overrides)
+  return c
+
+
+@pytest.fixture
+def run_loop(monkeypatch):
+  """run(config, workdir, nan_micro=(), stop_after=None): train.train_and_evaluate in this
+  process, with NaN images at the given micro steps (0-based, counted in this call) and
+  a SIGTERM seen at the `stop_after`-th update boundary."""
+  real_jit, real_batch = train.jit_train_step, input_pipeline.make_global_batch
+
+  def run(config, workdir, nan_micro=(), stop_after=None):
+    program = config.copy_and_resolve_references()
+    for k in _PROGRAM_FREE_KEYS:
+      del program[k]
+    key = program.to_json_best_effort(sort_keys=True)
+    calls = {'batch': 0, 'boundary': 0}
+
+    def jit_once(*args, **kwargs):
+      if key not in _COMPILED:
+        _COMPILED[key] = real_jit(*args, **kwargs)
+      return _COMPILED[key]
+
+    def batch_fn(local, mesh):
+      if calls['batch'] in nan_micro:
+        local = dict(local, image=np.full_like(local['image'], np.nan))
+      calls['batch'] += 1
+      return real_batch(local, mesh)
+
+    def sigterm(self):
+      calls['boundary'] += 1
+      return calls['boundary'] == stop_after
+
+    monkeypatch.setattr(train, 'jit_train_step', jit_once)
+    monkeypatch.setattr(input_pipeline, 'make_global_batch', batch_fn)
+    monkeypatch.setattr(train._SigtermFlag, 'any_process', sigterm)
+    return train.train_and_evaluate(config, str(workdir))
+
+  return run
+
+
+def restore(config, workdir, step):
+  mesh = make_mesh()
+  state = state_lib.init_train_state(config, state_lib.create_model(config), mesh)[0]
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  try:
+    return jax.device_get(ckpt.restore(step, checkpointing.abstract_like(state)))
+  finally:
+    ckpt.close()
+
+
+def test_loop_accumulation_keep_and_resume_mid_accumulation(tmp_path, run_loop):
+  """k=2 micro steps per update; a non-finite micro step is dropped from the accumulation,
+  so the next checkpoint holds a half-accumulated gradient, and a run stopped there and
+  restarted reproduces the uninterrupted one."""
+  config = loop_config(max_nonfinite_steps=1)  # exactly at the limit: no abort
+  ref_dir, run_dir = tmp_path / 'ref', tmp_path / 'run'
+  run_loop(config, ref_dir, nan_micro={1})
+  ref = losses(ref_dir)
+  assert sorted(ref) == [1, 2, 3] and ref[1] == 'nan' and np.isfinite([ref[2], ref[3]]).all()
+  # keep_checkpoints=2 of the checkpoints 1, 2, 3 (numbered by updates).
+  kept = sorted(int(p.name) for p in (ref_dir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert kept == [2, 3]
+  final = restore(config, ref_dir, 3)
+  assert int(final.step) == 6 and int(final.nonfinite) == 1
+  # 5 finite micro gradients: 2 updates and one gradient waiting for its partner.
+  assert int(optim.optimizer_updates(final.opt_state)) == 2
+  assert int(final.opt_state.mini_step) == 1
+
+  # Stopped (SIGTERM) after update 1, whose second micro step was non-finite: the
+  # checkpoint is in the middle of an accumulation.
+  stop_config = loop_config(max_nonfinite_steps=1, checkpoint_every_steps=100)
+  run_loop(stop_config, run_dir, nan_micro={1}, stop_after=1)
+  mid = restore(config, run_dir, 1)
+  assert int(mid.step) == 2 and int(mid.opt_state.mini_step) == 1
+  assert int(optim.optimizer_updates(mid.opt_state)) == 0
+  assert np.abs(np.asarray(jax.tree_util.tree_leaves(mid.opt_state.acc_grads)[0])).max() > 0
+  run_loop(stop_config, run_dir)  # resumes at micro step 2 with the data stream's position
+  steps = [json.loads(line)['step'] for line in open(run_dir / 'metrics.jsonl')]
+  assert steps == [1, 2, 3]  # update 1 before the stop, 2 and 3 after the restart
+  got = losses(run_dir)
+  np.testing.assert_allclose([got[2], got[3]], [ref[2], ref[3]], rtol=1e-6)
+  resumed = restore(config, run_dir, 3)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9),
+                         (resumed.params, resumed.batch_stats), (final.params, final.batch_stats))
+  assert int(resumed.step) == 6 and int(resumed.nonfinite) == 1
+
+
+def test_loop_stops_after_max_nonfinite_steps(tmp_path, run_loop):
+  config = loop_config(max_nonfinite_steps=2)
+  with pytest.raises(train.NonFiniteLossError, match=r'max_nonfinite_steps=2\); stopped at step 2'):
+    run_loop(config, tmp_path, nan_micro={1, 2, 3})
+  records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert [(r['step'], r['nonfinite_total']) for r in records] == [(1, 1), (2, 3)]
+  # The update that crossed the limit is not checkpointed.
+  kept = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+  assert kept == [1]
+
+
+def test_checkpoint_without_data_iterator_state(tmp_path):
+  """A state-only checkpoint serves evaluation, but training refuses to resume from it
+  (the data stream's position is unknown)."""
+  config = tiny.get_config()
+  mesh = make_mesh()
+  state = state_lib.init_train_state(config, state_lib.create_model(config), mesh)[0]
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
+  ckpt.save(2, state)
+  ckpt.close()
+  assert not (tmp_path / 'checkpoints' / '2' / checkpointing.DATA).exists()
+  restored, _, _, step = state_lib.restore_for_inference(config, str(tmp_path), mesh)
+  assert step == 2
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(restored.params),
+                         jax.device_get(state.params))
+  with pytest.raises(FileNotFoundError, match='no .data_iter. item'):
+    train.train_and_evaluate(config, str(tmp_path))
