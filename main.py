@@ -162,6 +162,8 @@ def main(argv: list[str]) -> None:
   from semask_jax import predict
   from semask_jax import train
   config, workdir = FLAGS.config, FLAGS.workdir
+  if FLAGS.mode == 'predict':
+    predict.check_readable(predict.list_images(FLAGS.input))  # before anything is built
   cache = config.get('compilation_cache_dir', '')
   if cache != 'off':  # a restarted or repeated run loads its compiled programs from disk
     logging.info('Persistent compilation cache: %s', compile_cache.enable(cache or None))
@@ -176,7 +178,6 @@ def main(argv: list[str]) -> None:
     results = eval_and_predict.evaluate_only(config, workdir)
     print(f'Eval: mIoU {results["mIoU"]:.4f}  aAcc {results["aAcc"]:.4f}', flush=True)
   else:
-    predict.check_readable(predict.list_images(FLAGS.input))  # before the model is built
     written = eval_and_predict.predict_only(config, workdir, FLAGS.input, FLAGS.output)
     print(f'Wrote {len(written)} images', flush=True)
 
