@@ -39,6 +39,12 @@ def uniform_init(rngs: nnx.Rngs, shape: tuple[int, ...], bound: float) -> jax.Ar
   return _draw(rngs, shape, "uniform", bound)
 
 
+def xavier_uniform_init(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int,
+                        fan_out: int) -> jax.Array:
+  """torch.nn.init.xavier_uniform_ (Mask2Former's init of its transformer matrices)."""
+  return uniform_init(rngs, shape, float(np.sqrt(6.0 / (fan_in + fan_out))))
+
+
 def linear_init(rngs: nnx.Rngs, shape: tuple[int, ...]) -> jax.Array:
   """Every Linear of the reference backbone ends up trunc_normal(std=0.02) with
   bounds (-2, 2) in absolute terms, i.e. effectively an untruncated normal."""

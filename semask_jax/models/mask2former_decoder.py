@@ -23,10 +23,6 @@ from semask_jax.models.resize import resize_bilinear
 NUM_FEATURE_LEVELS = 3  # Mask2Former always uses three scales.
 
 
-def _xavier(rngs: nnx.Rngs, fan_in: int, fan_out: int, shape: tuple[int, ...]) -> jax.Array:
-  """torch.nn.init.xavier_uniform_ (the reference's init of every decoder matrix)."""
-  return layers.uniform_init(rngs, shape, math.sqrt(6.0 / (fan_in + fan_out)))
-
 
 def _linear(in_features: int, out_features: int, *, xavier: bool, zero_bias: bool = False,
             dtype: jnp.dtype, rngs: nnx.Rngs) -> layers.Linear:
@@ -35,7 +31,8 @@ def _linear(in_features: int, out_features: int, *, xavier: bool, zero_bias: boo
   lin = layers.Linear(in_features, out_features, dtype=dtype, rngs=rngs)
   bound = 1.0 / math.sqrt(in_features)
   if xavier:
-    lin.kernel = nnx.Param(_xavier(rngs, in_features, out_features, (in_features, out_features)))
+    lin.kernel = nnx.Param(layers.xavier_uniform_init(
+        rngs, (in_features, out_features), in_features, out_features))
   else:
     lin.kernel = nnx.Param(layers.uniform_init(rngs, (in_features, out_features), bound))
   if zero_bias:
@@ -57,7 +54,7 @@ class MultiheadAttention(nnx.Module):
                rngs: nnx.Rngs):
     if dim % num_heads:
       raise ValueError(f"MultiheadAttention: {dim} channels not divisible into {num_heads} heads")
-    self.in_proj_weight = nnx.Param(_xavier(rngs, dim, 3 * dim, (dim, 3 * dim)))
+    self.in_proj_weight = nnx.Param(layers.xavier_uniform_init(rngs, (dim, 3 * dim), dim, 3 * dim))
     self.in_proj_bias = nnx.Param(jnp.zeros((3 * dim,), jnp.float32))
     self.out_proj = _linear(dim, dim, xavier=True, zero_bias=True, dtype=dtype, rngs=rngs)
     self.num_heads = num_heads

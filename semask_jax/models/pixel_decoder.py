@@ -26,10 +26,6 @@ NUM_LEVELS = 3  # res5, res4, res3 go through the deformable encoder.
 GROUPS = 32     # the reference's GroupNorm(32, conv_dim).
 
 
-def _xavier(rngs: nnx.Rngs, fan_in: int, fan_out: int, shape: tuple[int, ...]) -> jax.Array:
-  """torch.nn.init.xavier_uniform_."""
-  return layers.uniform_init(rngs, shape, math.sqrt(6.0 / (fan_in + fan_out)))
-
 
 def _linear(in_features: int, out_features: int, *, dtype: jnp.dtype, rngs: nnx.Rngs,
             kernel: jax.Array | None = None, bias: jax.Array | None = None) -> layers.Linear:
@@ -38,7 +34,8 @@ def _linear(in_features: int, out_features: int, *, dtype: jnp.dtype, rngs: nnx.
   `xavier_uniform_` sweep over every matrix)."""
   lin = layers.Linear(in_features, out_features, dtype=dtype, rngs=rngs)
   if kernel is None:
-    kernel = _xavier(rngs, in_features, out_features, (in_features, out_features))
+    kernel = layers.xavier_uniform_init(rngs, (in_features, out_features), in_features,
+                                        out_features)
   if bias is None:
     bias = layers.uniform_init(rngs, (out_features,), 1.0 / math.sqrt(in_features))
   lin.kernel = nnx.Param(jnp.asarray(kernel, jnp.float32))
@@ -230,7 +227,7 @@ def _input_proj(in_ch: int, out_ch: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) ->
   """nn.Sequential(Conv2d 1x1 with bias, GroupNorm(32)) as a list: keys `.0.*`, `.1.*`.
   The reference inits the conv xavier-uniform with a zero bias."""
   conv = layers.Conv2d(in_ch, out_ch, 1, dtype=dtype, rngs=rngs)
-  conv.kernel = nnx.Param(_xavier(rngs, in_ch, out_ch, (1, 1, in_ch, out_ch)))
+  conv.kernel = nnx.Param(layers.xavier_uniform_init(rngs, (1, 1, in_ch, out_ch), in_ch, out_ch))
   conv.bias = nnx.Param(jnp.zeros((out_ch,), jnp.float32))
   return nnx.List([conv, layers.GroupNorm(GROUPS, out_ch, dtype=dtype)])
 
