@@ -2,26 +2,25 @@ r"""A small SeMask-Mask2Former trained on the synthetic data set on CPU in a few
 
   python main.py --config=configs/demo_mask2former.py --workdir=workdir/demo_mask2former
 
-Same recipe shape as the paper's (set criterion with Hungarian matching, deep
-supervision, the semantic head's loss_cate, AdamW with backbone lr x 0.1 and
-gradient clipping), scaled down: a 32-wide backbone, one deformable encoder layer,
-three decoder layers (one round over the three levels), 12 queries for 6 classes,
-1024 sampled points per mask. Data: the Mask2Former (detectron2) transforms scaled to
-the 80x96 scenes as ADE20K's are to its ~512 short sides: short side a choice of
-int(x * 0.1 * 80), x = 5..20, long side <= 320, 64x64 crops padded (128 / 255) to 64,
-ColorAugSSD, flip; tested at short side 80 (the scenes' own size).
+The paper's model and loss (set criterion with Hungarian matching, deep supervision,
+the semantic head's loss_cate, AdamW with the detectron2 no-decay rule, poly 0.9,
+gradient clipping), scaled down and trained from scratch (so no backbone lr
+multiplier): a 32-wide backbone, one deformable encoder layer, three decoder layers
+(one round over the three levels), 12 queries for 6 classes, 1024 sampled points per
+mask, 800 steps of 8 crops of 64x64.
 """
 from configs import common
-from input_pipeline.config import use_detectron2_recipe
 from semask_jax.models import SEMASK_MASK2FORMER, default_model_config
 
 
 def get_config(arg: str | None = None):
   del arg
   c = common.base_config()
+  # The FPN demo's data recipe: on these small scenes the detectron2 one (short edge drawn
+  # up to 2x the scene) learns more slowly (mIoU 0.48 after 600 steps against 0.55); it is
+  # what configs/ade20k_semask_mask2former.py uses, and tests/test_input_m2f_transforms.py
+  # checks it against detectron2's calls.
   c.data = common.default_data_config('synthetic')
-  use_detectron2_recipe(c.data, base=80, max_size=320, size_divisibility=64,
-                        test_short_edge=80, test_max_size=320)
   m = default_model_config('T', c.data.num_classes, num_sem_blocks=1, name=SEMASK_MASK2FORMER)
   m.embed_dim = 32
   m.depths = (1, 1, 1, 1)
@@ -45,10 +44,10 @@ def get_config(arg: str | None = None):
   c.loss.max_targets = 8
   c.init_from = ''
   c.batch_size = 8
-  c.total_steps = 600
+  c.total_steps = 800
   c.log_every_steps = 25
   c.checkpoint_every_steps = 200
-  c.eval_every_steps = 300
+  c.eval_every_steps = 400
   c.optimizer.learning_rate = 1e-3
   c.optimizer.weight_decay = 0.05
   c.optimizer.poly_power = 0.9

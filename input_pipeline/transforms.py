@@ -559,15 +559,16 @@ class PhotometricDistortion(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class NormalizeAndPad(grain.transforms.Map):
-  """Normalise, pad image with 0 and label with 255 to crop size; int32 labels."""
+  """Normalise, pad image with 0 and label with the ignore index to crop size; int32 labels."""
   crop_hw: tuple[int, int]
   mean: tuple[float, ...]
   std: tuple[float, ...]
   keep_index: bool = False
+  ignore_index: int = IGNORE_INDEX
 
   def map(self, ex: Example) -> Example:
     out = {'image': pad_to(normalize(ex['image'], self.mean, self.std), self.crop_hw, 0.0),
-           'label': pad_to(ex['label'], self.crop_hw, IGNORE_INDEX).astype(np.int32)}
+           'label': pad_to(ex['label'], self.crop_hw, self.ignore_index).astype(np.int32)}
     if self.keep_index:
       out['index'] = ex['index']
     return out
@@ -624,15 +625,16 @@ class D2PadAndNormalize(grain.transforms.Map):
   mean: tuple[float, ...]
   std: tuple[float, ...]
   keep_index: bool = False
+  ignore_index: int = IGNORE_INDEX
 
   def map(self, ex: Example) -> Example:
     image, label = ex['image'], ex['label']
     sd = self.size_divisibility
     if sd > 0:
       image = pad_or_crop_to(image, (sd, sd), 128)
-      label = pad_or_crop_to(label, (sd, sd), IGNORE_INDEX)
+      label = pad_or_crop_to(label, (sd, sd), self.ignore_index)
     out = {'image': pad_to(d2_normalize(image, self.mean, self.std), self.out_hw, 0.0),
-           'label': pad_to(label, self.out_hw, IGNORE_INDEX).astype(np.int32)}
+           'label': pad_to(label, self.out_hw, self.ignore_index).astype(np.int32)}
     if self.keep_index:
       out['index'] = ex['index']
     return out
@@ -655,19 +657,20 @@ class EvalTransform(grain.transforms.Map):
   recipe: str = 'mmseg'
   test_short_edge: int = 0
   test_max_size: int = 0
+  ignore_index: int = IGNORE_INDEX
 
   def map(self, ex: Example) -> Example:
     if ex.get('pad', False):
       return {'image': np.zeros((*self.pad_hw, 3), np.float32),
               'image_hw': np.zeros(2, np.int32),
-              'label': np.full(self.label_pad_hw, IGNORE_INDEX, np.int32),
+              'label': np.full(self.label_pad_hw, self.ignore_index, np.int32),
               'label_hw': np.zeros(2, np.int32),
               'valid': np.bool_(False), 'index': np.int32(-1)}
     ex = Decode('pil' if self.recipe == 'detectron2' else 'cv2').map(ex)
     image, hw = test_preprocess(ex['image'], self)
     return {'image': pad_to(image, self.pad_hw, 0.0),
             'image_hw': np.asarray(hw, np.int32),
-            'label': pad_to(ex['label'].astype(np.int32), self.label_pad_hw, IGNORE_INDEX),
+            'label': pad_to(ex['label'].astype(np.int32), self.label_pad_hw, self.ignore_index),
             'label_hw': np.asarray(ex['label'].shape[:2], np.int32),
             'valid': np.bool_(True), 'index': ex['index']}
 
@@ -677,7 +680,7 @@ def eval_transform(cfg, pad_hw: tuple[int, int], label_pad_hw: tuple[int, int]
   """EvalTransform of a data config."""
   return EvalTransform(tuple(cfg.test_scale), tuple(pad_hw), tuple(label_pad_hw),
                        tuple(cfg.mean), tuple(cfg.std), str(cfg.recipe),
-                       int(cfg.test_short_edge), int(cfg.test_max_size))
+                       int(cfg.test_short_edge), int(cfg.test_max_size), int(cfg.ignore_index))
 
 
 def _photometric_params(cfg) -> PhotometricParams:
@@ -704,7 +707,8 @@ def detectron2_train_transforms(cfg) -> list[grain.transforms.Map | grain.transf
     ops.append(ColorAugSSD(_photometric_params(cfg)))
   ops.append(RandomFlip(float(cfg.flip_prob)))
   ops.append(D2PadAndNormalize(int(cfg.size_divisibility), d2_train_out_hw(cfg),
-                               tuple(cfg.mean), tuple(cfg.std), bool(cfg.keep_index)))
+                               tuple(cfg.mean), tuple(cfg.std), bool(cfg.keep_index),
+                               int(cfg.ignore_index)))
   return ops
 
 
@@ -724,5 +728,5 @@ def train_transforms(cfg) -> list[grain.transforms.Map | grain.transforms.Random
   if cfg.photometric:
     ops.append(PhotometricDistortion(_photometric_params(cfg)))
   ops.append(NormalizeAndPad(tuple(cfg.crop_size), tuple(cfg.mean), tuple(cfg.std),
-                             bool(cfg.keep_index)))
+                             bool(cfg.keep_index), int(cfg.ignore_index)))
   return ops

@@ -73,3 +73,19 @@ def test_mask2former_no_decay_and_backbone_masks():
   assert not decay["backbone.layers.0.blocks.0.attn.relative_position_bias_table"]
   assert not decay["backbone.layers.0.semantic_layer.norm1.scale"]
   assert backbone["backbone.patch_embed.proj.kernel"] and not backbone[pd + "mask_features.kernel"]
+
+
+def test_ignore_index_comes_from_the_data_config():
+  """One source for the label value of unlabelled pixels: config.data.ignore_index reaches
+  the crop, the label padding of train and eval batches (and, in train.py / evaluate.py,
+  the loss and the metrics)."""
+  from input_pipeline import transforms as T
+  cfg = common.default_data_config("synthetic")
+  cfg.ignore_index = 254
+  ops = T.train_transforms(cfg)
+  crop = next(op for op in ops if isinstance(op, T.RandomCrop))
+  assert crop.ignore_index == 254 and ops[-1].ignore_index == 254
+  assert T.eval_transform(cfg, (80, 96), (80, 96)).ignore_index == 254
+  d2 = ade20k_semask_mask2former.get_config("T").data
+  d2.ignore_index = 254
+  assert T.train_transforms(d2)[-1].ignore_index == 254

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from semask_jax.models import layers
-from semask_jax.models.config import BackboneConfig
+from semask_jax.models.config import REMAT_POLICIES, BackboneConfig
 from semask_jax.models.semantic_layer import SemanticLayer
 from semask_jax.models.windows import (pad_to_multiple, relative_position_index, shift_mask,
                                        window_partition, window_reverse)
@@ -324,15 +324,11 @@ def remat_policy_fn(name: str):
   attn: everything except what is tagged 'attn' (logits / softmax).
   """
   cp = jax.checkpoint_policies
-  if name == "full":
-    return None
-  if name == "dots":
-    return cp.dots_saveable
-  if name == "dots_no_batch":
-    return cp.dots_with_no_batch_dims_saveable
-  if name == "attn":
-    return cp.save_anything_except_these_names("attn")
-  raise ValueError(f"unknown remat policy {name!r}")
+  policies = {"full": None, "dots": cp.dots_saveable,
+              "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
+              "attn": cp.save_anything_except_these_names("attn")}
+  assert set(policies) == set(REMAT_POLICIES)  # the names ModelConfig validates
+  return policies[name]
 
 
 class _FixedKeys(layers.KeyChain):
