@@ -49,24 +49,28 @@ def fake_model(images):
   return feats.reshape(b, hp // 4, 4, wp // 4, 4, 2).mean((2, 4))
 
 
-def mmseg_slide(img_hwc, crop, stride):
-  """mmseg 0.x EncoderDecoder.slide_inference for one image (numpy/torch)."""
-  h_img, w_img, _ = img_hwc.shape
+def mmseg_slide(x_hwc, crop, stride, encode_decode):
+  """mmseg 0.x EncoderDecoder.slide_inference for one image (before the rescale),
+  transcribed; encode_decode(crop) -> logits at the crop's size."""
+  h_img, w_img, _ = x_hwc.shape
   (h_crop, w_crop), (h_stride, w_stride) = crop, stride
   h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
   w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
-  preds = np.zeros((h_img, w_img, 2), np.float32)
-  count = np.zeros((h_img, w_img, 1), np.float32)
+  preds, count = 0.0, np.zeros((h_img, w_img, 1), np.float32)
   for h_idx in range(h_grids):
     for w_idx in range(w_grids):
       y1, x1 = h_idx * h_stride, w_idx * w_stride
       y2, x2 = min(y1 + h_crop, h_img), min(x1 + w_crop, w_img)
       y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
-      c = img_hwc[y1:y2, x1:x2]
-      logit = np.asarray(fake_model(jnp.asarray(c[None])))[0]
-      preds[y1:y2, x1:x2] += torch_resize(logit, c.shape[:2])
+      crop_logit = encode_decode(x_hwc[y1:y2, x1:x2])
+      preds = preds + np.pad(crop_logit, ((y1, h_img - y2), (x1, w_img - x2), (0, 0)))
       count[y1:y2, x1:x2] += 1
+  assert (count == 0).sum() == 0
   return preds / count
+
+
+def fake_encode_decode(c):
+  return torch_resize(np.asarray(fake_model(jnp.asarray(c[None])))[0], c.shape[:2])
 
 
 def test_slide_inference_matches_mmseg_per_image():
@@ -79,7 +83,7 @@ def test_slide_inference_matches_mmseg_per_image():
       fake_model, jnp.asarray(images), jnp.asarray(hw), (24, 24), (16, 16), 2))
   for b in range(2):
     h, w = hw[b]
-    want = mmseg_slide(images[b, :h, :w], (24, 24), (16, 16))
+    want = mmseg_slide(images[b, :h, :w], (24, 24), (16, 16), fake_encode_decode)
     np.testing.assert_allclose(out[b, :h, :w], want, rtol=1e-5, atol=1e-5)
 
 
@@ -151,26 +155,6 @@ def mmseg_encode_decode(x_hwc):
   return torch_resize(run_model(stand_in, x_hwc), x_hwc.shape[:2])
 
 
-def mmseg_slide_logits(x_hwc, crop, stride):
-  """EncoderDecoder.slide_inference (before the rescale), transcribed."""
-  h_img, w_img, _ = x_hwc.shape
-  (h_crop, w_crop), (h_stride, w_stride) = crop, stride
-  h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
-  w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
-  preds = np.zeros((h_img, w_img, K), np.float32)
-  count = np.zeros((h_img, w_img, 1), np.float32)
-  for h_idx in range(h_grids):
-    for w_idx in range(w_grids):
-      y1, x1 = h_idx * h_stride, w_idx * w_stride
-      y2, x2 = min(y1 + h_crop, h_img), min(x1 + w_crop, w_img)
-      y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
-      crop_logit = mmseg_encode_decode(x_hwc[y1:y2, x1:x2])
-      preds += np.pad(crop_logit, ((y1, h_img - y2), (x1, w_img - x2), (0, 0)))
-      count[y1:y2, x1:x2] += 1
-  assert (count == 0).sum() == 0
-  return preds / count
-
-
 def mmseg_test_images(image_u8, test_scale, ratios, flip):
   """MultiScaleFlipAug(img_ratios, flip) + Resize(keep_ratio) + RandomFlip + Normalize:
   (normalised image, flip) per augmentation, scales outer, flips inner."""
@@ -194,7 +178,8 @@ def mmseg_aug_test(image_u8, test_scale, ratios, flip, mode='whole', crop=None, 
   total = None
   augs = mmseg_test_images(image_u8, test_scale, ratios, flip)
   for x, fl in augs:
-    logit = mmseg_encode_decode(x) if mode == 'whole' else mmseg_slide_logits(x, crop, stride)
+    logit = (mmseg_encode_decode(x) if mode == 'whole'
+             else mmseg_slide(x, crop, stride, mmseg_encode_decode))
     logit = torch_resize(logit, ori)
     out = torch.softmax(torch.from_numpy(logit), dim=-1).numpy()
     if fl:
