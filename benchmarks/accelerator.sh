@@ -2,13 +2,15 @@
 # The accelerator rows of the bench (PERF_NOTES.md), one JSON line each on stdout,
 # for a session that has a GPU or TPU. Run from the repository root:
 #
-#   bash benchmarks/accelerator.sh                 # rows: b_train t_infer
+#   bash benchmarks/accelerator.sh                 # rows: b_train t_infer t_infer_fused b_train_fused
 #   ROWS="b_train b_train_remat t_infer" OUT=/tmp/out PROFILE=1 bash benchmarks/accelerator.sh
 #
 # Rows:
 #   b_train        SeMask-B FPN, ADE20K (150 classes), bfloat16, training step, batch 16, 512x512
 #   b_train_remat  the same with remat full
+#   b_train_fused  b_train with attention_impl=fused (jax.nn.dot_product_attention: cuDNN)
 #   t_infer        SeMask-T FPN, bfloat16 inference, batch 16, 512x512
+#   t_infer_fused  t_infer with attention_impl=fused
 # Each row reports utilization, compile_s (cold), cached_compile_s (from the persistent
 # compilation cache, after jax.clear_caches()), peak_memory_bytes (device peak_bytes_in_use),
 # xla_memory_bytes, images_per_s, the step times and the device. Full JSON files, the logs and,
@@ -21,7 +23,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 OUT=${OUT:-benchmarks/out}
-ROWS=${ROWS:-b_train t_infer}
+ROWS=${ROWS:-b_train t_infer t_infer_fused b_train_fused}
 RUNS=${RUNS:-5}
 mkdir -p "$OUT"
 
@@ -62,7 +64,11 @@ for r in $ROWS; do
     b_train) row b_train --config configs/ade20k_semask_fpn.py:B --mode train --dtype bfloat16 ;;
     b_train_remat) row b_train_remat --config configs/ade20k_semask_fpn.py:B --mode train \
                      --dtype bfloat16 --remat full ;;
+    b_train_fused) row b_train_fused --config configs/ade20k_semask_fpn.py:B --mode train \
+                     --dtype bfloat16 --override attention_impl=fused ;;
     t_infer) row t_infer --config configs/ade20k_semask_fpn.py:T --mode infer --dtype bfloat16 ;;
+    t_infer_fused) row t_infer_fused --config configs/ade20k_semask_fpn.py:T --mode infer \
+                     --dtype bfloat16 --override attention_impl=fused ;;
     *) echo "unknown row $r" >&2; exit 2 ;;
   esac
 done

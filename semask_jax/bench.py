@@ -13,7 +13,8 @@ Reported (and written to --json):
                        jax.clear_caches(), so that it comes from the persistent cache (what a
                        resumed run pays); cached_compile_hit: whether it did (cache-hit event);
                        cached_compile_cpu_s its CPU time. The timed steps run this executable.
-  images_per_s         batch / median wall time of --runs timed steps after --warmup
+  images_per_s         batch / median wall time of --runs steps run back to back after
+                       --warmup (step_times_s)
   flops_per_image      model FLOPs counted from the jaxpr: 2 per multiply-add of every
                        dot_general and conv_general_dilated (the mmcv/fvcore convention).
                        infer: the forward pass; train: forward + backward of the
@@ -25,10 +26,12 @@ Reported (and written to --json):
                        alternately with the step (median)
   utilization          achieved FLOP/s over the matmul rate: the median over runs of
                        flops_per_image * batch / step time / (the faster of the two
-                       matmul timings around that step): robust to a loaded machine
+                       matmul timings around that step), from a second set of --runs
+                       steps alternated with the matmul (alternated_step_times_s):
+                       robust to a loaded machine
   peak_memory_bytes    device peak_bytes_in_use where the backend keeps memory statistics
-                       (GPU, TPU), else the process's peak RSS during the warm-up and timed
-                       steps (CPU: the mark is reset after compiling; where the kernel does
+                       (GPU, TPU), else the process's peak RSS during the warm-up and
+                       back-to-back steps, before the matmul exists (CPU: the mark is reset after compiling; where the kernel does
                        not allow that, the whole process's peak, compiler included)
   process_peak_rss_bytes, compile_peak_rss_bytes   the whole process's peak RSS at the end
                        and right after compiling (XLA's compiler is often the largest user)
@@ -477,23 +480,30 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
   xla_flops, xla_mem = _xla_costs(compiled, batch)
   compile_peak_rss = process_peak_rss()
   rss_was_reset = reset_peak_rss()
-  # The matmul reference and the step are timed alternately, so that both see
-  # the same machine load; utilization is the median of the per-run ratios.
-  mm_call, mm_flops = make_matmul(cdtype, matmul_n)
+  # Speed and memory: the steps back to back, as a training or inference loop runs them.
   for _ in range(warmup):
     _block(call())
-  times, rates = [], []
+  times = []
   if profile_dir:
     jax.profiler.start_trace(profile_dir)
   try:
     for _ in range(runs):
-      rates.append(mm_flops / _time(mm_call, 0, 1)[0])
       with jax.profiler.StepTraceAnnotation(mode, step_num=len(times)):
         times.append(_time(call, 0, 1)[0])
-    rates.append(mm_flops / _time(mm_call, 0, 1)[0])
   finally:
     if profile_dir:
       jax.profiler.stop_trace()
+  peak, peak_kind = peak_memory(rss_was_reset)
+  # Utilization: the matmul reference and the step timed alternately, so that both see
+  # the same machine load; the median of the per-run ratios. (Alternating slows the
+  # step on CPU by up to ~25 %: caches and thread pools are the matmul's in between;
+  # hence the separate timing above.)
+  mm_call, mm_flops = make_matmul(cdtype, matmul_n)
+  alt_times, rates = [], []
+  for _ in range(runs):
+    rates.append(mm_flops / _time(mm_call, 0, 1)[0])
+    alt_times.append(_time(call, 0, 1)[0])
+  rates.append(mm_flops / _time(mm_call, 0, 1)[0])
   if mode == "train":
     final_loss = float(call())
     if not np.isfinite(final_loss):
@@ -502,7 +512,7 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
   images_per_s = batch / median
   mm = statistics.median(rates)
   utilization = statistics.median(
-      [model_flops * batch / t / max(r0, r1) for t, r0, r1 in zip(times, rates, rates[1:])])
+      [model_flops * batch / t / max(r0, r1) for t, r0, r1 in zip(alt_times, rates, rates[1:])])
   peak, peak_kind = peak_memory(rss_was_reset)
   dev = jax.devices()[0]
   return dict(
@@ -518,6 +528,7 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
       hw_flops_per_image=hw_flops, xla_flops_per_image=xla_flops,
       achieved_flops_per_s=model_flops * images_per_s,
       matmul_flops_per_s=mm, matmul_flops_per_s_samples=rates,
+      alternated_step_times_s=alt_times,
       utilization=utilization,
       peak_memory_bytes=peak, peak_memory_kind=peak_kind, xla_memory_bytes=xla_mem,
       process_peak_rss_bytes=process_peak_rss(), compile_peak_rss_bytes=compile_peak_rss,

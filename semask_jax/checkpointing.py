@@ -61,6 +61,35 @@ class Checkpointer:
                        f'or optimizer (was the config changed since it was written?): {e}') from e
     return restored[STATE]
 
+  def restore_fields(self, step: int, abstract_fields: dict[str, Any]) -> dict[str, Any]:
+    """Restores only some top-level fields of a saved train state (inference: params and
+    batch_stats, without the optimizer state, twice the model's size, or the iterator).
+
+    abstract_fields: {field: tree of ShapeDtypeStructs with shardings}. The stored
+    fields must have exactly these leaves and shapes (a checkpoint of another model
+    is refused, as `restore` does).
+    """
+    reader = ocp.CheckpointManager(self.directory,
+                                   item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
+    try:
+      stored = reader.item_metadata(step)[STATE]
+      problems = []
+      for field, target in abstract_fields.items():
+        have = _shapes(stored.get(field, {}) if hasattr(stored, 'get') else {})
+        want = _shapes(target)
+        problems += [f'{field}.{k}: stored {have.get(k, "missing")}, expected {want.get(k, "none")}'
+                     for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+      if problems:
+        raise ValueError(f'checkpoint {self.directory}/{step} does not match this config\'s '
+                         f'model ({len(problems)} differences): ' + '; '.join(problems[:8]))
+      restore_args = jax.tree_util.tree_map(
+          lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract_fields)
+      restored = reader.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+          abstract_fields, restore_args=restore_args, partial_restore=True)}))
+    finally:
+      reader.close()
+    return dict(restored[STATE])
+
   def _has_item(self, step: int, name: str) -> bool:
     return os.path.isdir(os.path.join(self.directory, str(step), name))
 
@@ -70,6 +99,13 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'a.b.c': shape} of a tree of arrays, ShapeDtypeStructs or orbax array metadata."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'.'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path):
+          tuple(getattr(leaf, 'shape', ())) for path, leaf in flat}
 
 
 def abstract_like(tree: Any) -> Any:

@@ -30,11 +30,11 @@ from semask_jax import sharding as sharding_lib
 from semask_jax.metrics import format_table
 from semask_jax.models import model_class
 from semask_jax.models.semask_mask2former import SeMaskMask2Former
-from semask_jax.state import TrainState, merge_model, restore_for_inference
+from semask_jax.state import InferenceState, TrainState, merge_model, restore_for_inference
 
 
 def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
-                 mesh: jax.sharding.Mesh) -> Callable[[TrainState], dict[str, Any]]:
+                 mesh: jax.sharding.Mesh) -> Callable[[TrainState | InferenceState], dict[str, Any]]:
   """state -> metrics dict over the whole eval split (confusion matrix on device)."""
   info = input_pipeline.dataset_info(config.data.name)
   num_classes = config.model.num_classes
@@ -56,7 +56,7 @@ def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
                       compiler_options=sharding_lib.compiler_options(config))
   to_global = lambda b: input_pipeline.make_global_batch(b, mesh)  # noqa: E731
 
-  def run(state: TrainState) -> dict[str, Any]:
+  def run(state: TrainState | InferenceState) -> dict[str, Any]:
     batches = input_pipeline.create_eval_iterator(config.data,
                                                   global_batch_size=config.eval.batch_size)
     return evaluate_lib.evaluate(eval_step, (state.params, state.batch_stats), batches,
@@ -89,7 +89,7 @@ def make_per_image_inference(config: ml_collections.ConfigDict, graphdef: Any, r
 
 
 def evaluate_per_image(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
-                       state: TrainState) -> dict[str, Any]:
+                       state: TrainState | InferenceState) -> dict[str, Any]:
   """mIoU as the reference computes it: each eval image alone at its own size (see
   evaluate.PerImageInference); every input shape compiled once, ahead of time
   (config.eval.precompile, default on), through the persistent compilation cache."""

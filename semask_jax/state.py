@@ -70,23 +70,43 @@ def init_train_state(config: ml_collections.ConfigDict, model: nnx.Module, mesh:
   return sharding_lib.replicate(host, mesh), graphdef, rest, tx, schedule
 
 
+@flax.struct.dataclass
+class InferenceState:
+  """What evaluation and prediction need of a train state."""
+  params: Any
+  batch_stats: Any
+
+
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
-                          mesh: jax.sharding.Mesh) -> tuple[TrainState, Any, Any, int]:
-  """(state, graphdef, rest, step) from workdir's latest checkpoint, or config.init_from."""
+                          mesh: jax.sharding.Mesh) -> tuple[InferenceState, Any, Any, int]:
+  """(state, graphdef, rest, step) from workdir's latest checkpoint, or config.init_from.
+
+  From a checkpoint, only params and batch_stats are read, into a model built
+  abstractly: no random initialisation, no optimizer state (AdamW's is twice the
+  model), so inference holds one copy of the weights.
+  """
   ckpt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
   ckpt = checkpointing.Checkpointer(ckpt_dir, async_save=False) if os.path.isdir(ckpt_dir) else None
   latest = ckpt.latest_step() if ckpt else None
-  if latest is None and not config.get('init_from'):  # before building the model: fail fast
+  try:
+    if latest is None:
+      if not config.get('init_from'):  # before building the model: fail fast
+        raise FileNotFoundError(f'no checkpoint in {ckpt_dir} and no config.init_from: '
+                                'nothing to evaluate or predict with')
+      graphdef, params, batch_stats, rest = split_model(create_model(config))
+      state = InferenceState(*sharding_lib.replicate((params, batch_stats), mesh))
+      return state, graphdef, rest, 0
+    abstract = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(config.seed)))
+    graphdef, params, batch_stats, rest = split_model(abstract)
+    if jax.tree_util.tree_leaves(rest):  # not checkpointed: would need a concrete init
+      raise NotImplementedError('model has variables other than params and batch_stats')
+    replicated = sharding_lib.replicated(mesh)
+    target = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        {'params': params, 'batch_stats': batch_stats})
+    restored = ckpt.restore_fields(latest, target)
+    # checkpoints are numbered by optimizer updates
+    return InferenceState(restored['params'], restored['batch_stats']), graphdef, rest, latest
+  finally:
     if ckpt:
       ckpt.close()
-    raise FileNotFoundError(f'no checkpoint in {ckpt_dir} and no config.init_from: '
-                            'nothing to evaluate or predict with')
-  model = create_model(config)
-  state, graphdef, rest, _, _ = init_train_state(config, model, mesh)
-  step = 0
-  if latest is not None:
-    state = ckpt.restore(latest, checkpointing.abstract_like(state))
-    step = latest  # checkpoints are numbered by optimizer updates
-  if ckpt:
-    ckpt.close()
-  return state, graphdef, rest, step

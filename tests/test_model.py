@@ -199,6 +199,23 @@ def test_remat_gives_the_same_loss_and_gradients():
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def test_fused_window_attention_is_the_same_function():
+  """attention_impl='fused' (jax.nn.dot_product_attention, cuDNN on GPUs) against the
+  einsum path: loss and gradients of a training step, shifted windows and window
+  padding included (40x36 -> stage 0 10x9 tokens, windows of 4)."""
+  res = []
+  for impl in ("einsum", "fused"):
+    model = build_model(tiny_config(depths=(2, 2, 1, 1), attention_impl=impl), rngs=nnx.Rngs(0))
+    step, params, rest = _train_step_fn(model)
+    images = jax.random.normal(jax.random.key(0), (2, 40, 36, 3))
+    labels = jax.random.randint(jax.random.key(1), (2, 40, 36), 0, 5)
+    res.append(step(params, rest, images, labels, jax.random.key(3)))
+  for a, b in zip(jax.tree.leaves(res[0]), jax.tree.leaves(res[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="attention_impl 'flash' not in"):
+    build_model(tiny_config(attention_impl="flash"), rngs=nnx.Rngs(0))
+
+
 def test_train_mode_randomness_is_keyed():
   model = build_model(tiny_config(depths=(1, 1, 1, 1)), rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))

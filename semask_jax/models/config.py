@@ -30,6 +30,10 @@ MODEL_NAMES = (SEMASK_FPN, SEMASK_MASK2FORMER)
 REMAT_POLICIES = ("full", "dots", "dots_no_batch", "attn")
 DTYPES = ("float32", "bfloat16", "float16")
 SEM_ATTENTIONS = ("semantic", "plain")
+# How a Swin window attention is computed (swin.WindowAttention.attend): "einsum", two
+# einsums around a float32 softmax; "fused", jax.nn.dot_product_attention (cuDNN's
+# fused attention on NVIDIA GPUs where it applies, XLA elsewhere). Same function.
+ATTENTION_IMPLS = ("einsum", "fused")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +54,7 @@ class BackboneConfig:
   remat: bool = False
   remat_policy: str = "full"
   dtype: str = "float32"            # compute dtype; parameters stay float32
+  attention_impl: str = "einsum"    # Swin window attention: ATTENTION_IMPLS
 
   @property
   def num_stages(self) -> int:
@@ -123,7 +128,7 @@ _HEAD_KEYS = {
     SEMASK_MASK2FORMER: tuple(f.name for f in dataclasses.fields(Mask2FormerHeadConfig)),
 }
 # Keys that configs may lack, with their meaning when absent.
-_OPTIONAL_KEYS = ("name", "remat_policy", "sem_global")
+_OPTIONAL_KEYS = ("name", "remat_policy", "sem_global", "attention_impl")
 
 
 def model_keys(name: str = SEMASK_FPN) -> tuple[str, ...]:
@@ -183,7 +188,8 @@ def default_model_config(variant: str = "T", num_classes: int = 150, *,
       window_size=v["window_size"], sem_window_size=v["window_size"],
       num_classes=num_classes, num_sem_blocks=num_sem_blocks,
       use_gamma=True, sem_attention="semantic", sem_dropout=0.1,
-      drop_path_rate=0.3, dtype="float32", remat=False, remat_policy="full"))
+      drop_path_rate=0.3, dtype="float32", remat=False, remat_policy="full",
+      attention_impl="einsum"))
   head_cls = FPNHeadConfig if name == SEMASK_FPN else Mask2FormerHeadConfig
   for f in dataclasses.fields(head_cls):
     cfg[f.name] = f.default
@@ -251,6 +257,9 @@ def validate_model_config(cfg: Mapping[str, Any]) -> None:
   policy = cfg.get("remat_policy", "full")
   if policy not in REMAT_POLICIES:
     raise ValueError(f"model config: remat_policy {policy!r} not in {REMAT_POLICIES}")
+  impl = cfg.get("attention_impl", "einsum")
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"model config: attention_impl {impl!r} not in {ATTENTION_IMPLS}")
   if name == SEMASK_MASK2FORMER:
     for a, b in (("conv_dim", "nheads"), ("hidden_dim", "nheads")):
       if cfg[a] % cfg[b]:

@@ -228,6 +228,10 @@ class KeyChain:
     self._rng = rng
     self._n = 0
 
+  @property
+  def deterministic(self) -> bool:
+    return self._rng is None
+
   def next(self) -> jax.Array | None:
     if self._rng is None:
       return None

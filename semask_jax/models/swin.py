@@ -39,8 +39,10 @@ class Mlp(nnx.Module):
 class WindowAttention(nnx.Module):
   """Multi-head attention inside m x m windows with the relative position bias."""
 
-  def __init__(self, dim: int, num_heads: int, window_size: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, num_heads: int, window_size: int, *, dtype, rngs: nnx.Rngs,
+               impl: str = "einsum"):
     self.num_heads = num_heads
+    self.impl = impl
     self.window_size = window_size
     self.scale = (dim // num_heads) ** -0.5
     self.relative_position_bias_table = nnx.Param(
@@ -69,6 +71,8 @@ class WindowAttention(nnx.Module):
     c, h = c3 // 3, self.num_heads
     qkv = qkv.reshape(b, nw, n, 3, h, c // h)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # [B, nW, N, h, d]
+    if self.impl == "fused":
+      return self._fused(q, k, v, mask).reshape(b, nw, n, c)
     q = q * jnp.asarray(self.scale, q.dtype)
     logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k).astype(jnp.float32)
     logits = logits + self.relative_bias()[None, None]
@@ -78,17 +82,38 @@ class WindowAttention(nnx.Module):
     attn = checkpoint_name(attn, "attn")
     return jnp.einsum("bwhqk,bwkhd->bwqhd", attn, v).reshape(b, nw, n, c)
 
+  def _fused(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: np.ndarray | None
+             ) -> jax.Array:
+    """jax.nn.dot_product_attention with the windows as its batch: q, k, v [B, nW, N, h, d].
+
+    The relative-position bias (and the shift mask) enter as one additive bias in
+    the compute dtype: [1, h, N, N] for all windows, or with a mask one per window
+    tiled over the images ([B * nW, h, N, N]; cuDNN wants the bias's batch whole or
+    1). The einsum path adds them in float32, as the reference does under AMP: in
+    bfloat16 the two differ by the bias's rounding.
+    """
+    b, nw, n, h, d = q.shape
+    bias = self.relative_bias()[None]  # [1, h, N, N]
+    if mask is not None:
+      bias = bias + jnp.asarray(mask)[:, None]  # [nW, h, N, N]
+      bias = jnp.broadcast_to(bias[None], (b, nw, h, n, n)).reshape(b * nw, h, n, n)
+    fold = lambda t: t.reshape(b * nw, n, h, d)  # noqa: E731
+    out = jax.nn.dot_product_attention(fold(q), fold(k), fold(v), bias=bias.astype(q.dtype),
+                                       scale=float(self.scale))
+    return out.reshape(b, nw, n, h, d)
+
 
 class SwinBlock(nnx.Module):
   """(Shifted) window attention + MLP, pre-norm, with stochastic depth."""
 
   def __init__(self, dim: int, num_heads: int, window_size: int, shift: int,
-               drop_path: float, *, dtype, rngs: nnx.Rngs):
+               drop_path: float, *, dtype, rngs: nnx.Rngs, attention_impl: str = "einsum"):
     self.window_size = window_size
     self.shift = shift
     self.drop_path = drop_path
     self.norm1 = layers.LayerNorm(dim, dtype=dtype)
-    self.attn = WindowAttention(dim, num_heads, window_size, dtype=dtype, rngs=rngs)
+    self.attn = WindowAttention(dim, num_heads, window_size, dtype=dtype, rngs=rngs,
+                                impl=attention_impl)
     self.norm2 = layers.LayerNorm(dim, dtype=dtype)
     self.mlp = Mlp(dim, 4 * dim, dtype=dtype, rngs=rngs)
 
@@ -166,10 +191,10 @@ class BasicLayer(nnx.Module):
                drop_paths: Sequence[float], *, num_classes: int, num_sem_blocks: int,
                sem_window_size: int, sem_global: bool, use_gamma: bool, sem_attention: str,
                sem_dropout: float, downsample: bool, remat: bool, dtype, rngs: nnx.Rngs,
-               remat_policy: str = "full"):
+               remat_policy: str = "full", attention_impl: str = "einsum"):
     self.blocks = nnx.List([
         SwinBlock(dim, num_heads, window_size, 0 if j % 2 == 0 else window_size // 2,
-                  drop_paths[j], dtype=dtype, rngs=rngs)
+                  drop_paths[j], dtype=dtype, rngs=rngs, attention_impl=attention_impl)
         for j in range(depth)])
     self.semantic_layer = (
         SemanticLayer(dim, num_classes, num_sem_blocks, window_size=sem_window_size,
@@ -203,10 +228,15 @@ class BasicLayer(nnx.Module):
     Keys are drawn in the order of a loop over the blocks, so a step's drop-path
     draws are those of the unrolled loop. A trailing block of an odd depth runs
     after the scan. `scan_blocks = False` unrolls (same values).
+
+    Inference (no keys) unrolls: there the stacked copy of the stage's weights is
+    most of the step's temporary memory (SeMask-B at 512x512 on CPU: 360 MB of
+    temporaries scanned, 178 MB unrolled, 5 % faster, the same compile time).
     """
     depth = len(self.blocks)
     ks = [keys.next() for _ in range(2 * depth)]  # two per block: after attention, after MLP
-    pairs = depth // 2 if getattr(self, "scan_blocks", True) else 0
+    scan = getattr(self, "scan_blocks", True) and not keys.deterministic
+    pairs = depth // 2 if scan else 0
     if pairs:
       stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
       even = stack([nnx.state(self.blocks[2 * i]) for i in range(pairs)])  # [pairs, ...]
@@ -360,7 +390,7 @@ class SeMaskSwin(nnx.Module):
           sem_window_size=c.sem_window_size, sem_global=c.sem_global[i],
           use_gamma=c.use_gamma, sem_attention=c.sem_attention, sem_dropout=c.sem_dropout,
           downsample=i < c.num_stages - 1, remat=c.remat, remat_policy=c.remat_policy,
-          dtype=dtype, rngs=rngs))
+          attention_impl=c.attention_impl, dtype=dtype, rngs=rngs))
     self.layers = nnx.List(stage_layers)
     for i in range(c.num_stages):
       setattr(self, f"norm{i}", layers.LayerNorm(c.widths[i], dtype=dtype))
