@@ -513,7 +513,6 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
   mm = statistics.median(rates)
   utilization = statistics.median(
       [model_flops * batch / t / max(r0, r1) for t, r0, r1 in zip(alt_times, rates, rates[1:])])
-  peak, peak_kind = peak_memory(rss_was_reset)
   dev = jax.devices()[0]
   return dict(
       config=config or f"variant={variant},num_classes={num_classes}",
