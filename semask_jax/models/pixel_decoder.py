@@ -10,6 +10,7 @@ coarsest first, as in the reference.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -83,6 +84,33 @@ def deform_attn_core(value: jax.Array, spatial_shapes: tuple[tuple[int, int], ..
   return out.reshape(b, q, m * d).astype(value.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _deform_attn_core_remat(value: jax.Array, spatial_shapes: tuple[tuple[int, int], ...],
+                            locations: jax.Array, weights: jax.Array) -> jax.Array:
+  """deform_attn_core whose backward pass gathers the corner taps again instead of
+  keeping them: they are [B, Q, M, L*P*4, D] float32 per layer, 32x the value they
+  are read from. As swin.sequenced_remat: the recomputation waits for the output's
+  cotangent (layers.after), else XLA:CPU runs it early and keeps it live all the same.
+  """
+  return deform_attn_core(value, spatial_shapes, locations, weights)
+
+
+def _deform_fwd(value, spatial_shapes, locations, weights):
+  return deform_attn_core(value, spatial_shapes, locations, weights), (value, locations, weights)
+
+
+def _deform_bwd(spatial_shapes, res, ct):
+  value, locations, weights = res
+  value = layers.after(value, ct)
+  value, locations, weights = jax.lax.optimization_barrier((value, locations, weights))
+  _, vjp = jax.vjp(lambda v, l, w: deform_attn_core(v, spatial_shapes, l, w),
+                   value, locations, weights)
+  return vjp(ct)
+
+
+_deform_attn_core_remat.defvjp(_deform_fwd, _deform_bwd)
+
+
 def reference_points(spatial_shapes: tuple[tuple[int, int], ...]) -> np.ndarray:
   """Deformable DETR's encoder reference points (valid ratios 1): each token's own pixel
   centre ((j + 0.5) / W_l, (i + 0.5) / H_l), (x, y) order -> [S, 2] float32."""
@@ -138,7 +166,7 @@ class MSDeformAttn(nnx.Module):
     normaliser = np.array([[w, h] for h, w in spatial_shapes], np.float32)  # [L, 2]
     locations = (reference[:, :, None, None, None, :].astype(jnp.float32)
                  + offsets / normaliser[:, None, :])                     # [B, Q, M, L, P, 2]
-    out = deform_attn_core(value, spatial_shapes, locations, weights)    # [B, Q, C]
+    out = _deform_attn_core_remat(value, spatial_shapes, locations, weights)  # [B, Q, C]
     return self.output_proj(out)
 
 

@@ -285,18 +285,6 @@ class BasicLayer(nnx.Module):
                      policy=remat_policy_fn(self.remat_policy))(module, x, sub)
 
 
-def _after(x: jax.Array, ct: Any) -> jax.Array:
-  """x, made to depend on the cotangent ct: x + 0 * ct[:, :1, :1, :1].
-
-  Equal to x for finite ct (XLA does not fold a float multiply by zero, since
-  inf * 0 is nan) but not computable before ct is. One element per example,
-  so that a batch-sharded step needs no communication for it.
-  """
-  ct = jax.tree.leaves(ct)[0]  # [B, ...]; any output's cotangent will do
-  corner = ct[(slice(None),) + (slice(0, 1),) * (ct.ndim - 1)]  # [B, 1, 1, 1]
-  return x + (corner * 0).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-
-
 def sequenced_remat(block: nnx.Module, x: jax.Array, keys: list[jax.Array]) -> Any:
   """block(x, keys) whose backward pass recomputes the forward, like
   jax.checkpoint, but only once the block's output cotangent exists.
@@ -307,7 +295,7 @@ def sequenced_remat(block: nnx.Module, x: jax.Array, keys: list[jax.Array]) -> A
   With plain jax.checkpoint, XLA:CPU (whose scheduler ignores optimization
   barriers) starts the recomputations of several blocks early and keeps them
   all live, so remat used *more* memory than no remat. Here the recomputation
-  reads the block input through `_after(x, ct)`, so blocks are recomputed one
+  reads the block input through `layers.after(x, ct)`, so blocks are recomputed one
   at a time, in backward order. Same values and gradients as jax.checkpoint.
   """
   graphdef, state = nnx.split(block)
@@ -330,7 +318,7 @@ def _sequenced_remat(apply: Any, state: Any, x: jax.Array, keys: Any, *consts: A
 
   def bwd(res, ct):
     state, x, keys, consts = res
-    x = _after(x, ct)
+    x = layers.after(x, ct)
     # Fresh copies of the parameters for the recomputation: otherwise XLA merges
     # its parameter-only values (broadcast norm scales and biases, the relative
     # position bias + shift mask) with the forward's and keeps them live in between.
