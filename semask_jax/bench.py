@@ -31,8 +31,9 @@ Reported (and written to --json):
                        robust to a loaded machine
   peak_memory_bytes    device peak_bytes_in_use where the backend keeps memory statistics
                        (GPU, TPU), else the process's peak RSS during the warm-up and
-                       back-to-back steps, before the matmul exists (CPU: the mark is reset after compiling; where the kernel does
-                       not allow that, the whole process's peak, compiler included)
+                       back-to-back steps, before the matmul exists (CPU: the mark is
+                       reset after compiling; where the kernel does not allow that, the
+                       whole process's peak, compiler included)
   process_peak_rss_bytes, compile_peak_rss_bytes   the whole process's peak RSS at the end
                        and right after compiling (XLA's compiler is often the largest user)
   xla_memory_bytes     arguments + outputs + temporaries of the compiled step (XLA's

@@ -15,6 +15,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from semask_jax import optim
+
 STATE = 'state'
 DATA = 'data_iter'
 
@@ -103,9 +105,8 @@ class Checkpointer:
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """{'a.b.c': shape} of a tree of arrays, ShapeDtypeStructs or orbax array metadata."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'.'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path):
-          tuple(getattr(leaf, 'shape', ())) for path, leaf in flat}
+  return {optim.param_name(path): tuple(getattr(leaf, 'shape', ()))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def abstract_like(tree: Any) -> Any:
