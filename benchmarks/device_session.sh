@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One lease of a GPU machine, prepared: the accelerator rows (accelerator.sh) inside a time
+# budget, a device-time summary of the first row's profile (trace_summary.py), then the
+# golden tests with whatever time is left. Everything it keeps goes to $RESULTS (at most
+# 8 files): one <row>.json per row, logs.tgz (logs, trace summary, golden log),
+# profile.tgz and xplane.tgz (the first row's jax.profiler trace, Perfetto and XProf forms).
+#
+#   RESULTS=/tmp/r BUDGET_S=540 bash benchmarks/device_session.sh
+#
+# BUDGET_S: seconds for the whole script (rows are stopped at the budget, the rest skipped);
+# ROWS: as accelerator.sh (default b_train t_infer t_infer_fused b_train_fused);
+# GOLDEN_DIR: a copy of ../shared/golden (the tests' SEMASK_GOLDEN_DIR), if it travelled.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+BUDGET_S=${BUDGET_S:-540}
+RESULTS=${RESULTS:?set RESULTS to the folder that comes back}
+ROWS=${ROWS:-b_train t_infer t_infer_fused b_train_fused}
+work=$(mktemp -d /tmp/semask_session_XXXX)
+left() { echo $(( BUDGET_S - ($(date +%s) - start) )); }
+
+first=1
+for r in $ROWS; do
+  t=$(( $(left) - 30 ))
+  if [ "$t" -lt 60 ]; then echo "# skipped $r: ${t}s left" >&2; continue; fi
+  echo "# row $r (limit ${t}s) at +$(( $(date +%s) - start ))s" >&2
+  PROFILE=$first ROWS=$r OUT=$work timeout "$t" bash benchmarks/accelerator.sh
+  [ -f "$work/$r.json" ] && cp "$work/$r.json" "$RESULTS/"
+  if [ "$first" = 1 ] && [ -d "$work/profile_$r" ]; then
+    ${PYTHON:-python} benchmarks/trace_summary.py "$work/profile_$r" --top 40 \
+      --json "$work/trace_summary_$r.json" | tee "$work/trace_summary_$r.md"
+    # The Perfetto/Chrome trace and the XProf xplane apart: each file must stay under the
+    # size that comes back.
+    (cd "$work" && find "profile_$r" -name '*.trace.json.gz' | tar czf "$RESULTS/profile.tgz" -T -
+     find "profile_$r" -name '*.xplane.pb' | tar czf "$RESULTS/xplane.tgz" -T -)
+  fi
+  first=0
+done
+
+t=$(( $(left) - 20 ))
+if [ -n "${GOLDEN_DIR:-}" ] && [ "$t" -ge 60 ]; then
+  echo "# golden tests (limit ${t}s) at +$(( $(date +%s) - start ))s" >&2
+  # JAX_PLATFORMS and XLA_FLAGS set (empty) so that tests/conftest.py keeps the accelerator.
+  JAX_PLATFORMS= XLA_FLAGS= SEMASK_GOLDEN_DIR=$GOLDEN_DIR timeout "$t" ${PYTHON:-python} -m pytest -q -x -p no:cacheprovider \
+    tests/test_golden.py 2>&1 | tee "$work/golden.log" | tail -15
+fi
+tar czf "$RESULTS/logs.tgz" -C "$work" --exclude 'profile_*' .
+echo "# done at +$(( $(date +%s) - start ))s" >&2
