@@ -9,7 +9,8 @@
 #
 # BUDGET_S: seconds for the whole script (rows are stopped at the budget, the rest skipped);
 # ROWS: as accelerator.sh (default b_train t_infer t_infer_fused b_train_fused);
-# GOLDEN_DIR: a copy of ../shared/golden (the tests' SEMASK_GOLDEN_DIR), if it travelled.
+# GOLDEN_DIR: a copy of ../shared/golden (the tests' SEMASK_GOLDEN_DIR, with train/ and
+# mask2former/), if it travelled; GOLDEN_TESTS: the test files (default tests/test_golden.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -41,8 +42,10 @@ t=$(( $(left) - 20 ))
 if [ -n "${GOLDEN_DIR:-}" ] && [ "$t" -ge 60 ]; then
   echo "# golden tests (limit ${t}s) at +$(( $(date +%s) - start ))s" >&2
   # JAX_PLATFORMS and XLA_FLAGS set (empty) so that tests/conftest.py keeps the accelerator.
-  JAX_PLATFORMS= XLA_FLAGS= SEMASK_GOLDEN_DIR=$GOLDEN_DIR timeout "$t" ${PYTHON:-python} -m pytest -q -x -p no:cacheprovider \
-    tests/test_golden.py 2>&1 | tee "$work/golden.log" | tail -15
+  JAX_PLATFORMS= XLA_FLAGS= SEMASK_GOLDEN_DIR=$GOLDEN_DIR \
+    SEMASK_TRAIN_GOLDEN_DIR=$GOLDEN_DIR/train SEMASK_M2F_GOLDEN_DIR=$GOLDEN_DIR/mask2former \
+    timeout "$t" ${PYTHON:-python} -m pytest -v -p no:cacheprovider --durations=0 \
+    ${GOLDEN_TESTS:-tests/test_golden.py} 2>&1 | tee "$work/golden.log" | grep -E "PASS|FAIL|ERROR|passed|failed|s call"
 fi
 tar czf "$RESULTS/logs.tgz" -C "$work" --exclude 'profile_*' .
 echo "# done at +$(( $(date +%s) - start ))s" >&2

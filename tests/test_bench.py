@@ -143,10 +143,8 @@ def test_scanned_stages_equal_the_unrolled_blocks():
 
   def grad_fn(remat, scan):
     """A jitted (params, rng) -> (loss, grads), and the params."""
-    cfg.remat = remat
+    cfg.remat, cfg.scan_blocks = remat, scan
     model = build_model(cfg, rngs=nnx.Rngs(0))
-    for stage in model.backbone.layers:
-      stage.scan_blocks = scan
     g, p, r = nnx.split(model, nnx.Param, ...)
 
     def f(p, rng):

@@ -55,6 +55,7 @@ class BackboneConfig:
   remat_policy: str = "full"
   dtype: str = "float32"            # compute dtype; parameters stay float32
   attention_impl: str = "einsum"    # Swin window attention: ATTENTION_IMPLS
+  scan_blocks: bool = True          # training: Swin block pairs under lax.scan (else unrolled)
 
   @property
   def num_stages(self) -> int:
@@ -128,7 +129,7 @@ _HEAD_KEYS = {
     SEMASK_MASK2FORMER: tuple(f.name for f in dataclasses.fields(Mask2FormerHeadConfig)),
 }
 # Keys that configs may lack, with their meaning when absent.
-_OPTIONAL_KEYS = ("name", "remat_policy", "sem_global", "attention_impl")
+_OPTIONAL_KEYS = ("name", "remat_policy", "sem_global", "attention_impl", "scan_blocks")
 
 
 def model_keys(name: str = SEMASK_FPN) -> tuple[str, ...]:
@@ -189,7 +190,7 @@ def default_model_config(variant: str = "T", num_classes: int = 150, *,
       num_classes=num_classes, num_sem_blocks=num_sem_blocks,
       use_gamma=True, sem_attention="semantic", sem_dropout=0.1,
       drop_path_rate=0.3, dtype="float32", remat=False, remat_policy="full",
-      attention_impl="einsum"))
+      attention_impl="einsum", scan_blocks=True))
   head_cls = FPNHeadConfig if name == SEMASK_FPN else Mask2FormerHeadConfig
   for f in dataclasses.fields(head_cls):
     cfg[f.name] = f.default

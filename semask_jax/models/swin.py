@@ -191,7 +191,8 @@ class BasicLayer(nnx.Module):
                drop_paths: Sequence[float], *, num_classes: int, num_sem_blocks: int,
                sem_window_size: int, sem_global: bool, use_gamma: bool, sem_attention: str,
                sem_dropout: float, downsample: bool, remat: bool, dtype, rngs: nnx.Rngs,
-               remat_policy: str = "full", attention_impl: str = "einsum"):
+               remat_policy: str = "full", attention_impl: str = "einsum",
+               scan_blocks: bool = True):
     self.blocks = nnx.List([
         SwinBlock(dim, num_heads, window_size, 0 if j % 2 == 0 else window_size // 2,
                   drop_paths[j], dtype=dtype, rngs=rngs, attention_impl=attention_impl)
@@ -204,6 +205,7 @@ class BasicLayer(nnx.Module):
     self.downsample = PatchMerging(dim, dtype=dtype, rngs=rngs) if downsample else None
     self.remat = remat
     self.remat_policy = remat_policy
+    self.scan_blocks = scan_blocks
 
   def __call__(self, x: jax.Array, keys: layers.KeyChain
                ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
@@ -235,7 +237,7 @@ class BasicLayer(nnx.Module):
     """
     depth = len(self.blocks)
     ks = [keys.next() for _ in range(2 * depth)]  # two per block: after attention, after MLP
-    scan = getattr(self, "scan_blocks", True) and not keys.deterministic
+    scan = self.scan_blocks and not keys.deterministic
     pairs = depth // 2 if scan else 0
     if pairs:
       stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
@@ -378,7 +380,7 @@ class SeMaskSwin(nnx.Module):
           sem_window_size=c.sem_window_size, sem_global=c.sem_global[i],
           use_gamma=c.use_gamma, sem_attention=c.sem_attention, sem_dropout=c.sem_dropout,
           downsample=i < c.num_stages - 1, remat=c.remat, remat_policy=c.remat_policy,
-          attention_impl=c.attention_impl, dtype=dtype, rngs=rngs))
+          attention_impl=c.attention_impl, scan_blocks=c.scan_blocks, dtype=dtype, rngs=rngs))
     self.layers = nnx.List(stage_layers)
     for i in range(c.num_stages):
       setattr(self, f"norm{i}", layers.LayerNorm(c.widths[i], dtype=dtype))
