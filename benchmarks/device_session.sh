@@ -44,8 +44,10 @@ if [ -n "${GOLDEN_DIR:-}" ] && [ "$t" -ge 60 ]; then
   # JAX_PLATFORMS and XLA_FLAGS set (empty) so that tests/conftest.py keeps the accelerator.
   JAX_PLATFORMS= XLA_FLAGS= SEMASK_GOLDEN_DIR=$GOLDEN_DIR \
     SEMASK_TRAIN_GOLDEN_DIR=$GOLDEN_DIR/train SEMASK_M2F_GOLDEN_DIR=$GOLDEN_DIR/mask2former \
-    timeout "$t" ${PYTHON:-python} -m pytest -v -p no:cacheprovider --durations=0 \
-    ${GOLDEN_TESTS:-tests/test_golden.py} 2>&1 | tee "$work/golden.log" | grep -E "PASS|FAIL|ERROR|passed|failed|s call"
+    timeout "$t" ${PYTHON:-python} -m pytest -v -x --tb=short -p no:cacheprovider \
+    --durations=0 ${GOLDEN_TESTS:-tests/test_golden.py} 2>&1 | tee "$work/golden.log" | tail -60
+  # -x: the first failure's traceback is printed at once, before a timeout can cut the
+  # session's summary.
 fi
 tar czf "$RESULTS/logs.tgz" -C "$work" --exclude 'profile_*' .
 echo "# done at +$(( $(date +%s) - start ))s" >&2
