@@ -2,11 +2,13 @@
 # The accelerator rows of the bench (PERF_NOTES.md), one JSON line each on stdout,
 # for a session that has a GPU or TPU. Run from the repository root:
 #
-#   bash benchmarks/accelerator.sh                 # rows: b_train t_infer t_infer_fused b_train_fused
+#   bash benchmarks/accelerator.sh        # rows: b_train b_train_scan t_infer b_train_fused t_infer_fused
 #   ROWS="b_train b_train_remat t_infer" OUT=/tmp/out PROFILE=1 bash benchmarks/accelerator.sh
 #
 # Rows:
 #   b_train        SeMask-B FPN, ADE20K (150 classes), bfloat16, training step, batch 16, 512x512
+#                  (block_loop auto: the Swin blocks unrolled on an accelerator)
+#   b_train_scan   b_train with block_loop=scan (lax.scan over block pairs: fewer kernels)
 #   b_train_remat  the same with remat full
 #   b_train_fused  b_train with attention_impl=fused (jax.nn.dot_product_attention: cuDNN)
 #   t_infer        SeMask-T FPN, bfloat16 inference, batch 16, 512x512
@@ -23,7 +25,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 OUT=${OUT:-benchmarks/out}
-ROWS=${ROWS:-b_train t_infer t_infer_fused b_train_fused}
+ROWS=${ROWS:-b_train b_train_scan t_infer b_train_fused t_infer_fused}
 RUNS=${RUNS:-5}
 mkdir -p "$OUT"
 
@@ -62,6 +64,8 @@ print(json.dumps(r))' "$OUT/$name.json" "$name"
 for r in $ROWS; do
   case $r in
     b_train) row b_train --config configs/ade20k_semask_fpn.py:B --mode train --dtype bfloat16 ;;
+    b_train_scan) row b_train_scan --config configs/ade20k_semask_fpn.py:B --mode train \
+                    --dtype bfloat16 --override block_loop=scan ;;
     b_train_remat) row b_train_remat --config configs/ade20k_semask_fpn.py:B --mode train \
                      --dtype bfloat16 --remat full ;;
     b_train_fused) row b_train_fused --config configs/ade20k_semask_fpn.py:B --mode train \

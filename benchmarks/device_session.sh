@@ -8,7 +8,7 @@
 #   RESULTS=/tmp/r BUDGET_S=540 bash benchmarks/device_session.sh
 #
 # BUDGET_S: seconds for the whole script (rows are stopped at the budget, the rest skipped);
-# ROWS: as accelerator.sh (default b_train t_infer t_infer_fused b_train_fused);
+# ROWS: as accelerator.sh (default b_train b_train_scan t_infer b_train_fused t_infer_fused);
 # GOLDEN_DIR: a copy of ../shared/golden (the tests' SEMASK_GOLDEN_DIR, with train/ and
 # mask2former/), if it travelled; GOLDEN_TESTS: the test files (default tests/test_golden.py).
 set -uo pipefail
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 BUDGET_S=${BUDGET_S:-540}
 RESULTS=${RESULTS:?set RESULTS to the folder that comes back}
-ROWS=${ROWS:-b_train t_infer t_infer_fused b_train_fused}
+ROWS=${ROWS:-b_train b_train_scan t_infer b_train_fused t_infer_fused}
 work=$(mktemp -d /tmp/semask_session_XXXX)
 left() { echo $(( BUDGET_S - ($(date +%s) - start) )); }
 

@@ -69,6 +69,7 @@ from input_pipeline.info import IGNORE_INDEX
 from semask_jax.losses import segmentation_loss
 from semask_jax import cli
 from semask_jax.models import VARIANTS, build_model, default_model_config
+from semask_jax.models.config import resolve_block_loop
 
 # ----------------------------------------------------------------------------
 # FLOP counting on the jaxpr.
@@ -525,6 +526,9 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
       variant=variant if not config else None,
       num_classes=k, embed_dim=int(cfg.embed_dim), window_size=int(cfg.window_size),
       mode=mode, batch=batch, size=size, dtype=dtype, remat=str(remat),
+      attention_impl=cfg.get("attention_impl", "einsum"),
+      block_loop=cfg.get("block_loop", "auto"),
+      scanned_blocks=mode == "train" and resolve_block_loop(cfg.get("block_loop", "auto")),
       compile_s=compile_s, compile_cpu_s=compile_cpu_s, cached_compile_s=cached_compile_s,
       cached_compile_cpu_s=cached_compile_cpu_s, cached_compile_hit=cached_compile_hit,
       profile_dir=profile_dir, step_times_s=times, median_step_s=median,

@@ -143,7 +143,7 @@ def test_scanned_stages_equal_the_unrolled_blocks():
 
   def grad_fn(remat, scan):
     """A jitted (params, rng) -> (loss, grads), and the params."""
-    cfg.remat, cfg.scan_blocks = remat, scan
+    cfg.remat, cfg.block_loop = remat, "scan" if scan else "unroll"
     model = build_model(cfg, rngs=nnx.Rngs(0))
     g, p, r = nnx.split(model, nnx.Param, ...)
 

@@ -102,6 +102,17 @@ def test_bad_config_is_refused_with_the_key():
     build_model(tiny_config(num_heads=(1, 2, 4)), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="sem_attention"):
     build_model(tiny_config(sem_attention="cross"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="block_loop 'scanned' not in"):
+    build_model(tiny_config(block_loop="scanned"), rngs=nnx.Rngs(0))
+
+
+def test_block_loop_auto_scans_on_cpu_only():
+  from semask_jax.models.config import resolve_block_loop
+  assert resolve_block_loop("auto", "cpu") and not resolve_block_loop("auto", "gpu")
+  assert not resolve_block_loop("auto", "tpu")
+  assert resolve_block_loop("scan", "gpu") and not resolve_block_loop("unroll", "cpu")
+  model = build_model(tiny_config(block_loop="unroll"), rngs=nnx.Rngs(0))
+  assert not any(stage.scan_blocks for stage in model.backbone.layers)
 
 
 @pytest.fixture(scope="module")

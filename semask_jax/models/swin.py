@@ -17,7 +17,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from semask_jax.models import layers
-from semask_jax.models.config import REMAT_POLICIES, BackboneConfig
+from semask_jax.models.config import REMAT_POLICIES, BackboneConfig, resolve_block_loop
 from semask_jax.models.semantic_layer import SemanticLayer
 from semask_jax.models.windows import (pad_to_multiple, relative_position_index, shift_mask,
                                        window_partition, window_reverse)
@@ -192,7 +192,7 @@ class BasicLayer(nnx.Module):
                sem_window_size: int, sem_global: bool, use_gamma: bool, sem_attention: str,
                sem_dropout: float, downsample: bool, remat: bool, dtype, rngs: nnx.Rngs,
                remat_policy: str = "full", attention_impl: str = "einsum",
-               scan_blocks: bool = True):
+               block_loop: str = "auto"):
     self.blocks = nnx.List([
         SwinBlock(dim, num_heads, window_size, 0 if j % 2 == 0 else window_size // 2,
                   drop_paths[j], dtype=dtype, rngs=rngs, attention_impl=attention_impl)
@@ -205,7 +205,7 @@ class BasicLayer(nnx.Module):
     self.downsample = PatchMerging(dim, dtype=dtype, rngs=rngs) if downsample else None
     self.remat = remat
     self.remat_policy = remat_policy
-    self.scan_blocks = scan_blocks
+    self.scan_blocks = resolve_block_loop(block_loop)  # training only; see _blocks
 
   def __call__(self, x: jax.Array, keys: layers.KeyChain
                ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
@@ -229,7 +229,8 @@ class BasicLayer(nnx.Module):
     parameters stay in the per-block modules (names layers.{i}.blocks.{j}.*).
     Keys are drawn in the order of a loop over the blocks, so a step's drop-path
     draws are those of the unrolled loop. A trailing block of an odd depth runs
-    after the scan. `scan_blocks = False` unrolls (same values).
+    after the scan. config block_loop='unroll' (the default on accelerators, 'auto')
+    unrolls: the same values, no per-iteration copies of the scan's residuals.
 
     Inference (no keys) unrolls: there the stacked copy of the stage's weights is
     most of the step's temporary memory (SeMask-B at 512x512 on CPU: 360 MB of
@@ -380,7 +381,7 @@ class SeMaskSwin(nnx.Module):
           sem_window_size=c.sem_window_size, sem_global=c.sem_global[i],
           use_gamma=c.use_gamma, sem_attention=c.sem_attention, sem_dropout=c.sem_dropout,
           downsample=i < c.num_stages - 1, remat=c.remat, remat_policy=c.remat_policy,
-          attention_impl=c.attention_impl, scan_blocks=c.scan_blocks, dtype=dtype, rngs=rngs))
+          attention_impl=c.attention_impl, block_loop=c.block_loop, dtype=dtype, rngs=rngs))
     self.layers = nnx.List(stage_layers)
     for i in range(c.num_stages):
       setattr(self, f"norm{i}", layers.LayerNorm(c.widths[i], dtype=dtype))
