@@ -195,6 +195,31 @@ def test_batchnorm_statistics_of_the_global_batch_under_sharding(remat):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
 
 
+def test_mlp_backward_keeps_only_the_hidden_pre_activation(capsys):
+  """GELU + fc2 are rematerialised: of the hidden width (4C) the backward pass keeps one
+  map (fc1's output), not also the GELU output and its derivative's intermediates."""
+  from jax.ad_checkpoint import print_saved_residuals
+  from semask_jax.models.swin import Mlp
+  mlp = Mlp(8, 32, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  g, s = nnx.split(mlp)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 8), jnp.bfloat16)
+  f = lambda s, x: (nnx.merge(g, s)(x).astype(jnp.float32) ** 2).sum()  # noqa: E731
+  capsys.readouterr()
+  print_saved_residuals(f, s, x)
+  hidden = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("bf16[2,5,32]")]
+  assert len(hidden) == 1, hidden
+  # Same values and gradients as the plain composition (float32).
+  g, s = nnx.split(Mlp(8, 32, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+  x = x.astype(jnp.float32)
+
+  def plain(s, x):
+    m = nnx.merge(g, s)
+    return (m.fc2(jax.nn.gelu(m.fc1(x), approximate=False)) ** 2).sum()
+  np.testing.assert_allclose(f(s, x), plain(s, x), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(jax.grad(f)(s, x)), jax.tree.leaves(jax.grad(plain)(s, x))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
 def test_remat_gives_the_same_loss_and_gradients():
   # 'full' is swin.sequenced_remat (custom VJP); the others are jax.checkpoint policies.
   res = []
