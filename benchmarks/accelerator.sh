@@ -9,6 +9,8 @@
 #   b_train        SeMask-B FPN, ADE20K (150 classes), bfloat16, training step, batch 16, 512x512
 #                  (block_loop auto: the Swin blocks unrolled on an accelerator)
 #   b_train_scan   b_train with block_loop=scan (lax.scan over block pairs: fewer kernels)
+#   b_train_noautotune  b_train with XLA_FLAGS --xla_gpu_autotune_level=0 (GPU: no gemm
+#                  autotuning; what it saves of the cold compile, what it costs the step)
 #   b_train_remat  the same with remat full
 #   b_train_fused  b_train with attention_impl=fused (jax.nn.dot_product_attention: cuDNN)
 #   t_infer        SeMask-T FPN, bfloat16 inference, batch 16, 512x512
@@ -66,6 +68,9 @@ for r in $ROWS; do
     b_train) row b_train --config configs/ade20k_semask_fpn.py:B --mode train --dtype bfloat16 ;;
     b_train_scan) row b_train_scan --config configs/ade20k_semask_fpn.py:B --mode train \
                     --dtype bfloat16 --override block_loop=scan ;;
+    b_train_noautotune) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
+                    row b_train_noautotune --config configs/ade20k_semask_fpn.py:B --mode train \
+                    --dtype bfloat16 ;;
     b_train_remat) row b_train_remat --config configs/ade20k_semask_fpn.py:B --mode train \
                      --dtype bfloat16 --remat full ;;
     b_train_fused) row b_train_fused --config configs/ade20k_semask_fpn.py:B --mode train \

@@ -1,34 +1,54 @@
 #!/usr/bin/env bash
 # One lease of a GPU machine, prepared: the accelerator rows (accelerator.sh) inside a time
-# budget, a device-time summary of the first row's profile (trace_summary.py), then the
-# golden tests with whatever time is left. Everything it keeps goes to $RESULTS (at most
+# budget, a device-time summary of the first row's profile (trace_summary.py), and the
+# golden tests (the pseudo-row `golden`). Everything it keeps goes to $RESULTS (at most
 # 8 files): one <row>.json per row, logs.tgz (logs, trace summary, golden log),
 # profile.tgz and xplane.tgz (the first row's jax.profiler trace, Perfetto and XProf forms).
 #
 #   RESULTS=/tmp/r BUDGET_S=540 bash benchmarks/device_session.sh
 #
 # BUDGET_S: seconds for the whole script (rows are stopped at the budget, the rest skipped);
-# ROWS: as accelerator.sh (default b_train b_train_scan t_infer b_train_fused t_infer_fused);
+# ROWS: accelerator.sh's rows and `golden`, in order (default b_train golden b_train_scan
+#   t_infer b_train_fused t_infer_fused);
 # GOLDEN_DIR: a copy of ../shared/golden (the tests' SEMASK_GOLDEN_DIR, with train/ and
-# mask2former/), if it travelled; GOLDEN_TESTS: the test files (default tests/test_golden.py).
+#   mask2former/) that travelled, else `golden` is skipped; GOLDEN_TESTS: the test files
+#   (default tests/test_golden.py tests/test_golden_train.py); GOLDEN_MAX_S (default 240).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 BUDGET_S=${BUDGET_S:-540}
 RESULTS=${RESULTS:?set RESULTS to the folder that comes back}
-ROWS=${ROWS:-b_train b_train_scan t_infer b_train_fused t_infer_fused}
+ROWS=${ROWS:-b_train golden b_train_scan t_infer b_train_fused t_infer_fused}
+PY=${PYTHON:-python}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 work=$(mktemp -d /tmp/semask_session_XXXX)
 left() { echo $(( BUDGET_S - ($(date +%s) - start) )); }
+
+golden() {  # limit in s
+  if [ -z "${GOLDEN_DIR:-}" ]; then echo "# skipped golden: no GOLDEN_DIR" >&2; return; fi
+  # JAX_PLATFORMS and XLA_FLAGS set (empty) so that tests/conftest.py keeps the accelerator.
+  # -x: the first failure's traceback is printed at once, before a timeout can cut the
+  # session's summary.
+  JAX_PLATFORMS= XLA_FLAGS= SEMASK_GOLDEN_DIR=$GOLDEN_DIR \
+    SEMASK_TRAIN_GOLDEN_DIR=$GOLDEN_DIR/train SEMASK_M2F_GOLDEN_DIR=$GOLDEN_DIR/mask2former \
+    timeout "$1" $PY -m pytest -v -x --tb=short -p no:cacheprovider \
+    --durations=0 ${GOLDEN_TESTS:-tests/test_golden.py tests/test_golden_train.py} 2>&1 \
+    | tee "$work/golden.log" | tail -60
+}
 
 first=1
 for r in $ROWS; do
   t=$(( $(left) - 30 ))
   if [ "$t" -lt 60 ]; then echo "# skipped $r: ${t}s left" >&2; continue; fi
-  echo "# row $r (limit ${t}s) at +$(( $(date +%s) - start ))s" >&2
+  echo "# $r (limit ${t}s) at +$(( $(date +%s) - start ))s" >&2
+  if [ "$r" = golden ]; then
+    golden $(( t < ${GOLDEN_MAX_S:-240} ? t : ${GOLDEN_MAX_S:-240} ))
+    continue
+  fi
   PROFILE=$first ROWS=$r OUT=$work timeout "$t" bash benchmarks/accelerator.sh
   [ -f "$work/$r.json" ] && cp "$work/$r.json" "$RESULTS/"
   if [ "$first" = 1 ] && [ -d "$work/profile_$r" ]; then
-    ${PYTHON:-python} benchmarks/trace_summary.py "$work/profile_$r" --top 40 \
+    $PY benchmarks/trace_summary.py "$work/profile_$r" --top 40 \
       --json "$work/trace_summary_$r.json" | tee "$work/trace_summary_$r.md"
     # The Perfetto/Chrome trace and the XProf xplane apart: each file must stay under the
     # size that comes back.
@@ -38,16 +58,5 @@ for r in $ROWS; do
   first=0
 done
 
-t=$(( $(left) - 20 ))
-if [ -n "${GOLDEN_DIR:-}" ] && [ "$t" -ge 60 ]; then
-  echo "# golden tests (limit ${t}s) at +$(( $(date +%s) - start ))s" >&2
-  # JAX_PLATFORMS and XLA_FLAGS set (empty) so that tests/conftest.py keeps the accelerator.
-  JAX_PLATFORMS= XLA_FLAGS= SEMASK_GOLDEN_DIR=$GOLDEN_DIR \
-    SEMASK_TRAIN_GOLDEN_DIR=$GOLDEN_DIR/train SEMASK_M2F_GOLDEN_DIR=$GOLDEN_DIR/mask2former \
-    timeout "$t" ${PYTHON:-python} -m pytest -v -x --tb=short -p no:cacheprovider \
-    --durations=0 ${GOLDEN_TESTS:-tests/test_golden.py} 2>&1 | tee "$work/golden.log" | tail -60
-  # -x: the first failure's traceback is printed at once, before a timeout can cut the
-  # session's summary.
-fi
 tar czf "$RESULTS/logs.tgz" -C "$work" --exclude 'profile_*' .
 echo "# done at +$(( $(date +%s) - start ))s" >&2
