@@ -67,10 +67,16 @@ class Linear(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-    if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
-    return y
+    return linear(x, self.kernel[...], None if self.bias is None else self.bias[...],
+                  self.dtype)
+
+
+def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
+  """Linear.__call__ on plain arrays (for jax transforms that take arrays, not modules)."""
+  y = jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype))
+  if bias is not None:
+    y = y + bias.astype(dtype)
+  return y
 
 
 class LayerNorm(nnx.Module):

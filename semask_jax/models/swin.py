@@ -8,6 +8,7 @@ shift in every odd block of every stage whatever the map size.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -38,12 +39,16 @@ class Mlp(nnx.Module):
     # intermediates of its derivative, four maps of the hidden width (4C) per block:
     # 7.8 of SeMask-B's 27 GiB of saved activations at batch 16 in bfloat16. Same values
     # and gradients.
-    return _gelu_fc2(self.fc2, self.fc1(x))
+    fc2 = self.fc2
+    return _gelu_linear(self.fc1(x), fc2.kernel[...],
+                        None if fc2.bias is None else fc2.bias[...], fc2.dtype)
 
 
-@nnx.remat
-def _gelu_fc2(fc2: layers.Linear, h: jax.Array) -> jax.Array:
-  return fc2(layers.gelu(h))
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def _gelu_linear(h: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
+  """fc2(gelu(h)) on arrays: a jax.checkpoint of a module (nnx.remat) cannot run where
+  the module is a constant of an outer jax.jit (jax.jit(model.segment))."""
+  return layers.linear(layers.gelu(h), kernel, bias, dtype)
 
 
 class WindowAttention(nnx.Module):
