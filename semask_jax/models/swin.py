@@ -292,8 +292,10 @@ class BasicLayer(nnx.Module):
         state, x, ks, keep_prob)
 
   def _apply(self, module: nnx.Module, x: jax.Array, keys: layers.KeyChain, num_keys: int):
-    """module(x, keys), rematerialised in the backward pass when self.remat."""
-    if not self.remat:
+    """module(x, keys), rematerialised in the backward pass when self.remat (in training:
+    an nnx.remat of a module that is a constant of an outer jax.jit, as in
+    jax.jit(model.segment), cannot run)."""
+    if not self.remat or keys.deterministic:
       return module(x, keys)
     # Keys are drawn outside the rematerialised function so the chain stays in order.
     sub = [keys.next() for _ in range(num_keys)]
