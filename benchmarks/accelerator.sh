@@ -14,6 +14,7 @@
 #   b_train_remat  the same with remat full
 #   b_train_fused  b_train with attention_impl=fused (jax.nn.dot_product_attention: cuDNN)
 #   t_infer        SeMask-T FPN, bfloat16 inference, batch 16, 512x512
+#   m2f_t_train    SeMask-T Mask2Former, ADE20K, bfloat16 training step, batch 16, 512x512
 #   t_infer_fused  t_infer with attention_impl=fused
 # Each row reports utilization, compile_s (cold), cached_compile_s (from the persistent
 # compilation cache, after jax.clear_caches()), peak_memory_bytes (device peak_bytes_in_use),
@@ -75,6 +76,8 @@ for r in $ROWS; do
                      --dtype bfloat16 --remat full ;;
     b_train_fused) row b_train_fused --config configs/ade20k_semask_fpn.py:B --mode train \
                      --dtype bfloat16 --override attention_impl=fused ;;
+    m2f_t_train) row m2f_t_train --config configs/ade20k_semask_mask2former.py:T --mode train \
+                   --dtype bfloat16 ;;
     t_infer) row t_infer --config configs/ade20k_semask_fpn.py:T --mode infer --dtype bfloat16 ;;
     t_infer_fused) row t_infer_fused --config configs/ade20k_semask_fpn.py:T --mode infer \
                      --dtype bfloat16 --override attention_impl=fused ;;

@@ -29,6 +29,9 @@ Reported (and written to --json):
                        matmul timings around that step), from a second set of --runs
                        steps alternated with the matmul (alternated_step_times_s):
                        robust to a loaded machine
+  utilization_back_to_back  achieved FLOP/s of the back-to-back steps over the median
+                       matmul rate: on a quiet accelerator the better figure (on the H200
+                       the alternation slowed a 12 ms inference step by ~20 %)
   peak_memory_bytes    device peak_bytes_in_use where the backend keeps memory statistics
                        (GPU, TPU), else the process's peak RSS during the warm-up and
                        back-to-back steps, before the matmul exists (CPU: the mark is
@@ -539,6 +542,7 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
       matmul_flops_per_s=mm, matmul_flops_per_s_samples=rates,
       alternated_step_times_s=alt_times,
       utilization=utilization,
+      utilization_back_to_back=model_flops * images_per_s / mm,
       peak_memory_bytes=peak, peak_memory_kind=peak_kind, xla_memory_bytes=xla_mem,
       process_peak_rss_bytes=process_peak_rss(), compile_peak_rss_bytes=compile_peak_rss,
       device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
@@ -623,7 +627,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{res['forward_flops_per_image'] / g:.1f}, as compiled {res['hw_flops_per_image'] / g:.1f}"
         f", XLA {'n/a' if xf is None else f'{xf / g:.1f}'})")
   print(f"  achieved {res['achieved_flops_per_s'] / g:.1f} GFLOP/s; matmul "
-        f"{res['matmul_flops_per_s'] / g:.1f} GFLOP/s; utilization {res['utilization']:.3f}")
+        f"{res['matmul_flops_per_s'] / g:.1f} GFLOP/s; utilization {res['utilization']:.3f} "
+        f"(back to back {res['utilization_back_to_back']:.3f})")
   xm = res["xla_memory_bytes"]
   print(f"  peak memory {res['peak_memory_bytes'] / 2**30:.2f} GiB ({res['peak_memory_kind']})"
         f"; XLA step memory {'n/a' if xm is None else f'{xm / 2**30:.2f} GiB'}")

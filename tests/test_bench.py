@@ -7,6 +7,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from semask_jax import bench
@@ -26,8 +27,11 @@ def test_cli_writes_the_json_keys(tmp_path):
   for k in ("flops_per_image", "images_per_s", "matmul_flops_per_s", "peak_memory_bytes",
             "compile_s", "forward_flops_per_image"):
     assert res[k] > 0, k
-  assert 0 < res["utilization"] <= 1.5
+  assert 0 < res["utilization"] <= 1.5 and 0 < res["utilization_back_to_back"] <= 1.5
+  assert res["utilization_back_to_back"] == pytest.approx(
+      res["achieved_flops_per_s"] / res["matmul_flops_per_s"])
   assert res["flops_per_image"] == res["forward_flops_per_image"]
+  assert res["block_loop"] == "auto" and res["scanned_blocks"] is False  # infer
   assert res["embed_dim"] == 16
 
 
