@@ -282,6 +282,30 @@ def test_batchnorm_matches_torch_update_rule():
   np.testing.assert_allclose(np.asarray(y), ty, atol=1e-5)
   np.testing.assert_allclose(np.asarray(bn.mean[...]), tbn.running_mean.numpy(), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(bn.var[...]), tbn.running_var.numpy(), rtol=1e-5)
+  # Gradients as torch's (the backward recomputes the statistics from the kept input).
+  g = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+  gs = nnx.grad(lambda m, x: (m(x, train=True) * g).sum(), argnums=(0, 1))(
+      BatchNorm(3), jnp.asarray(x))
+  tx = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_()
+  tbn = torch.nn.BatchNorm2d(3, eps=1e-5, momentum=0.1)
+  (tbn(tx) * torch.from_numpy(g.transpose(0, 3, 1, 2))).sum().backward()
+  np.testing.assert_allclose(np.asarray(gs[1]), tx.grad.numpy().transpose(0, 2, 3, 1),
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gs[0].scale[...]), tbn.weight.grad.numpy(), rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(gs[0].bias[...]), tbn.bias.grad.numpy(), rtol=1e-4)
+
+
+def test_batchnorm_backward_keeps_its_input_alone(capsys):
+  """Training BatchNorm is rematerialised: no float32 map of the input's size is kept."""
+  from jax.ad_checkpoint import print_saved_residuals
+  g, s = nnx.split(BatchNorm(3))
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3), jnp.bfloat16)
+  capsys.readouterr()
+  print_saved_residuals(lambda s, x: nnx.merge(g, s)(x, train=True).astype(jnp.float32).sum(),
+                        s, x)
+  out = capsys.readouterr().out.splitlines()
+  assert not [ln for ln in out if ln.startswith("f32[2,5,6,3]")], out
+  assert [ln for ln in out if ln.startswith("bf16[2,5,6,3]")], out
 
 
 def test_loss_reductions_and_ohem():

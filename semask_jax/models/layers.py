@@ -190,20 +190,33 @@ class BatchNorm(nnx.Module):
     self.momentum = momentum
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    if train:
-      axes = tuple(range(x.ndim - 1))
-      mean = x32.mean(axes)
-      var = jnp.square(x32 - mean).mean(axes)
-      n = np.prod([x.shape[a] for a in axes])
-      unbiased = var * (n / max(n - 1, 1))
-      m = self.momentum
-      self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
-      self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
-    else:
-      mean, var = self.mean[...], self.var[...]
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
-    return y.astype(x.dtype)
+    if not train:
+      return _batch_norm(x, self.scale[...], self.bias[...], self.mean[...], self.var[...],
+                         self.eps)
+    y, mean, var = _batch_norm_train(x, self.scale[...], self.bias[...], self.eps)
+    n = np.prod(x.shape[:-1])
+    unbiased = var * (n / max(n - 1, 1))
+    m = self.momentum
+    self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+    self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+    return y
+
+
+def _batch_norm(x, scale, bias, mean, var, eps):
+  y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+  return y.astype(x.dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def _batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(y, batch mean, biased batch variance), rematerialised like _layer_norm: the backward
+  keeps x (compute dtype) instead of float32 maps of the centred input and broadcasts."""
+  axes = tuple(range(x.ndim - 1))
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(axes)
+  var = jnp.square(x32 - mean).mean(axes)
+  return _batch_norm(x, scale, bias, mean, var, eps), mean, var
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None, *,
