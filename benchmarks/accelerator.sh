@@ -34,6 +34,7 @@ mkdir -p "$OUT"
 
 platform=$($PY -c 'import jax; print(jax.devices()[0].platform)')
 extra=()
+fpn_extra=()
 batch=16
 size=512
 if [ "$platform" = cpu ]; then
@@ -44,7 +45,8 @@ if [ "$platform" = cpu ]; then
   # Dry run of the script itself: tiny model and shapes.
   batch=1; size=64; RUNS=2
   extra=(--matmul_n 256 --override embed_dim=16 --override "depths=(2,2,2,2)"
-         --override "num_heads=(1,1,2,2)" --override fpn_channels=16)
+         --override "num_heads=(1,1,2,2)")
+  fpn_extra=(--override fpn_channels=16)  # not a Mask2Former key
 fi
 $PY -c 'import jax; print("# devices:", jax.devices(), "jax", jax.__version__)' >&2
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
@@ -54,8 +56,10 @@ row() {  # name, bench args...
   local name=$1; shift
   local prof=()
   [ "${PROFILE:-0}" = 1 ] && prof=(--profile "$OUT/profile_$name")
+  local head=()
+  [[ "$*" == *mask2former* ]] || head=("${fpn_extra[@]}")
   if $PY -m semask_jax.bench "$@" --batch "$batch" --size "$size" --runs "$RUNS" --warmup 2 \
-      "${extra[@]}" "${prof[@]}" --json "$OUT/$name.json" >"$OUT/$name.log" 2>&1; then
+      "${extra[@]}" "${head[@]}" "${prof[@]}" --json "$OUT/$name.json" >"$OUT/$name.log" 2>&1; then
     $PY -c 'import json, sys; r = json.load(open(sys.argv[1])); r["row"] = sys.argv[2]
 print(json.dumps(r))' "$OUT/$name.json" "$name"
   else

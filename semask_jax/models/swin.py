@@ -292,9 +292,9 @@ class BasicLayer(nnx.Module):
         state, x, ks, keep_prob)
 
   def _apply(self, module: nnx.Module, x: jax.Array, keys: layers.KeyChain, num_keys: int):
-    """module(x, keys), rematerialised in the backward pass when self.remat (in training:
-    an nnx.remat of a module that is a constant of an outer jax.jit, as in
-    jax.jit(model.segment), cannot run)."""
+    """module(x, keys), rematerialised in the backward pass when self.remat, in training
+    only: inference has no backward pass, and there an nnx.remat of a module that is a
+    constant of an outer jax.jit (jax.jit(model.segment)) cannot run."""
     if not self.remat or keys.deterministic:
       return module(x, keys)
     # Keys are drawn outside the rematerialised function so the chain stays in order.
