@@ -8,8 +8,9 @@
 #   RESULTS=/tmp/r BUDGET_S=540 bash benchmarks/device_session.sh
 #
 # BUDGET_S: seconds for the whole script (rows are stopped at the budget, the rest skipped);
-# ROWS: accelerator.sh's rows and `golden`, in order (default b_train golden b_train_scan
-#   t_infer b_train_fused t_infer_fused);
+# ROWS: accelerator.sh's rows and the pseudo-rows `golden` and `loss_variants`
+#   (benchmarks/loss_variants.py: four forms of the training loss's up-sampled CE, ~1 min),
+#   in order (default loss_variants b_train golden b_train_fused t_infer m2f_t_train);
 # GOLDEN_DIR: a copy of ../shared/golden (the tests' SEMASK_GOLDEN_DIR, with train/ and
 #   mask2former/) that travelled, else `golden` is skipped; GOLDEN_TESTS: the test files
 #   (default tests/test_golden.py tests/test_golden_train.py); GOLDEN_MAX_S (default 240).
@@ -18,7 +19,7 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 BUDGET_S=${BUDGET_S:-540}
 RESULTS=${RESULTS:?set RESULTS to the folder that comes back}
-ROWS=${ROWS:-b_train golden b_train_scan t_infer b_train_fused t_infer_fused}
+ROWS=${ROWS:-loss_variants b_train golden b_train_fused t_infer m2f_t_train}
 PY=${PYTHON:-python}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 work=$(mktemp -d /tmp/semask_session_XXXX)
@@ -43,6 +44,11 @@ for r in $ROWS; do
   echo "# $r (limit ${t}s) at +$(( $(date +%s) - start ))s" >&2
   if [ "$r" = golden ]; then
     golden $(( t < ${GOLDEN_MAX_S:-240} ? t : ${GOLDEN_MAX_S:-240} ))
+    continue
+  fi
+  if [ "$r" = loss_variants ]; then
+    timeout "$t" $PY benchmarks/loss_variants.py --json "$work/loss_variants.json" 2>&1 \
+      | tee "$work/loss_variants.log" | grep '^{'
     continue
   fi
   PROFILE=$first ROWS=$r OUT=$work timeout "$t" bash benchmarks/accelerator.sh

@@ -1,0 +1,200 @@
+"""The training loss's up-sampled cross-entropy, four ways: which is fastest on a GPU?
+
+Why: on an NVIDIA H200 (2026-11-26, commit be2a4ba, PERF_NOTES.md "second lease") the
+SeMask-B FPN training step spent ~18.7 ms of its ~102 ms of kernels in the row-blocked
+loss (`losses._chunked_upsampled_ce`: logits [16, 128, 128, 150] up-sampled x4 and fused
+with the CE, twice per step: the FPN logits and the semantic decoder's). Two things
+there look avoidable:
+
+  - remat: each block runs under `jax.checkpoint`, so its forward (the up-sampling and
+    both reductions over the classes) runs twice per step. A hand-written VJP keeps the
+    block's logsumexp [B, r*4, W] and up-samples once more in the backward:
+    d CE / dz = exp(z - lse) - onehot.
+  - stack: `resize.interleave_phases` stacks the phases (a concatenate). XLA:GPU wrote
+    that [16, 64, 512, 150] float32 block to memory (`input_concatenate_fusion`, ~3.3
+    ms/step) and read it back in each reduction; its backward was slices
+    (`loop_slice_fusion`, ~4.5 ms/step). A select between the neighbours broadcast over
+    a phase axis is the same arithmetic with no concatenate.
+
+On the 2-core CPU (batch 2) the library's form is as fast as any: remat+stack 559 ms,
+custom_vjp+stack 761, remat+select 549, custom_vjp+select 585, the select forms with
++48 % temporaries (XLA:CPU fuses differently: it fused the stack into the backward's
+exp, where a concatenate is a per-element branch). So the choice waits for a GPU
+(`device_session.sh` runs this as its row `loss_variants`, ~1 min). This script times value_and_grad of the mean CE for each
+variant, checks that each gives the library's loss and gradients, and prints one JSON
+line per variant:
+
+  python benchmarks/loss_variants.py                         # B=16, 128x128 -> 512x512, K=150
+  python benchmarks/loss_variants.py --batch 2 --runs 3      # a CPU-sized run
+
+`remat+stack` is the library as it is.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from semask_jax import losses
+from semask_jax.models import resize
+
+VARIANTS = ("remat+stack", "custom_vjp+stack", "remat+select", "custom_vjp+select")
+
+
+def interleave_select(prev: jax.Array, x: jax.Array, nxt: jax.Array,
+                      taps: tuple[tuple[int, float], ...], axis: int) -> jax.Array:
+  """resize.interleave_phases without a concatenate: the phases are one broadcast over
+  a new axis, a select of each phase's pair, then a * (1 - w) + b * w (the same
+  arithmetic as the library's one expression per phase)."""
+  factor = len(taps)
+  bshape = [1] * (x.ndim + 1)
+  bshape[axis + 1] = factor
+  use_prev = np.array([off < 0 for off, _ in taps]).reshape(bshape)
+  wb = jnp.asarray(np.array([w for _, w in taps], np.float32).reshape(bshape), x.dtype)
+  prev, xe, nxt = (jnp.expand_dims(t, axis + 1) for t in (prev, x, nxt))  # [..., n, 1, ...]
+  a = jnp.where(use_prev, prev, xe)                                      # [..., n, f, ...]
+  b = jnp.where(use_prev, xe, nxt)
+  y = a * (1 - wb) + b * wb
+  shape = list(x.shape)
+  shape[axis] *= factor
+  return y.reshape(shape)
+
+
+def _onehot(labels: jax.Array, k: int, ignore_index: int) -> tuple[jax.Array, jax.Array]:
+  valid = labels != ignore_index
+  safe = jnp.where(valid, labels, 0).astype(jnp.int32)
+  return (safe[..., None] == jnp.arange(k, dtype=jnp.int32)).astype(jnp.float32), valid
+
+
+def chunked_ce_custom_vjp(logits: jax.Array, labels: jax.Array, factor: int,
+                          ignore_index: int, interleave: Callable = resize.interleave_phases
+                          ) -> jax.Array:
+  """losses._chunked_upsampled_ce with a hand-written backward per block instead of
+  jax.checkpoint (same blocks, same forward arithmetic)."""
+  b, h, w, k = logits.shape
+  big_h, big_w = labels.shape[1:3]
+  r = losses._rows_per_chunk(h)
+  n = h // r
+  above = jnp.concatenate([logits[:, :1], logits[:, r - 1:h - 1:r]], axis=1)  # [B, n, w, K]
+  below = jnp.concatenate([logits[:, r:h:r], logits[:, h - 1:]], axis=1)
+  rows = logits.reshape(b, n, r, w, k).swapaxes(0, 1)
+  above, below = above.swapaxes(0, 1)[:, :, None], below.swapaxes(0, 1)[:, :, None]
+  lab = labels.reshape(b, n, r * factor, big_w).swapaxes(0, 1)
+  taps = resize.phase_taps(h, factor)
+
+  def upsample(x, up, down):  # [B, r, w, K], [B, 1, w, K] x 2 -> [B, r * factor, W, K]
+    ext = resize.resize_bilinear(jnp.concatenate([up, x, down], axis=1), (r + 2, big_w))
+    return interleave(ext[:, :r], ext[:, 1:r + 1], ext[:, 2:], taps, axis=1)
+
+  def parts(z, lb):
+    onehot, valid = _onehot(lb, k, ignore_index)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    return jnp.where(valid, lse - jnp.sum(z * onehot, axis=-1), 0.0), lse
+
+  @jax.custom_vjp
+  def block_ce(x, up, down, lb):
+    return parts(upsample(x, up, down), lb)[0]
+
+  def fwd(x, up, down, lb):
+    ce, lse = parts(upsample(x, up, down), lb)
+    return ce, (x, up, down, lb, lse)
+
+  def bwd(res, g):  # g: [B, r * factor, W]
+    x, up, down, lb, lse = res
+    z, upsample_vjp = jax.vjp(upsample, x, up, down)  # linear: no residuals of its own
+    onehot, valid = _onehot(lb, k, ignore_index)
+    dz = (jnp.exp(z - lse[..., None]) - onehot) * jnp.where(valid, g, 0.0)[..., None]
+    return (*upsample_vjp(dz), None)
+
+  block_ce.defvjp(fwd, bwd)
+  ce = jax.lax.map(lambda a: block_ce(*a), (rows, above, below, lab))  # [n, B, r*f, W]
+  return ce.swapaxes(0, 1).reshape(b, big_h, big_w)
+
+
+def loss_fn(variant: str, labels: jax.Array, ignore_index: int = 255
+            ) -> Callable[[jax.Array], jax.Array]:
+  """Mean up-sampled CE of logits [B, h, w, K] at labels [B, 4h, 4w], one variant."""
+  backward, form = variant.split("+")
+  interleave = interleave_select if form == "select" else resize.interleave_phases
+
+  def f(logits):
+    fac = labels.shape[1] // logits.shape[1]
+    if backward == "custom_vjp":
+      ce = chunked_ce_custom_vjp(logits, labels, fac, ignore_index, interleave)
+    else:
+      saved = losses.interleave_phases
+      losses.interleave_phases = interleave  # read when the loss is traced
+      try:
+        ce = losses._chunked_upsampled_ce(logits, labels, fac, ignore_index)
+      finally:
+        losses.interleave_phases = saved
+    return ce.mean()
+
+  return f
+
+
+def run(variant: str, logits: jax.Array, labels: jax.Array, runs: int,
+        reference: tuple[np.ndarray, np.ndarray] | None = None
+        ) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+  """One variant's row (times, memory, difference from `reference`) and its results."""
+  step = jax.jit(jax.value_and_grad(loss_fn(variant, labels)))
+  t0 = time.perf_counter()
+  compiled = step.lower(logits).compile()
+  compile_s = time.perf_counter() - t0
+  value, grad = jax.block_until_ready(compiled(logits))
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(logits))
+    times.append(time.perf_counter() - t0)
+  mem = compiled.memory_analysis()
+  out = {"variant": variant, "step_ms": 1e3 * float(np.median(times)),
+         "step_ms_all": [round(1e3 * t, 3) for t in times], "compile_s": compile_s,
+         "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0) or 0),
+         "device": jax.devices()[0].device_kind, "shape": list(logits.shape)}
+  if reference is not None:
+    ref_value, ref_grad = reference
+    out["loss_diff"] = float(abs(float(value) - float(ref_value)))
+    out["grad_max_rel_diff"] = float(np.abs(np.asarray(grad) - ref_grad).max()
+                                     / max(np.abs(ref_grad).max(), 1e-30))
+  return out, (np.asarray(value), np.asarray(grad))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--size", type=int, default=512, help="label size; logits are size/4")
+  p.add_argument("--classes", type=int, default=150)
+  p.add_argument("--runs", type=int, default=10)
+  p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument("--json", help="also write the rows to this file")
+  a = p.parse_args(argv)
+  small = a.size // 4
+  logits = 3 * jax.random.normal(jax.random.key(0), (a.batch, small, small, a.classes))
+  labels = np.array(jax.random.randint(jax.random.key(1), (a.batch, a.size, a.size), 0,
+                                        a.classes))
+  labels[:, : a.size // 10] = 255  # some ignored rows
+  labels = jnp.asarray(labels)
+  rows, reference = [], None
+  for variant in a.variants.split(","):
+    if variant not in VARIANTS:
+      raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    row, result = run(variant, logits, labels, a.runs, reference)
+    if reference is None:
+      reference = result
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(rows, f, indent=1)
+  return rows
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

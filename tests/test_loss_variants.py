@@ -1,0 +1,32 @@
+"""benchmarks/loss_variants.py: each candidate form of the up-sampled CE computes the
+library's loss and gradients (so that a GPU lease can time them and keep the fastest)."""
+import importlib.util
+import pathlib
+
+import pytest
+
+_PATH = pathlib.Path(__file__).parent.parent / "benchmarks" / "loss_variants.py"
+
+
+@pytest.fixture(scope="module")
+def loss_variants():
+  spec = importlib.util.spec_from_file_location("loss_variants", _PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_every_variant_gives_the_library_loss_and_gradients(loss_variants, tmp_path):
+  rows = loss_variants.main(["--batch", "2", "--size", "32", "--classes", "5", "--runs", "1",
+                             "--json", str(tmp_path / "rows.json")])
+  assert [r["variant"] for r in rows] == list(loss_variants.VARIANTS)
+  assert rows[0]["variant"] == "remat+stack" and "loss_diff" not in rows[0]
+  for row in rows[1:]:
+    assert row["loss_diff"] <= 1e-6, row
+    assert row["grad_max_rel_diff"] < 1e-5, row
+  assert (tmp_path / "rows.json").exists()
+
+
+def test_unknown_variant_is_refused(loss_variants):
+  with pytest.raises(SystemExit, match="unknown variant 'fused'"):
+    loss_variants.main(["--batch", "1", "--size", "32", "--classes", "3", "--variants", "fused"])
