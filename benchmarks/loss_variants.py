@@ -77,15 +77,10 @@ def chunked_ce_custom_vjp(logits: jax.Array, labels: jax.Array, factor: int,
                           ) -> jax.Array:
   """losses._chunked_upsampled_ce with a hand-written backward per block instead of
   jax.checkpoint (same blocks, same forward arithmetic)."""
-  b, h, w, k = logits.shape
+  b, h, _, k = logits.shape
   big_h, big_w = labels.shape[1:3]
   r = losses._rows_per_chunk(h)
-  n = h // r
-  above = jnp.concatenate([logits[:, :1], logits[:, r - 1:h - 1:r]], axis=1)  # [B, n, w, K]
-  below = jnp.concatenate([logits[:, r:h:r], logits[:, h - 1:]], axis=1)
-  rows = logits.reshape(b, n, r, w, k).swapaxes(0, 1)
-  above, below = above.swapaxes(0, 1)[:, :, None], below.swapaxes(0, 1)[:, :, None]
-  lab = labels.reshape(b, n, r * factor, big_w).swapaxes(0, 1)
+  rows, above, below, lab = losses.row_blocks(logits, labels, r, factor)
   taps = resize.phase_taps(h, factor)
 
   def upsample(x, up, down):  # [B, r, w, K], [B, 1, w, K] x 2 -> [B, r * factor, W, K]

@@ -36,6 +36,21 @@ def _rows_per_chunk(h: int, target: int = 16) -> int:
   return max(r for r in range(1, min(h, target) + 1) if h % r == 0)
 
 
+def row_blocks(logits: jax.Array, labels: jax.Array, r: int, factor: int
+               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """logits [B, h, w, K] and labels [B, h * factor, W] cut into h / r blocks of r rows:
+  (rows [n, B, r, w, K], the halo row above and below each [n, B, 1, w, K] (edges
+  clamped), labels [n, B, r * factor, W])."""
+  b, h, w, k = logits.shape
+  n = h // r
+  above = jnp.concatenate([logits[:, :1], logits[:, r - 1:h - 1:r]], axis=1)  # [B, n, w, K]
+  below = jnp.concatenate([logits[:, r:h:r], logits[:, h - 1:]], axis=1)
+  rows = logits.reshape(b, n, r, w, k).swapaxes(0, 1)
+  above, below = above.swapaxes(0, 1)[:, :, None], below.swapaxes(0, 1)[:, :, None]
+  lab = labels.reshape(b, n, r * factor, labels.shape[2]).swapaxes(0, 1)
+  return rows, above, below, lab
+
+
 def _chunked_upsampled_ce(logits: jax.Array, labels: jax.Array, factor: int,
                           ignore_index: int) -> jax.Array:
   """CE of resize_bilinear(logits, labels.shape[1:3]) when the height grows by a
@@ -49,16 +64,10 @@ def _chunked_upsampled_ce(logits: jax.Array, labels: jax.Array, factor: int,
   the forward and as many for the backward (1.2 GB for two 512x512 images and
   150 classes), and no [B, h, W, K] width-resized map is ever held either.
   """
-  b, h, w, k = logits.shape
+  b, h, _, _ = logits.shape
   big_h, big_w = labels.shape[1:3]
   r = _rows_per_chunk(h)
-  n = h // r
-  # Block c holds rows c*r .. c*r+r-1 plus one halo row on each side (edges clamped).
-  above = jnp.concatenate([logits[:, :1], logits[:, r - 1:h - 1:r]], axis=1)  # [B, n, w, K]
-  below = jnp.concatenate([logits[:, r:h:r], logits[:, h - 1:]], axis=1)
-  rows = logits.reshape(b, n, r, w, k).swapaxes(0, 1)
-  above, below = above.swapaxes(0, 1)[:, :, None], below.swapaxes(0, 1)[:, :, None]
-  lab = labels.reshape(b, n, r * factor, big_w).swapaxes(0, 1)
+  rows, above, below, lab = row_blocks(logits, labels, r, factor)
   taps = phase_taps(h, factor)
 
   @jax.checkpoint
