@@ -2,7 +2,8 @@
 # One lease of a GPU machine, prepared: the accelerator rows (accelerator.sh) inside a time
 # budget, a device-time summary of the first row's profile (trace_summary.py), and the
 # golden tests (the pseudo-row `golden`). Everything it keeps goes to $RESULTS (at most
-# 8 files): one <row>.json per row, logs.tgz (logs, trace summary, golden log),
+# 8 files): one <row>.json per row, logs.tgz (logs, trace summary with each kernel's HLO
+# computation, the profiled step's HLO text, the golden log, loss_variants.json),
 # profile.tgz and xplane.tgz (the first row's jax.profiler trace, Perfetto and XProf forms).
 #
 #   RESULTS=/tmp/r BUDGET_S=540 bash benchmarks/device_session.sh
@@ -54,7 +55,7 @@ for r in $ROWS; do
   PROFILE=$first ROWS=$r OUT=$work timeout "$t" bash benchmarks/accelerator.sh
   [ -f "$work/$r.json" ] && cp "$work/$r.json" "$RESULTS/"
   if [ "$first" = 1 ] && [ -d "$work/profile_$r" ]; then
-    $PY benchmarks/trace_summary.py "$work/profile_$r" --top 40 \
+    $PY benchmarks/trace_summary.py "$work/profile_$r" --top 40 --hlo_dir "$work/hlo_$r" \
       --json "$work/trace_summary_$r.json" | tee "$work/trace_summary_$r.md"
     # The Perfetto/Chrome trace and the XProf xplane apart: each file must stay under the
     # size that comes back.

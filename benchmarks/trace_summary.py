@@ -6,12 +6,16 @@ accelerator's streams (the host's XLA threads on CPU):
 
   - busy time (union of kernels on all streams) against the traced span,
   - time per kernel category (matmul/conv, attention, transpose/copy, reduce, fusion, ...),
-  - the top kernels by total time, with their XLA op names where the trace gives them.
+  - the top kernels by total time, with their XLA op names where the trace gives them,
+  - with the XLA trace (*.xplane.pb) beside it and jax installed: each kernel's fusion in
+    the optimised HLO module the trace carries (its computation and output shape), the
+    device time per HLO computation (the entry, each
+    while body: e.g. the loss's row blocks), and the HLO text (--hlo_dir).
 
 So that a device session with no TensorBoard can bring back the few lines that say what
 dominates, next to the (large) trace itself:
 
-  python benchmarks/trace_summary.py DIR [--top 30] [--json out.json]
+  python benchmarks/trace_summary.py DIR [--top 30] [--json out.json] [--hlo_dir DIR]
 """
 from __future__ import annotations
 
@@ -66,7 +70,96 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
   return total
 
 
-def summarize(trace_file: pathlib.Path, top: int = 30) -> dict[str, Any]:
+def _fields(buf: bytes):
+  """(field number, wire type, value) of one protobuf message (wire format, no schema)."""
+  i = 0
+
+  def varint():
+    nonlocal i
+    shift = value = 0
+    while True:
+      byte = buf[i]
+      i += 1
+      value |= (byte & 0x7F) << shift
+      shift += 7
+      if byte < 0x80:
+        return value
+
+  while i < len(buf):
+    key = varint()
+    number, wire = key >> 3, key & 7
+    if wire == 0:
+      value = varint()
+    elif wire == 1:
+      value, i = buf[i:i + 8], i + 8
+    elif wire == 5:
+      value, i = buf[i:i + 4], i + 4
+    elif wire == 2:
+      n = varint()
+      value, i = buf[i:i + n], i + n
+    else:
+      raise ValueError(f"protobuf wire type {wire}")
+    yield number, wire, value
+
+
+def hlo_modules(xplane: pathlib.Path) -> dict[str, str]:
+  """HLO text of the optimised modules an XLA trace carries, by module name.
+
+  XSpace.planes(1) > XPlane.event_metadata(4) > map value(2) > XEventMetadata.stats(5)
+  > XStat.bytes_value(6) is an xla.HloProto, whose field 1 is the HloModuleProto;
+  jax's xla_client turns that into text. Walked without the profiler's protos (no
+  TensorBoard or XProf needed)."""
+  from jax._src.lib import xla_client  # pylint: disable=g-import-not-at-top
+
+  def sub(buf, number):
+    return [v for n, w, v in _fields(buf) if n == number and w == 2]
+
+  texts = {}
+  for plane in sub(xplane.read_bytes(), 1):
+    for entry in sub(plane, 4):
+      for meta in sub(entry, 2):
+        for stat in sub(meta, 5):
+          for blob in sub(stat, 6):
+            try:
+              module = sub(blob, 1)
+              # An HloModuleProto has its name (1) and computations (3) as strings /
+              # messages: skip other bytes stats before XLA's parser logs errors on them.
+              if not module or not {1, 3} <= {n for n, w, _ in _fields(module[0]) if w == 2}:
+                continue
+              text = xla_client.XlaComputation(module[0]).as_hlo_text()
+            except Exception:  # pylint: disable=broad-except
+              continue  # another kind of bytes stat
+            texts[text.split(",", 1)[0].removeprefix("HloModule ").strip()] = text
+  return texts
+
+
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?(\S+) = (.+?) (fusion|custom-call|copy|transpose|"
+                          r"concatenate|slice|reduce|while|sort|scatter|gather)\(")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?(\S+) (?:\(.*\) -> .* )?\{$")
+
+
+def hlo_index(texts: dict[str, str]) -> dict[str, dict[str, str]]:
+  """Kernel name -> {computation, shape} for every fusion / custom call of the
+  modules; kernel names are instruction names with '.' as '_' on GPU, as they are on
+  CPU."""
+  index = {}
+  for module, text in texts.items():
+    computation = "?"
+    for line in text.splitlines():
+      m = _COMPUTATION.match(line)
+      if m:  # several modules (the step, a matmul, ...): computation names can repeat
+        computation = f"{module}/{m.group(1)}" if len(texts) > 1 else m.group(1)
+        continue
+      m = _INSTRUCTION.match(line)
+      if m:
+        info = dict(computation=computation, shape=m.group(2)[:100])
+        index[m.group(1)] = info
+        index[m.group(1).replace(".", "_")] = info
+  return index
+
+
+def summarize(trace_file: pathlib.Path, top: int = 30,
+              hlo: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
   data = json.load(gzip.open(trace_file))
   events = data["traceEvents"] if isinstance(data, dict) else data
   procs = {e["pid"]: e["args"]["name"] for e in events
@@ -103,14 +196,20 @@ def summarize(trace_file: pathlib.Path, top: int = 30) -> dict[str, Any]:
     if op:
       row[2][op] += 1
   tops = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+  by_computation: dict[str, float] = collections.Counter()
+  if hlo:
+    for n, (t, _, _) in by_name.items():
+      by_computation[hlo.get(n, {}).get("computation", "(not in the HLO: library kernels)")] += t
   return dict(
       trace=str(trace_file), source=source, kernels=len(kernels),
       distinct_kernels=len(by_name), span_ms=span / 1e3, busy_ms=busy / 1e3,
       kernel_sum_ms=total / 1e3, busy_fraction=busy / span if span else 0.0,
       categories={c: t / 1e3 for c, t in sorted(by_cat.items(), key=lambda kv: -kv[1])},
       top=[dict(name=n, ms=t / 1e3, share=t / total, count=c,
-                ops=[o for o, _ in ops.most_common(3)])
+                ops=[o for o, _ in ops.most_common(3)], **(hlo or {}).get(n, {}))
            for n, (t, c, ops) in tops],
+      computations={c: t / 1e3 for c, t in
+                    sorted(by_computation.items(), key=lambda kv: -kv[1])[:top]},
   )
 
 
@@ -124,11 +223,17 @@ def print_summary(s: dict[str, Any], out=sys.stdout) -> None:
   p("|---|---|---|")
   for c, ms in s["categories"].items():
     p(f"| {c} | {ms:.1f} | {100 * ms / s['kernel_sum_ms']:.1f} % |")
-  p("| kernel | ms | share | count | XLA ops |")
-  p("|---|---|---|---|---|")
+  if s.get("computations"):
+    p("| HLO computation | ms | share |")
+    p("|---|---|---|")
+    for c, ms in s["computations"].items():
+      p(f"| {c[:60]} | {ms:.1f} | {100 * ms / s['kernel_sum_ms']:.1f} % |")
+  p("| kernel | ms | share | count | XLA ops | HLO computation | shape |")
+  p("|---|---|---|---|---|---|---|")
   for r in s["top"]:
     p(f"| {r['name'][:90]} | {r['ms']:.2f} | {100 * r['share']:.1f} % | {r['count']} "
-      f"| {', '.join(o[:40] for o in r['ops'])} |")
+      f"| {', '.join(o[:40] for o in r['ops'])} | {r.get('computation', '')[:40]} "
+      f"| {r.get('shape', '')[:60]} |")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -136,8 +241,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   ap.add_argument("path", type=pathlib.Path, help="profile directory or *.trace.json.gz file")
   ap.add_argument("--top", type=int, default=30, help="how many kernels to list")
   ap.add_argument("--json", default=None, help="also write the summary here")
+  ap.add_argument("--hlo_dir", default=None, type=pathlib.Path,
+                  help="write the HLO text of the trace's modules here (<module>.hlo)")
   a = ap.parse_args(argv)
-  s = summarize(find_trace(a.path), a.top)
+  trace = find_trace(a.path)
+  xplanes = sorted(trace.parent.glob("*.xplane.pb"))
+  texts = {}
+  if xplanes:
+    try:
+      texts = hlo_modules(xplanes[0])
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"# no HLO from {xplanes[0]}: {type(e).__name__}: {e}", file=sys.stderr)
+  if a.hlo_dir and texts:
+    a.hlo_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+      (a.hlo_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.hlo").write_text(text)
+  s = summarize(trace, a.top, hlo_index(texts) if texts else None)
   print_summary(s)
   if a.json:
     pathlib.Path(a.json).write_text(json.dumps(s, indent=1))
