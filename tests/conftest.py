@@ -9,6 +9,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 # The golden vectors and the tests' torch oracles are float32 arithmetic. JAX's default
@@ -18,3 +19,20 @@ from absl import flags  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 flags.FLAGS.mark_as_parsed()
+
+
+def _load_benchmark(name: str):
+  """A script of benchmarks/ (not a package) imported as a module."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+  return _load_benchmark

@@ -1,19 +1,12 @@
 """benchmarks/loss_variants.py: each candidate form of the up-sampled CE computes the
 library's loss and gradients (so that a GPU lease can time them and keep the fastest)."""
-import importlib.util
-import pathlib
 
 import pytest
 
-_PATH = pathlib.Path(__file__).parent.parent / "benchmarks" / "loss_variants.py"
-
 
 @pytest.fixture(scope="module")
-def loss_variants():
-  spec = importlib.util.spec_from_file_location("loss_variants", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def loss_variants(load_benchmark):
+  return load_benchmark("loss_variants")
 
 
 def test_every_variant_gives_the_library_loss_and_gradients(loss_variants, tmp_path):

@@ -1,6 +1,5 @@
 """benchmarks/trace_summary.py on a real jax.profiler trace of this machine: device time
 by category and kernel, and each kernel's HLO computation read from the trace's XSpace."""
-import importlib.util
 import json
 import pathlib
 
@@ -8,15 +7,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-_PATH = pathlib.Path(__file__).parent.parent / "benchmarks" / "trace_summary.py"
-
 
 @pytest.fixture(scope="module")
-def trace_summary():
-  spec = importlib.util.spec_from_file_location("trace_summary", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def trace_summary(load_benchmark):
+  return load_benchmark("trace_summary")
 
 
 @pytest.fixture(scope="module")
