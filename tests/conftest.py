@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices (sharding tests), fast XLA:CPU compiles, full float32
-matmuls on accelerators, parsed absl flags (grain workers)."""
+matmuls on accelerators, parsed absl flags (grain workers), load_benchmark (the scripts of
+benchmarks/ as modules)."""
 import os
 
 # -O0 on XLA:CPU: the tests compile many small programs and run each once or twice;
