@@ -430,23 +430,7 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
   labels = jnp.asarray(labels_np)
   key = jax.random.key(1)
 
-  # FLOPs from the jaxpr, on abstract values (no initialisation, no compile).
-  graphdef, abstract = _abstract_state(cfg)
-  fwd_flops = count_flops(make_infer_fn(graphdef), abstract, images) / batch
   tx = optax.adamw(1e-4, weight_decay=1e-4)
-  if mode == "train":
-    g_abs, p_abs, r_abs = nnx.split(
-        nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
-    grad_fn, _ = make_train_fns(g_abs, tx, make_loss(cfg))
-    hw_flops = count_flops(grad_fn, p_abs, r_abs, images, labels, key) / batch
-    cfg_plain = cfg.copy_and_resolve_references()
-    cfg_plain.remat = False
-    g0, p0, r0 = nnx.split(
-        nnx.eval_shape(lambda: build_model(cfg_plain, rngs=nnx.Rngs(0))), nnx.Param, ...)
-    model_flops = count_flops(make_train_fns(g0, tx, make_loss(cfg))[0], p0, r0, images, labels,
-                              key) / batch
-  else:
-    model_flops = hw_flops = fwd_flops
 
   # Real model (host-side init), then compile and time.
   model = build_model(cfg, rngs=nnx.Rngs(0))
@@ -504,6 +488,25 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
     if profile_dir:
       jax.profiler.stop_trace()
   peak, peak_kind = peak_memory(rss_was_reset)
+  # FLOPs from the jaxpr, on abstract values (no initialisation, no compile), after the
+  # memory is read: tracing the whole model leaves Python heap behind (~60 MiB for
+  # SeMask-T) that is the bench's, not the step's.
+  graphdef, abstract = _abstract_state(cfg)
+  fwd_flops = count_flops(make_infer_fn(graphdef), abstract, images) / batch
+  if mode == "train":
+    g_abs, p_abs, r_abs = nnx.split(
+        nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    grad_fn, _ = make_train_fns(g_abs, tx, make_loss(cfg))
+    hw_flops = count_flops(grad_fn, p_abs, r_abs, images, labels, key) / batch
+    cfg_plain = cfg.copy_and_resolve_references()
+    cfg_plain.remat = False
+    g0, p0, r0 = nnx.split(
+        nnx.eval_shape(lambda: build_model(cfg_plain, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    model_flops = count_flops(make_train_fns(g0, tx, make_loss(cfg))[0], p0, r0, images, labels,
+                              key) / batch
+  else:
+    model_flops = hw_flops = fwd_flops
+
   # Utilization: the matmul reference and the step timed alternately, so that both see
   # the same machine load; the median of the per-run ratios. (Alternating slows the
   # step on CPU by up to ~25 %: caches and thread pools are the matmul's in between;

@@ -165,3 +165,17 @@ def test_scanned_stages_equal_the_unrolled_blocks():
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   other = f(p, jax.random.key(4))  # same program, another step key
   assert abs(float(other[0]) - float(ref[0])) > 1e-6  # the draws really follow the key
+
+
+def test_bench_and_model_do_not_import_the_data_loaders():
+  """grain (and orbax, tensorstore through it) cost the inference bench ~50 MiB of peak
+  RSS; `input_pipeline` loads them only when its loaders are used."""
+  import subprocess
+  import sys
+  code = ("import sys, semask_jax.bench, semask_jax.models, input_pipeline\n"
+          "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'grain', 'orbax', "
+          "'tensorstore', 'tensorflow_datasets'})\n"
+          "assert not heavy, heavy\n"
+          "assert callable(input_pipeline.create_train_iterator)\n"
+          "assert 'grain' in sys.modules\n")
+  subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
