@@ -11,6 +11,8 @@
 #   b_train_scan   b_train with block_loop=scan (lax.scan over block pairs: fewer kernels)
 #   b_train_noautotune  b_train with XLA_FLAGS --xla_gpu_autotune_level=0 (GPU: no gemm
 #                  autotuning; what it saves of the cold compile, what it costs the step)
+#   b_train_compile_log  b_train (one timed step) with XLA's compile log on; compile_log.py
+#                  summarises where the cold compile goes into $OUT/b_train_compile_log.md
 #   b_train_remat  the same with remat full
 #   b_train_fused  b_train with attention_impl=fused (jax.nn.dot_product_attention: cuDNN)
 #   t_infer        SeMask-T FPN, bfloat16 inference, batch 16, 512x512
@@ -73,6 +75,14 @@ for r in $ROWS; do
     b_train) row b_train --config configs/ade20k_semask_fpn.py:B --mode train --dtype bfloat16 ;;
     b_train_scan) row b_train_scan --config configs/ade20k_semask_fpn.py:B --mode train \
                     --dtype bfloat16 --override block_loop=scan ;;
+    b_train_compile_log) TF_CPP_MIN_LOG_LEVEL=0 RUNS=1 \
+                    TF_CPP_VMODULE=hlo_pass_pipeline=1,gpu_compiler=1,nvptx_compiler=1,cpu_compiler=1,gemm_fusion_autotuner=1,autotuner_util=1,compile_module_to_llvm_ir=1 \
+                    row b_train_compile_log --config configs/ade20k_semask_fpn.py:B --mode train \
+                    --dtype bfloat16
+                  $PY benchmarks/compile_log.py "$OUT/b_train_compile_log.log" --top 30 \
+                    --json "$OUT/b_train_compile_log.summary.json" \
+                    > "$OUT/b_train_compile_log.md" 2>&1 || true
+                  head -60 "$OUT/b_train_compile_log.md" >&2 ;;
     b_train_noautotune) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
                     row b_train_noautotune --config configs/ade20k_semask_fpn.py:B --mode train \
                     --dtype bfloat16 ;;
