@@ -11,6 +11,12 @@
 #   b_train_scan   b_train with block_loop=scan (lax.scan over block pairs: fewer kernels)
 #   b_train_noautotune  b_train with XLA_FLAGS --xla_gpu_autotune_level=0 (GPU: no gemm
 #                  autotuning; what it saves of the cold compile, what it costs the step)
+#   b_train_notriton  b_train with XLA_FLAGS --xla_gpu_enable_triton_gemm=false (GPU: gemms
+#                  through cuBLAS only, no Triton gemm fusions to generate and autotune)
+#   b_train_nosoftmaxfusion  b_train with XLA_FLAGS
+#                  --xla_gpu_experimental_enable_triton_softmax_priority_fusion=false (GPU: the
+#                  cold compile's priority-fusion pass, 140 s of 198 s, without Triton softmax
+#                  fusions to consider)
 #   b_train_compile_log  b_train (one timed step) with XLA's compile log on; compile_log.py
 #                  summarises where the cold compile goes into $OUT/b_train_compile_log.md
 #   b_train_remat  the same with remat full
@@ -85,6 +91,13 @@ for r in $ROWS; do
                   head -60 "$OUT/b_train_compile_log.md" >&2 ;;
     b_train_noautotune) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
                     row b_train_noautotune --config configs/ade20k_semask_fpn.py:B --mode train \
+                    --dtype bfloat16 ;;
+    b_train_notriton) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
+                    row b_train_notriton --config configs/ade20k_semask_fpn.py:B --mode train \
+                    --dtype bfloat16 ;;
+    b_train_nosoftmaxfusion)
+                  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_experimental_enable_triton_softmax_priority_fusion=false" \
+                    row b_train_nosoftmaxfusion --config configs/ade20k_semask_fpn.py:B --mode train \
                     --dtype bfloat16 ;;
     b_train_remat) row b_train_remat --config configs/ade20k_semask_fpn.py:B --mode train \
                      --dtype bfloat16 --remat full ;;

@@ -25,6 +25,8 @@ ROWS=${ROWS:-loss_variants b_train_compile_log golden t_infer b_train_fused m2f_
 PY=${PYTHON:-python}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 work=$(mktemp -d /tmp/semask_session_XXXX)
+# The scripts under benchmarks/ import the project: on a bare device it is not installed.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 left() { echo $(( BUDGET_S - ($(date +%s) - start) )); }
 
 golden() {  # limit in s

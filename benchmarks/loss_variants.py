@@ -66,12 +66,6 @@ def interleave_select(prev: jax.Array, x: jax.Array, nxt: jax.Array,
   return y.reshape(shape)
 
 
-def _onehot(labels: jax.Array, k: int, ignore_index: int) -> tuple[jax.Array, jax.Array]:
-  valid = labels != ignore_index
-  safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-  return (safe[..., None] == jnp.arange(k, dtype=jnp.int32)).astype(jnp.float32), valid
-
-
 def chunked_ce_custom_vjp(logits: jax.Array, labels: jax.Array, factor: int,
                           ignore_index: int, interleave: Callable = resize.interleave_phases
                           ) -> jax.Array:
@@ -87,23 +81,18 @@ def chunked_ce_custom_vjp(logits: jax.Array, labels: jax.Array, factor: int,
     ext = resize.resize_bilinear(jnp.concatenate([up, x, down], axis=1), (r + 2, big_w))
     return interleave(ext[:, :r], ext[:, 1:r + 1], ext[:, 2:], taps, axis=1)
 
-  def parts(z, lb):
-    onehot, valid = _onehot(lb, k, ignore_index)
-    lse = jax.nn.logsumexp(z, axis=-1)
-    return jnp.where(valid, lse - jnp.sum(z * onehot, axis=-1), 0.0), lse
-
   @jax.custom_vjp
   def block_ce(x, up, down, lb):
-    return parts(upsample(x, up, down), lb)[0]
+    return losses.ce_and_logsumexp(upsample(x, up, down), lb, ignore_index)[0]
 
   def fwd(x, up, down, lb):
-    ce, lse = parts(upsample(x, up, down), lb)
+    ce, lse = losses.ce_and_logsumexp(upsample(x, up, down), lb, ignore_index)
     return ce, (x, up, down, lb, lse)
 
   def bwd(res, g):  # g: [B, r * factor, W]
     x, up, down, lb, lse = res
     z, upsample_vjp = jax.vjp(upsample, x, up, down)  # linear: no residuals of its own
-    onehot, valid = _onehot(lb, k, ignore_index)
+    onehot, valid = losses.onehot_labels(lb, k, ignore_index, z.dtype)
     dz = (jnp.exp(z - lse[..., None]) - onehot) * jnp.where(valid, g, 0.0)[..., None]
     return (*upsample_vjp(dz), None)
 

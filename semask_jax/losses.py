@@ -16,20 +16,33 @@ import jax.numpy as jnp
 from semask_jax.models.resize import interleave_phases, phase_taps, resize_bilinear
 
 
-def _ce_from_logits(z: jax.Array, labels: jax.Array, ignore_index: int) -> jax.Array:
-  """Per-pixel CE of full-resolution logits z [..., K] at integer labels (ignored -> 0).
+def onehot_labels(labels: jax.Array, num_classes: int, ignore_index: int,
+                  dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, jax.Array]:
+  """One-hot [..., K] of integer labels (ignored pixels -> class 0) and their mask [...]."""
+  valid = labels != ignore_index
+  safe = jnp.where(valid, labels, 0).astype(jnp.int32)
+  return (safe[..., None] == jnp.arange(num_classes, dtype=jnp.int32)).astype(dtype), valid
+
+
+def ce_and_logsumexp(z: jax.Array, labels: jax.Array, ignore_index: int
+                     ) -> tuple[jax.Array, jax.Array]:
+  """Per-pixel CE of full-resolution logits z [..., K] at integer labels (ignored -> 0),
+  and the logsumexp [...] it used (a hand-written backward keeps it).
 
   CE = logsumexp(z) - z[label]. The label's logit is picked with a one-hot
   multiply-and-reduce rather than take_along_axis, whose backward pass is a
   scatter into the full-resolution map (one slow serial loop on a CPU).
   """
-  valid = labels != ignore_index
-  safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-  onehot = (safe[..., None] == jnp.arange(z.shape[-1], dtype=jnp.int32)).astype(z.dtype)
+  onehot, valid = onehot_labels(labels, z.shape[-1], ignore_index, z.dtype)
   # A product, not where(onehot, z, 0): the backward of `where` selects against a
   # full-size zero map, which XLA hoists out of the blocked loss's loop and keeps.
   picked = jnp.sum(z * onehot, axis=-1)
-  return jnp.where(valid, jax.nn.logsumexp(z, axis=-1) - picked, 0.0)
+  lse = jax.nn.logsumexp(z, axis=-1)
+  return jnp.where(valid, lse - picked, 0.0), lse
+
+
+def _ce_from_logits(z: jax.Array, labels: jax.Array, ignore_index: int) -> jax.Array:
+  return ce_and_logsumexp(z, labels, ignore_index)[0]
 
 
 def _rows_per_chunk(h: int, target: int = 16) -> int:
