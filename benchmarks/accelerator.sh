@@ -22,6 +22,8 @@
 #   b_train_remat  the same with remat full
 #   b_train_fused  b_train with attention_impl=fused (jax.nn.dot_product_attention: cuDNN)
 #   t_infer        SeMask-T FPN, bfloat16 inference, batch 16, 512x512
+#   b_infer        SeMask-B FPN, bfloat16 inference, batch 16, 512x512 (its compile beside
+#                  b_train's: how much of the cold compile the forward alone takes)
 #   m2f_t_train    SeMask-T Mask2Former, ADE20K, bfloat16 training step, batch 16, 512x512
 #   t_infer_fused  t_infer with attention_impl=fused
 # Each row reports utilization, compile_s (cold), cached_compile_s (from the persistent
@@ -106,6 +108,7 @@ for r in $ROWS; do
     m2f_t_train) row m2f_t_train --config configs/ade20k_semask_mask2former.py:T --mode train \
                    --dtype bfloat16 ;;
     t_infer) row t_infer --config configs/ade20k_semask_fpn.py:T --mode infer --dtype bfloat16 ;;
+    b_infer) row b_infer --config configs/ade20k_semask_fpn.py:B --mode infer --dtype bfloat16 ;;
     t_infer_fused) row t_infer_fused --config configs/ade20k_semask_fpn.py:T --mode infer \
                      --dtype bfloat16 --override attention_impl=fused ;;
     *) echo "unknown row $r" >&2; exit 2 ;;
