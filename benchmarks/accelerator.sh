@@ -13,10 +13,11 @@
 #                  autotuning; what it saves of the cold compile, what it costs the step)
 #   b_train_notriton  b_train with XLA_FLAGS --xla_gpu_enable_triton_gemm=false (GPU: gemms
 #                  through cuBLAS only, no Triton gemm fusions to generate and autotune)
-#   b_train_nosoftmaxfusion  b_train with XLA_FLAGS
-#                  --xla_gpu_experimental_enable_triton_softmax_priority_fusion=false (GPU: the
-#                  cold compile's priority-fusion pass, 140 s of 198 s, without Triton softmax
-#                  fusions to consider)
+#   b_train_nosoftmaxrewriter  b_train with XLA_FLAGS
+#                  --xla_disable_hlo_passes=triton-softmax-rewriter (GPU: no Triton softmax /
+#                  LayerNorm fusions, so the priority-fusion pass, 140 s of the 198 s cold
+#                  compile, has none to price; config.xla_gpu_triton_softmax_fusions=False)
+#   t_infer_nosoftmaxrewriter  t_infer with the same flag
 #   b_train_compile_log  b_train (one timed step) with XLA's compile log on; compile_log.py
 #                  summarises where the cold compile goes into $OUT/b_train_compile_log.md
 #   b_train_remat  the same with remat full
@@ -97,10 +98,14 @@ for r in $ROWS; do
     b_train_notriton) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
                     row b_train_notriton --config configs/ade20k_semask_fpn.py:B --mode train \
                     --dtype bfloat16 ;;
-    b_train_nosoftmaxfusion)
-                  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_experimental_enable_triton_softmax_priority_fusion=false" \
-                    row b_train_nosoftmaxfusion --config configs/ade20k_semask_fpn.py:B --mode train \
-                    --dtype bfloat16 ;;
+    b_train_nosoftmaxrewriter)
+                  XLA_FLAGS="${XLA_FLAGS:-} --xla_disable_hlo_passes=triton-softmax-rewriter" \
+                    row b_train_nosoftmaxrewriter --config configs/ade20k_semask_fpn.py:B \
+                    --mode train --dtype bfloat16 ;;
+    t_infer_nosoftmaxrewriter)
+                  XLA_FLAGS="${XLA_FLAGS:-} --xla_disable_hlo_passes=triton-softmax-rewriter" \
+                    row t_infer_nosoftmaxrewriter --config configs/ade20k_semask_fpn.py:T \
+                    --mode infer --dtype bfloat16 ;;
     b_train_remat) row b_train_remat --config configs/ade20k_semask_fpn.py:B --mode train \
                      --dtype bfloat16 --remat full ;;
     b_train_fused) row b_train_fused --config configs/ade20k_semask_fpn.py:B --mode train \

@@ -52,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpointing = True
   c.xla_cpu_fast_compile = False  # -O0 on the CPU backend: faster compiles for small CPU runs
+  # False: XLA:GPU without Triton softmax/LayerNorm fusions (its triton-softmax-rewriter
+  # pass off); the B training step's priority-fusion pass went from 375 s to 25 s in a
+  # deviceless compile. Its effect on the step's speed is not measured yet on a GPU.
+  c.xla_gpu_triton_softmax_fusions = True
   # JAX's persistent compilation cache (semask_jax/compile_cache.py): '' = the user cache
   # ($SEMASK_JAX_COMPILATION_CACHE or ~/.cache/semask_jax/xla), a path, or 'off'.
   c.compilation_cache_dir = ''

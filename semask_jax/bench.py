@@ -48,6 +48,7 @@ It runs unchanged on CPU, GPU and TPU (single device: the step is jitted, not sh
 from __future__ import annotations
 
 import argparse
+import ast
 import ctypes
 import datetime
 import importlib.util
@@ -149,6 +150,20 @@ def count_flops(fn: Callable, *args, **kwargs) -> int:
 # ----------------------------------------------------------------------------
 # Model and steps.
 # ----------------------------------------------------------------------------
+
+
+def parse_overrides(items: list[str], flag: str = "--override") -> dict[str, Any]:
+  """['key=value', ...] (the values of `flag`) -> {key: Python literal, else the string}."""
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise cli.UserError(f"{flag} wants KEY=VALUE, got {item!r}")
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
 
 
 def load_model_config(config: str | None, variant: str, num_classes: int):
@@ -606,14 +621,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     raise cli.UserError(f"config file {config_file!r} not found")
   if not a.config and a.variant.upper() not in VARIANTS:
     raise cli.UserError(f"--variant must be one of {'|'.join(VARIANTS)}, got {a.variant!r}")
-  import ast
-  overrides = {}
-  for o in a.override:
-    kk, _, vv = o.partition("=")
-    try:
-      overrides[kk] = ast.literal_eval(vv)
-    except (ValueError, SyntaxError):
-      overrides[kk] = vv
+  overrides = parse_overrides(a.override)
   res = run_bench(config=a.config, variant=a.variant.upper(), num_classes=a.num_classes,
                   mode=a.mode, batch=a.batch, size=a.size, dtype=a.dtype, remat=a.remat,
                   warmup=a.warmup, runs=a.runs, matmul_n=a.matmul_n, model_overrides=overrides,

@@ -58,7 +58,19 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
 _FAST_COMPILE_CPU = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 
+# XLA:GPU's triton-softmax-rewriter turns every softmax / LayerNorm "diamond" (a row
+# reduction and its broadcast back) into a Triton fusion; the priority-fusion pass then
+# prices each producer it could pull into one of them with a tiling search. For SeMask-B
+# training that is most of the cold compile (PERF_NOTES, "deviceless GPU compiles").
+_NO_TRITON_SOFTMAX_GPU = {'xla_disable_hlo_passes': 'triton-softmax-rewriter'}
+
+
 def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
-  if config.get('xla_cpu_fast_compile') and jax.default_backend() == 'cpu':
+  """Per-program XLA options of the config for the default backend (jax.jit's
+  compiler_options), or None."""
+  backend = jax.default_backend()
+  if config.get('xla_cpu_fast_compile') and backend == 'cpu':
     return dict(_FAST_COMPILE_CPU)
+  if not config.get('xla_gpu_triton_softmax_fusions', True) and backend == 'gpu':
+    return dict(_NO_TRITON_SOFTMAX_GPU)
   return None
