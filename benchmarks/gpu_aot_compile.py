@@ -28,9 +28,10 @@ XLA `GpuTargetConfigProto` in text form.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
-import sys
+import re
 import time
 
 # The CUDA plugin registers without a GPU only if jax does not try to use it as a backend;
@@ -116,6 +117,19 @@ def build(args) -> tuple:
   return update, (params, opt_state, params), device
 
 
+def program_stats(compiled) -> dict:
+  """What XLA built, to compare two compiles of one step without running them: the
+  entry's kernels by kind (Triton block-level fusions counted apart) and the temporary
+  memory. (A deviceless executable has no cost analysis.)"""
+  text = compiled.as_text()
+  kinds = collections.Counter(re.findall(r"\bfusion\(.*?kind=(k\w+)", text))
+  kinds["__triton"] = text.count('"kind":"__triton"')
+  kinds["custom-call"] = len(re.findall(r"\bcustom-call\(", text))
+  mem = compiled.memory_analysis()
+  return {"kernels": dict(sorted(kinds.items())),
+          "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0) or 0)}
+
+
 def main(argv: list[str] | None = None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--config", default="configs/ade20k_semask_fpn.py:B",
@@ -160,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
          "target_config": os.path.relpath(args.target_config),
          "trace_s": t1 - t, "lower_s": t2 - t1, "compile_s": t3 - t2,
          "compile_cpu_s": c3 - c2, "trace_lower_cpu_s": c2 - c,
-         "jax_version": jax.__version__}
+         "jax_version": jax.__version__, **program_stats(compiled)}
   print(json.dumps(row), flush=True)
   return row
 
