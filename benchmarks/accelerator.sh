@@ -18,8 +18,10 @@
 #                  LayerNorm fusions, so the priority-fusion pass, 140 s of the 198 s cold
 #                  compile, has none to price; config.xla_gpu_triton_softmax_fusions=False)
 #   t_infer_nosoftmaxrewriter  t_infer with the same flag
-#   b_train_fastcompile  b_train with both the softmax rewriter and Triton gemms off
-#                  (what is left of the cold compile is mostly gemm autotuning)
+#   b_train_fastcompile  b_train with the softmax rewriter and Triton gemms off and
+#                  JAX_THREEFRY_GPU_KERNEL_LOWERING=1 (one CUDA kernel per threefry draw, the
+#                  same bits: fewer ops to fuse); what is left of the cold compile is mostly
+#                  cuBLAS autotuning
 #   b_train_compile_log  b_train (one timed step) with XLA's compile log on; compile_log.py
 #                  summarises where the cold compile goes into $OUT/b_train_compile_log.md
 #   b_train_remat  the same with remat full
@@ -104,7 +106,7 @@ for r in $ROWS; do
                   XLA_FLAGS="${XLA_FLAGS:-} --xla_disable_hlo_passes=triton-softmax-rewriter" \
                     row b_train_nosoftmaxrewriter --config configs/ade20k_semask_fpn.py:B \
                     --mode train --dtype bfloat16 ;;
-    b_train_fastcompile)
+    b_train_fastcompile) JAX_THREEFRY_GPU_KERNEL_LOWERING=1 \
                   XLA_FLAGS="${XLA_FLAGS:-} --xla_disable_hlo_passes=triton-softmax-rewriter --xla_gpu_enable_triton_gemm=false" \
                     row b_train_fastcompile --config configs/ade20k_semask_fpn.py:B \
                     --mode train --dtype bfloat16 ;;
