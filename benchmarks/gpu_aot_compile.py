@@ -7,7 +7,7 @@ long pole is one HLO pass (`priority-fusion`, PERF_NOTES "third lease"), somethi
 measure and bisect on any CPU machine between leases.
 
   # once: jax's CUDA plugin and ptxas beside the project (no GPU or driver needed)
-  .venv/bin/pip install -e '.[cuda12]'
+  .venv/bin/pip install -e '.[gpu-aot]'
   # the SeMask-B FPN bf16 training step for an H200, XLA's pass timers summarised:
   TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=hlo_pass_pipeline=1,gpu_compiler=1 \\
     .venv/bin/python benchmarks/gpu_aot_compile.py --config configs/ade20k_semask_fpn.py:B \\
@@ -62,7 +62,7 @@ def gpu_device(target_config: str) -> jax.Device:
   except NotImplementedError as e:  # no CUDA plugin: jax cannot describe a GPU
     raise cli.UserError(
         "no jax CUDA plugin here: install it beside the project "
-        "(.venv/bin/pip install -e '.[cuda12]'; no GPU or driver needed)") from e
+        "(.venv/bin/pip install -e '.[gpu-aot]'; no GPU or driver needed)") from e
   return topo.devices[0]
 
 

@@ -60,7 +60,7 @@ def _has_cuda_plugin() -> bool:
 
 @pytest.mark.skipif(_has_cuda_plugin(), reason="jax's CUDA plugin is installed here")
 def test_without_the_cuda_plugin_the_error_says_what_to_install(aot):
-  with pytest.raises(cli.UserError, match=r"pip install -e '\.\[cuda12\]'"):
+  with pytest.raises(cli.UserError, match=r"pip install -e '\.\[gpu-aot\]'"):
     aot.gpu_device(aot.DEFAULT_TARGET)
 
 
