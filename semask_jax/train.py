@@ -161,7 +161,7 @@ def jit_train_step(train_step: Callable, state_sharding: Any, mesh: jax.sharding
                  donate_argnums=(0,), compiler_options=options)
 
 
-def compile_in_step(train_step: Callable, state: TrainState, batch: Any) -> Callable:
+def compile_together(train_step: Callable, state: TrainState, batch: Any) -> Callable:
   """The step compiled ahead, once every process has compiled it (several processes).
 
   A process that compiles faster (a cache hit, a less loaded host) would otherwise reach
@@ -267,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   first_batch = None
   if jax.process_count() > 1 and micro < total_micro:
     first_batch = input_pipeline.make_global_batch(next(train_iter), mesh)
-    train_step = compile_in_step(train_step, state, first_batch)
+    train_step = compile_together(train_step, state, first_batch)
 
   writer = summary.MetricWriter(workdir, enabled=jax.process_index() == 0)
   results: dict[str, Any] = {}
