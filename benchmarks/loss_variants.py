@@ -16,18 +16,24 @@ there look avoidable:
     (`loop_slice_fusion`, ~4.5 ms/step). A select between the neighbours broadcast over
     a phase axis is the same arithmetic with no concatenate.
 
-On the 2-core CPU (batch 2) the library's form is as fast as any: remat+stack 559 ms,
-custom_vjp+stack 761, remat+select 549, custom_vjp+select 585, the select forms with
-+48 % temporaries (XLA:CPU fuses differently: it fused the stack into the backward's
-exp, where a concatenate is a per-element branch). So the choice waits for a GPU
-(`device_session.sh` runs this as its row `loss_variants`, ~1 min). This script times value_and_grad of the mean CE for each
-variant, checks that each gives the library's loss and gradients, and prints one JSON
-line per variant:
+Measured (value and gradient of the mean CE, B=16, 128x128 -> 512x512, K=150):
+
+  | variant           | H200 (2026-11-26, PERF_NOTES "fourth lease") | 2-core CPU, batch 2 |
+  |-------------------|----------------------------------------------|---------------------|
+  | remat+stack       | 10.06 ms                                     | 559 ms              |
+  | custom_vjp+stack  |  8.20 ms                                     | 761 ms              |
+  | remat+select      | 12.02 ms                                     | 549 ms              |
+  | custom_vjp+select |  9.88 ms                                     | 585 ms              |
+
+The library has both stack forms (`losses.pixel_cross_entropy(backward=...)`,
+`config.loss.ce_backward`): 'auto' takes custom_vjp+stack on accelerators and
+remat+stack on the CPU. The select forms stay here. This script times value_and_grad of
+the mean CE for each variant, checks that each gives the first one's loss and gradients,
+and prints one JSON line per variant (`device_session.sh` has it as the row
+`loss_variants`, ~1 min):
 
   python benchmarks/loss_variants.py                         # B=16, 128x128 -> 512x512, K=150
   python benchmarks/loss_variants.py --batch 2 --runs 3      # a CPU-sized run
-
-`remat+stack` is the library as it is.
 """
 from __future__ import annotations
 
@@ -66,41 +72,6 @@ def interleave_select(prev: jax.Array, x: jax.Array, nxt: jax.Array,
   return y.reshape(shape)
 
 
-def chunked_ce_custom_vjp(logits: jax.Array, labels: jax.Array, factor: int,
-                          ignore_index: int, interleave: Callable = resize.interleave_phases
-                          ) -> jax.Array:
-  """losses._chunked_upsampled_ce with a hand-written backward per block instead of
-  jax.checkpoint (same blocks, same forward arithmetic)."""
-  b, h, _, k = logits.shape
-  big_h, big_w = labels.shape[1:3]
-  r = losses._rows_per_chunk(h)
-  rows, above, below, lab = losses.row_blocks(logits, labels, r, factor)
-  taps = resize.phase_taps(h, factor)
-
-  def upsample(x, up, down):  # [B, r, w, K], [B, 1, w, K] x 2 -> [B, r * factor, W, K]
-    ext = resize.resize_bilinear(jnp.concatenate([up, x, down], axis=1), (r + 2, big_w))
-    return interleave(ext[:, :r], ext[:, 1:r + 1], ext[:, 2:], taps, axis=1)
-
-  @jax.custom_vjp
-  def block_ce(x, up, down, lb):
-    return losses.ce_and_logsumexp(upsample(x, up, down), lb, ignore_index)[0]
-
-  def fwd(x, up, down, lb):
-    ce, lse = losses.ce_and_logsumexp(upsample(x, up, down), lb, ignore_index)
-    return ce, (x, up, down, lb, lse)
-
-  def bwd(res, g):  # g: [B, r * factor, W]
-    x, up, down, lb, lse = res
-    z, upsample_vjp = jax.vjp(upsample, x, up, down)  # linear: no residuals of its own
-    onehot, valid = losses.onehot_labels(lb, k, ignore_index, z.dtype)
-    dz = (jnp.exp(z - lse[..., None]) - onehot) * jnp.where(valid, g, 0.0)[..., None]
-    return (*upsample_vjp(dz), None)
-
-  block_ce.defvjp(fwd, bwd)
-  ce = jax.lax.map(lambda a: block_ce(*a), (rows, above, below, lab))  # [n, B, r*f, W]
-  return ce.swapaxes(0, 1).reshape(b, big_h, big_w)
-
-
 def loss_fn(variant: str, labels: jax.Array, ignore_index: int = 255
             ) -> Callable[[jax.Array], jax.Array]:
   """Mean up-sampled CE of logits [B, h, w, K] at labels [B, 4h, 4w], one variant."""
@@ -109,15 +80,12 @@ def loss_fn(variant: str, labels: jax.Array, ignore_index: int = 255
 
   def f(logits):
     fac = labels.shape[1] // logits.shape[1]
-    if backward == "custom_vjp":
-      ce = chunked_ce_custom_vjp(logits, labels, fac, ignore_index, interleave)
-    else:
-      saved = losses.interleave_phases
-      losses.interleave_phases = interleave  # read when the loss is traced
-      try:
-        ce = losses._chunked_upsampled_ce(logits, labels, fac, ignore_index)
-      finally:
-        losses.interleave_phases = saved
+    saved = losses.interleave_phases
+    losses.interleave_phases = interleave  # read when the loss is traced
+    try:
+      ce = losses._chunked_upsampled_ce(logits, labels, fac, ignore_index, backward)
+    finally:
+      losses.interleave_phases = saved
     return ce.mean()
 
   return f
