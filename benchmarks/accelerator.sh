@@ -7,21 +7,16 @@
 #
 # Rows:
 #   b_train        SeMask-B FPN, ADE20K (150 classes), bfloat16, training step, batch 16, 512x512
-#                  (block_loop auto: the Swin blocks unrolled on an accelerator)
+#                  (block_loop auto: the Swin blocks unrolled on an accelerator; on a GPU
+#                  compiled without Triton softmax/LayerNorm and gemm fusions, as training
+#                  does: semask_jax/sharding.py)
 #   b_train_scan   b_train with block_loop=scan (lax.scan over block pairs: fewer kernels)
 #   b_train_noautotune  b_train with XLA_FLAGS --xla_gpu_autotune_level=0 (GPU: no gemm
 #                  autotuning; what it saves of the cold compile, what it costs the step)
-#   b_train_notriton  b_train with XLA_FLAGS --xla_gpu_enable_triton_gemm=false (GPU: gemms
-#                  through cuBLAS only, no Triton gemm fusions to generate and autotune)
-#   b_train_nosoftmaxrewriter  b_train with XLA_FLAGS
-#                  --xla_disable_hlo_passes=triton-softmax-rewriter (GPU: no Triton softmax /
-#                  LayerNorm fusions, so the priority-fusion pass, 140 s of the 198 s cold
-#                  compile, has none to price; config.xla_gpu_triton_softmax_fusions=False)
-#   t_infer_nosoftmaxrewriter  t_infer with the same flag
-#   b_train_fastcompile  b_train with the softmax rewriter and Triton gemms off and
-#                  JAX_THREEFRY_GPU_KERNEL_LOWERING=1 (one CUDA kernel per threefry draw, the
-#                  same bits: fewer ops to fuse); what is left of the cold compile is mostly
-#                  cuBLAS autotuning
+#   b_train_xla_default  b_train with --xla_gpu_fast_compile none: XLA:GPU's default Triton
+#                  softmax/LayerNorm and gemm fusions (the training step until 2026-11-26;
+#                  b_train compiles it as training does, config.xla_gpu_fast_compile='train')
+#   t_infer_fast   t_infer with --xla_gpu_fast_compile all (inference without those fusions)
 #   b_train_compile_log  b_train (one timed step) with XLA's compile log on; compile_log.py
 #                  summarises where the cold compile goes into $OUT/b_train_compile_log.md
 #   b_train_remat  the same with remat full
@@ -99,21 +94,10 @@ for r in $ROWS; do
     b_train_noautotune) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
                     row b_train_noautotune --config configs/ade20k_semask_fpn.py:B --mode train \
                     --dtype bfloat16 ;;
-    b_train_notriton) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
-                    row b_train_notriton --config configs/ade20k_semask_fpn.py:B --mode train \
-                    --dtype bfloat16 ;;
-    b_train_nosoftmaxrewriter)
-                  XLA_FLAGS="${XLA_FLAGS:-} --xla_disable_hlo_passes=triton-softmax-rewriter" \
-                    row b_train_nosoftmaxrewriter --config configs/ade20k_semask_fpn.py:B \
-                    --mode train --dtype bfloat16 ;;
-    b_train_fastcompile) JAX_THREEFRY_GPU_KERNEL_LOWERING=1 \
-                  XLA_FLAGS="${XLA_FLAGS:-} --xla_disable_hlo_passes=triton-softmax-rewriter --xla_gpu_enable_triton_gemm=false" \
-                    row b_train_fastcompile --config configs/ade20k_semask_fpn.py:B \
-                    --mode train --dtype bfloat16 ;;
-    t_infer_nosoftmaxrewriter)
-                  XLA_FLAGS="${XLA_FLAGS:-} --xla_disable_hlo_passes=triton-softmax-rewriter" \
-                    row t_infer_nosoftmaxrewriter --config configs/ade20k_semask_fpn.py:T \
-                    --mode infer --dtype bfloat16 ;;
+    b_train_xla_default) row b_train_xla_default --config configs/ade20k_semask_fpn.py:B \
+                    --mode train --dtype bfloat16 --xla_gpu_fast_compile none ;;
+    t_infer_fast) row t_infer_fast --config configs/ade20k_semask_fpn.py:T --mode infer \
+                    --dtype bfloat16 --xla_gpu_fast_compile all ;;
     b_train_remat) row b_train_remat --config configs/ade20k_semask_fpn.py:B --mode train \
                      --dtype bfloat16 --remat full ;;
     b_train_fused) row b_train_fused --config configs/ade20k_semask_fpn.py:B --mode train \

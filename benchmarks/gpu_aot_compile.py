@@ -8,15 +8,17 @@ measure and bisect on any CPU machine between leases.
 
   # once: jax's CUDA plugin and ptxas beside the project (no GPU or driver needed)
   .venv/bin/pip install -e '.[gpu-aot]'
-  # the SeMask-B FPN bf16 training step for an H200, XLA's pass timers summarised:
+  # the SeMask-B FPN bf16 training step for an H200 as training compiles it
+  # (config.xla_gpu_fast_compile='train'), XLA's pass timers summarised:
   TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=hlo_pass_pipeline=1,gpu_compiler=1 \\
     .venv/bin/python benchmarks/gpu_aot_compile.py --config configs/ade20k_semask_fpn.py:B \\
-    --compiler_option xla_gpu_enable_triton_gemm=False 2> /tmp/b_train.log &&
-    .venv/bin/python benchmarks/compile_log.py /tmp/b_train.log
+    2> /tmp/b_train.log && .venv/bin/python benchmarks/compile_log.py /tmp/b_train.log
+  # with XLA's default fusions (Triton softmax on; gemms: see below)
+  ... --xla_gpu_fast_compile none --compiler_option xla_gpu_enable_triton_gemm=False
 
-Triton gemms off: without a GPU nothing is autotuned, and the default Triton gemm tiles do
-not fit every small dot ("Couldn't find output tile sizes"); on the H200 they changed the
-cold compile by 6 s (PERF_NOTES, "third lease").
+Triton gemms off with XLA's defaults too: without a GPU nothing is autotuned, and the
+default Triton gemm tiles do not fit every small dot ("Couldn't find output tile
+sizes"); on the H200 they changed the cold compile by 6 s (PERF_NOTES, "third lease").
 
 Prints one JSON line: trace, lower and compile seconds (wall and process CPU), the
 target and the step. `--part` compiles a piece of the training step alone (the forward,
@@ -40,11 +42,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
-from semask_jax import bench, cli  # noqa: E402
+from semask_jax import bench, cli, sharding  # noqa: E402
 from semask_jax.models import build_model  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -146,6 +149,12 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--compiler_option", action="append", default=[], metavar="KEY=VALUE",
                  help="an XLA option for this compile (jax.jit compiler_options), e.g. "
                  "xla_disable_hlo_passes=triton-softmax-rewriter")
+  p.add_argument("--xla_gpu_fast_compile", choices=sharding.GPU_FAST_COMPILE, default="train",
+                 help="as the training config's (semask_jax/sharding.py): 'train' (default) "
+                 "compiles a training step without Triton softmax/LayerNorm and gemm fusions and "
+                 "with the threefry kernel, 'all' inference too, 'none' with XLA's defaults "
+                 "(then pass --compiler_option xla_gpu_enable_triton_gemm=False: no autotuning "
+                 "here)")
   p.add_argument("--target_config", default=DEFAULT_TARGET,
                  help="XLA GpuTargetConfigProto text file (default: an H200)")
   p.add_argument("--hlo_out", help="write the optimised HLO text here")
@@ -153,8 +162,16 @@ def main(argv: list[str] | None = None) -> dict:
   if args.mode == "infer" and args.part != "step":
     p.error("--part is for --mode train")
 
+  program = "train" if args.mode == "train" else "eval"
+  fast = sharding.gpu_fast_compile(
+      ml_collections.ConfigDict({"xla_gpu_fast_compile": args.xla_gpu_fast_compile}), program)
+  # What sharding.compiler_options / set_jax_compile_flags give a GPU (this process's
+  # backend is the CPU, so they are applied here by hand).
+  options = {**(sharding.FAST_COMPILE_GPU if fast else {}),
+             **bench.parse_overrides(args.compiler_option, "--compiler_option")} or None
+  if fast:
+    jax.config.update("jax_threefry_gpu_kernel_lowering", True)
   fn, fn_args, device = build(args)
-  options = bench.parse_overrides(args.compiler_option, "--compiler_option") or None
   jitted = jax.jit(fn, donate_argnums=0 if args.part == "step" else (),
                    compiler_options=options)
   t, c = time.perf_counter(), time.process_time()
@@ -169,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
       f.write(compiled.as_text())
   row = {"config": args.config, "mode": args.mode, "part": args.part, "dtype": args.dtype,
          "batch": args.batch, "size": args.size, "overrides": args.override,
-         "compiler_options": args.compiler_option,
+         "xla_gpu_fast_compile": args.xla_gpu_fast_compile, "compiler_options": options,
          "target": device.device_kind,
          "target_config": os.path.relpath(args.target_config),
          "trace_s": t1 - t, "lower_s": t2 - t1, "compile_s": t3 - t2,

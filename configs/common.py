@@ -52,10 +52,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpointing = True
   c.xla_cpu_fast_compile = False  # -O0 on the CPU backend: faster compiles for small CPU runs
-  # False: XLA:GPU without Triton softmax/LayerNorm fusions (its triton-softmax-rewriter
-  # pass off); the B training step's priority-fusion pass went from 375 s to 25 s in a
-  # deviceless compile. Its effect on the step's speed is not measured yet on a GPU.
-  c.xla_gpu_triton_softmax_fusions = True
+  # XLA:GPU options that trade a little step speed for a much shorter cold compile
+  # (semask_jax/sharding.py): no Triton softmax/LayerNorm or gemm fusions. SeMask-B train
+  # step on an H200: compile 184 -> 37 s, step +1.4 %, memory -1.4 GiB; inference was
+  # 12 % slower without them. 'train': the training step; 'all': eval/predict too; 'none'.
+  c.xla_gpu_fast_compile = 'train'
   # JAX's persistent compilation cache (semask_jax/compile_cache.py): '' = the user cache
   # ($SEMASK_JAX_COMPILATION_CACHE or ~/.cache/semask_jax/xla), a path, or 'off'.
   c.compilation_cache_dir = ''
@@ -65,6 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.cate_w = 0.4  # alpha
   c.loss.reduction = 'reference'  # mean over all pixels (mmseg); 'valid': non-ignored only
   c.loss.ohem_min_kept = config_dict.placeholder(int)
+  # How the row-blocked up-sampled CE is differentiated: 'remat' (each block's forward
+  # again), 'custom_vjp' (a hand-written backward), 'auto' = remat on CPU, custom_vjp
+  # elsewhere (the faster of the two on each, measured; same numbers).
+  c.loss.ce_backward = 'auto'
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-4

@@ -64,14 +64,14 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
-from semask_jax import compile_cache
 from input_pipeline.info import IGNORE_INDEX
+from semask_jax import cli, compile_cache, sharding
 from semask_jax.losses import segmentation_loss
-from semask_jax import cli
 from semask_jax.models import VARIANTS, build_model, default_model_config
 from semask_jax.models.config import resolve_block_loop
 
@@ -373,10 +373,12 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
               mode: str = "infer", batch: int = 1, size: int = 512, dtype: str = "float32",
               remat: str = "none", warmup: int = 1, runs: int = 5,
               matmul_n: int | None = None, model_overrides: dict | None = None,
-              profile_dir: str | None = None, cache_dir: str | None = None
-              ) -> dict[str, Any]:
+              profile_dir: str | None = None, cache_dir: str | None = None,
+              xla_gpu_fast_compile: str = "train") -> dict[str, Any]:
   """The measurements of the module docstring, as a dict (the --json file).
 
+  xla_gpu_fast_compile: as the training config's (sharding.compiler_options): 'train'
+  compiles a training step (not inference) with the fast-compile XLA:GPU options.
   cache_dir: persistent compilation cache directory; None for a fresh temporary one
   (so that compile_s is a cold compile).
   """
@@ -385,15 +387,21 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
       return run_bench(config=config, variant=variant, num_classes=num_classes, mode=mode,
                        batch=batch, size=size, dtype=dtype, remat=remat, warmup=warmup,
                        runs=runs, matmul_n=matmul_n, model_overrides=model_overrides,
-                       profile_dir=profile_dir, cache_dir=tmp)
+                       profile_dir=profile_dir, cache_dir=tmp,
+                       xla_gpu_fast_compile=xla_gpu_fast_compile)
   previous_cache = jax.config.jax_compilation_cache_dir
+  previous_threefry = jax.config.jax_threefry_gpu_kernel_lowering
   compile_cache.enable(cache_dir)
+  if mode == "train":  # as train_and_evaluate sets it
+    sharding.set_jax_compile_flags(
+        ml_collections.ConfigDict({"xla_gpu_fast_compile": xla_gpu_fast_compile}))
   try:
     return _run_bench(config=config, variant=variant, num_classes=num_classes, mode=mode,
                       batch=batch, size=size, dtype=dtype, remat=remat, warmup=warmup,
                       runs=runs, matmul_n=matmul_n, model_overrides=model_overrides,
-                      profile_dir=profile_dir)
+                      profile_dir=profile_dir, xla_gpu_fast_compile=xla_gpu_fast_compile)
   finally:
+    jax.config.update("jax_threefry_gpu_kernel_lowering", previous_threefry)
     if previous_cache:
       compile_cache.enable(previous_cache)
     else:
@@ -424,7 +432,8 @@ def _timed_compile(lower: Callable[[], Any]) -> tuple[Any, float, float]:
 
 
 def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat, warmup,
-               runs, matmul_n, model_overrides, profile_dir) -> dict[str, Any]:
+               runs, matmul_n, model_overrides, profile_dir, xla_gpu_fast_compile
+               ) -> dict[str, Any]:
   global _cache_hits
   if _cache_hits is None:
     _cache_hits = _CacheHits()
@@ -446,6 +455,9 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
   key = jax.random.key(1)
 
   tx = optax.adamw(1e-4, weight_decay=1e-4)
+  options = sharding.compiler_options(
+      ml_collections.ConfigDict({"xla_gpu_fast_compile": xla_gpu_fast_compile}),
+      "train" if mode == "train" else "eval")
 
   # Real model (host-side init), then compile and time.
   model = build_model(cfg, rngs=nnx.Rngs(0))
@@ -456,13 +468,14 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
     graphdef, state = nnx.split(model)
     state = nnx.to_pure_dict(state)
     infer_fn = make_infer_fn(graphdef)
-    lower = lambda: jax.jit(infer_fn).lower(state, images)  # noqa: E731
+    lower = lambda: jax.jit(infer_fn, compiler_options=options).lower(state, images)  # noqa: E731
   elif mode == "train":
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
     _, step = make_train_fns(graphdef, tx, make_loss(cfg))
     carry = (params, rest, tx.init(params))
-    lower = lambda: jax.jit(step, donate_argnums=0).lower(carry, images, labels, key)  # noqa: E731
+    lower = lambda: jax.jit(step, donate_argnums=0, compiler_options=options).lower(  # noqa: E731
+        carry, images, labels, key)
   else:
     raise ValueError(f"mode must be infer or train, got {mode!r}")
   _block((carry if mode == "train" else state))
@@ -548,6 +561,8 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
       num_classes=k, embed_dim=int(cfg.embed_dim), window_size=int(cfg.window_size),
       mode=mode, batch=batch, size=size, dtype=dtype, remat=str(remat),
       attention_impl=cfg.get("attention_impl", "einsum"),
+      xla_gpu_fast_compile=xla_gpu_fast_compile, compiler_options=options,
+      threefry_gpu_kernel_lowering=bool(jax.config.jax_threefry_gpu_kernel_lowering),
       block_loop=cfg.get("block_loop", "auto"),
       scanned_blocks=mode == "train" and resolve_block_loop(cfg.get("block_loop", "auto")),
       compile_s=compile_s, compile_cpu_s=compile_cpu_s, cached_compile_s=cached_compile_s,
@@ -612,6 +627,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--json", default=None, help="write the result here")
   p.add_argument("--profile", default=None, metavar="DIR",
                  help="write a jax.profiler trace of the timed steps to DIR")
+  p.add_argument("--xla_gpu_fast_compile", choices=sharding.GPU_FAST_COMPILE, default="train",
+                 help="as the training config's: 'train' (default) compiles a GPU training step "
+                 "without Triton softmax/LayerNorm and gemm fusions (a much shorter cold "
+                 "compile), 'all' inference too, 'none' with XLA's defaults")
   p.add_argument("--compile_cache", default=None, metavar="DIR",
                  help="persistent compilation cache directory (default: a fresh temporary "
                  "one, so that compile_s is a cold compile)")
@@ -625,7 +644,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   res = run_bench(config=a.config, variant=a.variant.upper(), num_classes=a.num_classes,
                   mode=a.mode, batch=a.batch, size=a.size, dtype=a.dtype, remat=a.remat,
                   warmup=a.warmup, runs=a.runs, matmul_n=a.matmul_n, model_overrides=overrides,
-                  profile_dir=a.profile, cache_dir=a.compile_cache)
+                  profile_dir=a.profile, cache_dir=a.compile_cache,
+                  xla_gpu_fast_compile=a.xla_gpu_fast_compile)
   g = 1e9
   print(f"{res['config']} {a.mode} batch={a.batch} size={a.size} {a.dtype} remat={a.remat} "
         f"on {res['device']}")

@@ -53,7 +53,7 @@ def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
       probabilities=model_class(config.model).SCORES_ARE_PROBABILITIES)
   replicated = sharding_lib.replicated(mesh)
   eval_step = jax.jit(step, out_shardings=replicated, donate_argnums=(0,),
-                      compiler_options=sharding_lib.compiler_options(config))
+                      compiler_options=sharding_lib.compiler_options(config, 'eval'))
   to_global = lambda b: input_pipeline.make_global_batch(b, mesh)  # noqa: E731
 
   def run(state: TrainState | InferenceState) -> dict[str, Any]:
@@ -143,7 +143,7 @@ def make_summary_images_fn(config: ml_collections.ConfigDict, graphdef: Any, res
   examples: dict[str, Any] = {}
 
   @functools.partial(jax.jit, out_shardings=replicated,
-                     compiler_options=sharding_lib.compiler_options(config))
+                     compiler_options=sharding_lib.compiler_options(config, 'eval'))
   def predict_fn(params, batch_stats, batch):
     model = merge_model(graphdef, params, batch_stats, rest)
     scores = evaluate_lib.inference(

@@ -58,19 +58,50 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
 _FAST_COMPILE_CPU = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 
-# XLA:GPU's triton-softmax-rewriter turns every softmax / LayerNorm "diamond" (a row
-# reduction and its broadcast back) into a Triton fusion; the priority-fusion pass then
-# prices each producer it could pull into one of them with a tiling search. For SeMask-B
-# training that is most of the cold compile (PERF_NOTES, "deviceless GPU compiles").
-_NO_TRITON_SOFTMAX_GPU = {'xla_disable_hlo_passes': 'triton-softmax-rewriter'}
+# Faster XLA:GPU compiles (config.xla_gpu_fast_compile). XLA's triton-softmax-rewriter
+# turns every softmax / LayerNorm "diamond" (a row reduction and its broadcast back) into
+# a Triton fusion, and the priority-fusion pass then prices each producer it could pull
+# into one with a tiling search: 140 s of the SeMask-B training step's 198 s cold compile
+# on an H200, on one thread. With that pass off, the gemm autotuner (Triton gemm configs
+# compiled and timed) is the next long pole; cuBLAS alone ran the step as fast. JAX's
+# threefry GPU kernel (jax_threefry_gpu_kernel_lowering: the same bits from one custom
+# call instead of ~100 HLO ops per draw) leaves the fusion passes fewer ops to price.
+# Measured on an H200 (PERF_NOTES, "fourth lease"): cold compile 184 -> 37 s, step
+# +1.4-4 %, peak memory -1.4 GiB; inference lost 12 % without the Triton softmax fusions,
+# hence 'train'.
+FAST_COMPILE_GPU = {'xla_disable_hlo_passes': 'triton-softmax-rewriter',
+                    'xla_gpu_enable_triton_gemm': False}
+GPU_FAST_COMPILE = ('train', 'all', 'none')
+PROGRAMS = ('train', 'eval')
 
 
-def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+def gpu_fast_compile(config: ml_collections.ConfigDict, program: str) -> bool:
+  """Whether `program` ('train': the training step; 'eval': evaluation and prediction)
+  gets the fast-compile XLA:GPU options under config.xla_gpu_fast_compile."""
+  if program not in PROGRAMS:
+    raise ValueError(f'program must be one of {PROGRAMS}, got {program!r}')
+  mode = config.get('xla_gpu_fast_compile', 'none')
+  if mode not in GPU_FAST_COMPILE:
+    raise ValueError(f'config.xla_gpu_fast_compile must be one of {GPU_FAST_COMPILE}, '
+                     f'got {mode!r}')
+  return mode == 'all' or (mode == 'train' and program == 'train')
+
+
+def set_jax_compile_flags(config: ml_collections.ConfigDict) -> None:
+  """The process-wide JAX side of config.xla_gpu_fast_compile on a GPU (threefry kernel
+  lowering, part of every jit's cache key); call before the first jit is lowered."""
+  if jax.default_backend() == 'gpu' and gpu_fast_compile(config, 'train'):
+    jax.config.update('jax_threefry_gpu_kernel_lowering', True)
+
+
+def compiler_options(config: ml_collections.ConfigDict, program: str = 'train'
+                     ) -> dict[str, Any] | None:
   """Per-program XLA options of the config for the default backend (jax.jit's
-  compiler_options), or None."""
+  compiler_options), or None. program: 'train' or 'eval' (evaluation, prediction)."""
   backend = jax.default_backend()
+  fast_gpu = gpu_fast_compile(config, program)  # validates both
   if config.get('xla_cpu_fast_compile') and backend == 'cpu':
     return dict(_FAST_COMPILE_CPU)
-  if not config.get('xla_gpu_triton_softmax_fusions', True) and backend == 'gpu':
-    return dict(_NO_TRITON_SOFTMAX_GPU)
+  if fast_gpu and backend == 'gpu':
+    return dict(FAST_COMPILE_GPU)
   return None

@@ -98,7 +98,8 @@ def make_loss(config: ml_collections.ConfigDict) -> LossFn:
     del rng
     return segmentation_loss(out, labels, ignore_index=config.data.ignore_index,
                              cate_w=loss_cfg.cate_w, reduction=loss_cfg.reduction,
-                             ohem_min_kept=loss_cfg.ohem_min_kept)
+                             ohem_min_kept=loss_cfg.ohem_min_kept,
+                             ce_backward=loss_cfg.ce_backward)
 
   return fpn_loss
 
@@ -234,6 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (resuming from workdir if it holds a checkpoint), evaluates, returns the last eval."""
   workdir = os.path.abspath(workdir)
   save_config(config, workdir)
+  sharding_lib.set_jax_compile_flags(config)
   mesh = sharding_lib.make_mesh()
   k = int(config.grad_accum_steps)
   micro_bs = micro_batch_size(config)
@@ -250,7 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info('Parameters: %d', optim.count_params(state.params))
   state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
   train_step = jit_train_step(make_train_step(graphdef, rest, tx, schedule, config),
-                              state_sharding, mesh, sharding_lib.compiler_options(config))
+                              state_sharding, mesh,
+                              sharding_lib.compiler_options(config, 'train'))
   run_eval = make_eval_fn(config, graphdef, rest, mesh)
   summary_images = make_summary_images_fn(config, graphdef, rest, mesh)  # None: off
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),

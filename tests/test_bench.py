@@ -33,6 +33,8 @@ def test_cli_writes_the_json_keys(tmp_path):
   assert res["flops_per_image"] == res["forward_flops_per_image"]
   assert res["block_loop"] == "auto" and res["scanned_blocks"] is False  # infer
   assert res["embed_dim"] == 16
+  # The training config's default; no XLA options on the CPU (GPU-only options).
+  assert res["xla_gpu_fast_compile"] == "train" and res["compiler_options"] is None
 
 
 def test_linear_flops_by_hand():

@@ -72,16 +72,47 @@ def test_compiler_options_are_parsed_like_overrides():
     bench.parse_overrides(["no_value"], "--compiler_option")
 
 
-def test_config_turns_off_triton_softmax_fusions_on_gpus_only(monkeypatch):
+def test_gpu_fast_compile_options_go_to_the_programs_it_names_on_gpus_only(monkeypatch):
   import ml_collections
   from semask_jax import sharding
+  fast = {"xla_disable_hlo_passes": "triton-softmax-rewriter",
+          "xla_gpu_enable_triton_gemm": False}
   config = ml_collections.ConfigDict({"xla_cpu_fast_compile": False,
-                                      "xla_gpu_triton_softmax_fusions": True})
+                                      "xla_gpu_fast_compile": "none"})
   for backend in ("cpu", "gpu", "tpu"):
     monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
-    assert sharding.compiler_options(config) is None
-  config.xla_gpu_triton_softmax_fusions = False
-  for backend, want in (("cpu", None), ("tpu", None),
-                        ("gpu", {"xla_disable_hlo_passes": "triton-softmax-rewriter"})):
-    monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
-    assert sharding.compiler_options(config) == want
+    for program in sharding.PROGRAMS:
+      assert sharding.compiler_options(config, program) is None
+  for mode, train, evaluation in (("train", fast, None), ("all", fast, fast)):
+    config.xla_gpu_fast_compile = mode
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert sharding.compiler_options(config, "train") == train
+    assert sharding.compiler_options(config, "eval") == evaluation
+    for backend in ("cpu", "tpu"):
+      monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+      assert sharding.compiler_options(config, "train") is None
+
+
+def test_gpu_fast_compile_typos_are_refused():
+  import ml_collections
+  from semask_jax import sharding
+  config = ml_collections.ConfigDict({"xla_gpu_fast_compile": "training"})
+  with pytest.raises(ValueError, match="xla_gpu_fast_compile must be one of .*'training'"):
+    sharding.compiler_options(config, "train")
+  config.xla_gpu_fast_compile = "all"
+  with pytest.raises(ValueError, match="program must be one of"):
+    sharding.compiler_options(config, "predict")
+
+
+def test_gpu_fast_compile_turns_on_the_threefry_kernel_on_gpus_only(monkeypatch):
+  import ml_collections
+  from semask_jax import sharding
+  assert not jax.config.jax_threefry_gpu_kernel_lowering
+  try:
+    for backend, mode, want in (("cpu", "train", False), ("gpu", "none", False),
+                                ("gpu", "train", True)):
+      monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+      sharding.set_jax_compile_flags(ml_collections.ConfigDict({"xla_gpu_fast_compile": mode}))
+      assert jax.config.jax_threefry_gpu_kernel_lowering is want, (backend, mode)
+  finally:
+    jax.config.update("jax_threefry_gpu_kernel_lowering", False)
