@@ -52,9 +52,21 @@ def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
       model_fn_from_state, num_classes, config.eval, ignore_index=config.data.ignore_index,
       probabilities=model_class(config.model).SCORES_ARE_PROBABILITIES)
   replicated = sharding_lib.replicated(mesh)
-  eval_step = jax.jit(step, out_shardings=replicated, donate_argnums=(0,),
-                      compiler_options=sharding_lib.compiler_options(config, 'eval'))
+  jitted = jax.jit(step, out_shardings=replicated, donate_argnums=(0,),
+                   compiler_options=sharding_lib.compiler_options(config, 'eval'))
   to_global = lambda b: input_pipeline.make_global_batch(b, mesh)  # noqa: E731
+  compiled: dict[tuple, Callable] = {}
+
+  def eval_step(cm, state, batch):
+    if jax.process_count() == 1:
+      return jitted(cm, state, batch)
+    # Several processes: each batch shape compiled ahead, then a barrier (compile_together).
+    # It matters where this is the processes' first collective (a resumed run with no
+    # steps left): XLA:CPU sets gloo up there and gives up after 30 s of waiting.
+    key = tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(batch))
+    if key not in compiled:
+      compiled[key] = sharding_lib.compile_together(jitted, 'eval_step', cm, state, batch)
+    return compiled[key](cm, state, batch)
 
   def run(state: TrainState | InferenceState) -> dict[str, Any]:
     batches = input_pipeline.create_eval_iterator(config.data,

@@ -7,11 +7,14 @@ the model's window reshapes of a sharded batch do not type-check.
 """
 from __future__ import annotations
 
-from typing import Any
+import itertools
+import time
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
@@ -44,6 +47,27 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
   return jax.tree_util.tree_map(put, tree)
+
+
+_barrier_ids = itertools.count()
+
+
+def compile_together(jitted: Any, name: str, *args: Any) -> Callable:
+  """jitted compiled ahead for args, returned once every process has compiled it.
+
+  A process that compiles faster (a cache hit, a less loaded host) would otherwise reach
+  the program's first collective long before the others and wait there; XLA:CPU's gloo
+  collectives give up after 30 s of that. The processes meet at a barrier of the
+  coordination service (not a device collective) after compiling instead. Every process
+  must make the same calls in the same order (the barriers are numbered)."""
+  from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  compiled = jitted.lower(*args).compile()
+  logging.info('%s compiled in %.1f s; waiting for the other processes', name,
+               time.time() - t0)
+  multihost.get_barrier_sync_fn()(key=f'semask_{name}_compiled_{next(_barrier_ids)}',
+                                  timeout_ms=3_600_000)
+  return compiled
 
 
 def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:

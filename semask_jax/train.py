@@ -162,22 +162,6 @@ def jit_train_step(train_step: Callable, state_sharding: Any, mesh: jax.sharding
                  donate_argnums=(0,), compiler_options=options)
 
 
-def compile_together(train_step: Callable, state: TrainState, batch: Any) -> Callable:
-  """The step compiled ahead, once every process has compiled it (several processes).
-
-  A process that compiles faster (a cache hit, a less loaded host) would otherwise reach
-  the step's first collective long before the others and wait there; XLA:CPU's gloo
-  collectives give up after 30 s of that. The processes meet at a barrier of the
-  coordination service (not a device collective) after compiling instead."""
-  from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
-  t0 = time.time()
-  compiled = train_step.lower(state, batch).compile()
-  logging.info('Training step compiled in %.1f s; waiting for the other processes',
-               time.time() - t0)
-  multihost.get_barrier_sync_fn()(key='semask_train_step_compiled', timeout_ms=3_600_000)
-  return compiled
-
-
 # ----------------------------------------------------------------------------- logging helpers
 
 
@@ -270,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   first_batch = None
   if jax.process_count() > 1 and micro < total_micro:
     first_batch = input_pipeline.make_global_batch(next(train_iter), mesh)
-    train_step = compile_together(train_step, state, first_batch)
+    train_step = sharding_lib.compile_together(train_step, 'train_step', state, first_batch)
 
   writer = summary.MetricWriter(workdir, enabled=jax.process_index() == 0)
   results: dict[str, Any] = {}
