@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.xla_cpu_fast_compile = False  # -O0 on the CPU backend: faster compiles for small CPU runs
   # XLA:GPU options that trade a little step speed for a much shorter cold compile
   # (semask_jax/sharding.py): no Triton softmax/LayerNorm or gemm fusions. SeMask-B train
-  # step on an H200: compile 184 -> 37 s, step +1.4 %, memory -1.4 GiB; inference was
+  # step on an H200: compile 184 -> 37 s, step +1.4-4 %, memory -1.4 GiB; inference was
   # 12 % slower without them. 'train': the training step; 'all': eval/predict too; 'none'.
   c.xla_gpu_fast_compile = 'train'
   # JAX's persistent compilation cache (semask_jax/compile_cache.py): '' = the user cache

@@ -100,6 +100,11 @@ def _chunked_upsampled_ce(logits: jax.Array, labels: jax.Array, factor: int,
   up-samples once more: d CE / dz = softmax(z) - onehot = exp(z - lse) - onehot;
   'auto': remat on the CPU, custom_vjp elsewhere (check_ce_backward).
   """
+  if backward == "auto":
+    return jax.lax.platform_dependent(
+        logits, labels,
+        cpu=lambda x, y: _chunked_upsampled_ce(x, y, factor, ignore_index, "remat"),
+        default=lambda x, y: _chunked_upsampled_ce(x, y, factor, ignore_index, "custom_vjp"))
   b, h, _, k = logits.shape
   big_h, big_w = labels.shape[1:3]
   r = _rows_per_chunk(h)
@@ -110,11 +115,6 @@ def _chunked_upsampled_ce(logits: jax.Array, labels: jax.Array, factor: int,
     ext = resize_bilinear(jnp.concatenate([up, x, down], axis=1), (r + 2, big_w))
     return interleave_phases(ext[:, :r], ext[:, 1:r + 1], ext[:, 2:], taps, axis=1)
 
-  if backward == "auto":
-    return jax.lax.platform_dependent(
-        logits, labels,
-        cpu=lambda x, y: _chunked_upsampled_ce(x, y, factor, ignore_index, "remat"),
-        default=lambda x, y: _chunked_upsampled_ce(x, y, factor, ignore_index, "custom_vjp"))
   if backward == "remat":
     @jax.checkpoint
     def block(args):
