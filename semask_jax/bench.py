@@ -43,7 +43,8 @@ Reported (and written to --json):
                        memory analysis; outputs aliased with donated inputs counted once)
 
 It runs unchanged on CPU, GPU and TPU (single device: the step is jitted, not sharded).
---profile DIR writes a jax.profiler trace of the timed steps (TensorBoard / XProf / Perfetto).
+--profile DIR writes a jax.profiler trace of --runs more steps, run after the timed ones
+(TensorBoard / XProf / Perfetto), so that the profiler's cost is not in step_times_s.
 """
 from __future__ import annotations
 
@@ -505,15 +506,14 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
   # Speed and memory: the steps back to back, as a training or inference loop runs them.
   for _ in range(warmup):
     _block(call())
-  times = []
-  if profile_dir:
+  times = [_time(call, 0, 1)[0] for _ in range(runs)]
+  if profile_dir:  # as many steps again under the profiler, apart: its cost is not timed
     jax.profiler.start_trace(profile_dir)
-  try:
-    for _ in range(runs):
-      with jax.profiler.StepTraceAnnotation(mode, step_num=len(times)):
-        times.append(_time(call, 0, 1)[0])
-  finally:
-    if profile_dir:
+    try:
+      for i in range(runs):
+        with jax.profiler.StepTraceAnnotation(mode, step_num=i):
+          _block(call())
+    finally:
       jax.profiler.stop_trace()
   peak, peak_kind = peak_memory(rss_was_reset)
   # FLOPs from the jaxpr, on abstract values (no initialisation, no compile), after the
@@ -626,7 +626,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  help="model config override KEY=VALUE (Python literal), e.g. fpn_channels=128")
   p.add_argument("--json", default=None, help="write the result here")
   p.add_argument("--profile", default=None, metavar="DIR",
-                 help="write a jax.profiler trace of the timed steps to DIR")
+                 help="write a jax.profiler trace of --runs more steps (after the timed ones) to DIR")
   p.add_argument("--xla_gpu_fast_compile", choices=sharding.GPU_FAST_COMPILE, default="train",
                  help="as the training config's: 'train' (default) compiles a GPU training step "
                  "without Triton softmax/LayerNorm and gemm fusions (a much shorter cold "
