@@ -11,7 +11,7 @@
 # BUDGET_S: seconds for the whole script (rows are stopped at the budget, the rest skipped);
 # ROWS: accelerator.sh's rows and the pseudo-rows `golden` and `loss_variants`
 #   (benchmarks/loss_variants.py: four forms of the training loss's up-sampled CE, ~1 min),
-#   in order (default b_train golden t_infer m2f_t_train b_train_xla_default loss_variants);
+#   in order (default b_train b_train_xla_default golden t_infer m2f_t_train loss_variants);
 # GOLDEN_DIR: a copy of ../shared/golden (the tests' SEMASK_GOLDEN_DIR, with train/ and
 #   mask2former/) that travelled, else `golden` is skipped; GOLDEN_TESTS: the test files
 #   (default tests/test_golden.py tests/test_golden_train.py); GOLDEN_MAX_S (default 240).
@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 BUDGET_S=${BUDGET_S:-540}
 RESULTS=${RESULTS:?set RESULTS to the folder that comes back}
-ROWS=${ROWS:-b_train golden t_infer m2f_t_train b_train_xla_default loss_variants}
+ROWS=${ROWS:-b_train b_train_xla_default golden t_infer m2f_t_train loss_variants}
 PY=${PYTHON:-python}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 work=$(mktemp -d /tmp/semask_session_XXXX)
