@@ -58,14 +58,13 @@ def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
   compiled: dict[tuple, Callable] = {}
 
   def eval_step(cm, state, batch):
-    if jax.process_count() == 1:
-      return jitted(cm, state, batch)
-    # Several processes: each batch shape compiled ahead, then a barrier (compile_together).
-    # It matters where this is the processes' first collective (a resumed run with no
-    # steps left): XLA:CPU sets gloo up there and gives up after 30 s of waiting.
+    # Each batch shape compiled ahead (compile_ahead: timed, and with several processes a
+    # barrier after it). The barrier matters where this is the processes' first
+    # collective (a resumed run with no steps left): XLA:CPU sets gloo up there and gives
+    # up after 30 s of waiting.
     key = tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(batch))
     if key not in compiled:
-      compiled[key] = sharding_lib.compile_together(jitted, 'eval_step', cm, state, batch)
+      compiled[key] = sharding_lib.compile_ahead(jitted, 'eval_step', cm, state, batch)
     return compiled[key](cm, state, batch)
 
   def run(state: TrainState | InferenceState) -> dict[str, Any]:

@@ -52,19 +52,25 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 _barrier_ids = itertools.count()
 
 
-def compile_together(jitted: Any, name: str, *args: Any) -> Callable:
-  """jitted compiled ahead for args, returned once every process has compiled it.
+def compile_ahead(jitted: Any, name: str, *args: Any) -> Callable:
+  """jitted compiled now for args (its time logged: on a GPU a cold compile can take
+  minutes), returned once every process has compiled it.
 
-  A process that compiles faster (a cache hit, a less loaded host) would otherwise reach
-  the program's first collective long before the others and wait there; XLA:CPU's gloo
-  collectives give up after 30 s of that. The processes meet at a barrier of the
-  coordination service (not a device collective) after compiling instead. Every process
-  must make the same calls in the same order (the barriers are numbered)."""
-  from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
+  With several processes, a process that compiles faster (a cache hit, a less loaded
+  host) would otherwise reach the program's first collective long before the others
+  and wait there; XLA:CPU's gloo set-up gives up after 30 s of that. The processes meet
+  at a barrier of the coordination service (not a device collective) after compiling
+  instead. Every process must make the same calls in the same order (the barriers are
+  numbered)."""
+  logging.info('Compiling %s', name)
   t0 = time.time()
   compiled = jitted.lower(*args).compile()
+  if jax.process_count() == 1:
+    logging.info('%s compiled in %.1f s', name, time.time() - t0)
+    return compiled
   logging.info('%s compiled in %.1f s; waiting for the other processes', name,
                time.time() - t0)
+  from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
   multihost.get_barrier_sync_fn()(key=f'semask_{name}_compiled_{next(_barrier_ids)}',
                                   timeout_ms=3_600_000)
   return compiled
