@@ -129,7 +129,14 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, config: ml_collections.ConfigDict
                     ) -> Callable[[TrainState, Mapping[str, jax.Array]],
                                   tuple[TrainState, dict[str, jax.Array]]]:
-  """One micro step: forward/backward on a global batch, (accumulated) AdamW update, guard."""
+  """One micro step: forward/backward on a global batch, (accumulated) AdamW update, guard.
+
+  The guard: a micro step whose loss or gradient norm is not finite changes nothing but
+  the step and `nonfinite` counters (its micro batch is dropped; the run stops after
+  config.max_nonfinite_steps of them). Under accumulation every update still averages
+  k finite micro batches, so after a dropped one the updates fall one micro step later
+  than the loop's k-step log windows, and the run's last update may be left incomplete.
+  """
   grad_fn = make_grad_fn(graphdef, rest, config)
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
