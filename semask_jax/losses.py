@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from semask_jax.cli import ConfigError
 from semask_jax.models.resize import interleave_phases, phase_taps, resize_bilinear
 
 
@@ -77,7 +78,8 @@ def check_ce_backward(backward: str) -> str:
   (559 -> 761 ms at batch 2), where XLA:CPU fuses the rematerialised form better.
   """
   if backward not in CE_BACKWARDS:
-    raise ValueError(f"loss ce_backward must be one of {CE_BACKWARDS}, got {backward!r}")
+    raise ConfigError(f"config.loss.ce_backward must be one of {CE_BACKWARDS}, "
+                      f"got {backward!r}")
   return backward
 
 
@@ -140,7 +142,8 @@ def _chunked_upsampled_ce(logits: jax.Array, labels: jax.Array, factor: int,
     block_ce.defvjp(fwd, bwd)
     block = lambda args: block_ce(*args)  # noqa: E731
   else:
-    raise ValueError(f"loss ce_backward must be one of {CE_BACKWARDS}, got {backward!r}")
+    raise ConfigError(f"config.loss.ce_backward must be one of {CE_BACKWARDS}, "
+                      f"got {backward!r}")
 
   ce = jax.lax.map(block, (rows, above, below, lab))  # [n, B, r * factor, W]
   return ce.swapaxes(0, 1).reshape(b, big_h, big_w)

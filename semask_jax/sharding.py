@@ -17,6 +17,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from semask_jax.cli import ConfigError
+
 DATA_AXIS = 'data'
 
 
@@ -112,15 +114,16 @@ def gpu_fast_compile(config: ml_collections.ConfigDict, program: str) -> bool:
     raise ValueError(f'program must be one of {PROGRAMS}, got {program!r}')
   mode = config.get('xla_gpu_fast_compile', 'none')
   if mode not in GPU_FAST_COMPILE:
-    raise ValueError(f'config.xla_gpu_fast_compile must be one of {GPU_FAST_COMPILE}, '
-                     f'got {mode!r}')
+    raise ConfigError(f'config.xla_gpu_fast_compile must be one of {GPU_FAST_COMPILE}, '
+                      f'got {mode!r}')
   return mode == 'all' or (mode == 'train' and program == 'train')
 
 
 def set_jax_compile_flags(config: ml_collections.ConfigDict) -> None:
   """The process-wide JAX side of config.xla_gpu_fast_compile on a GPU (threefry kernel
-  lowering, part of every jit's cache key); call before the first jit is lowered."""
-  if jax.default_backend() == 'gpu' and gpu_fast_compile(config, 'train'):
+  lowering, part of every jit's cache key); call before the first jit is lowered. It
+  checks the key's value on every backend, so that a typo fails before any work."""
+  if gpu_fast_compile(config, 'train') and jax.default_backend() == 'gpu':
     jax.config.update('jax_threefry_gpu_kernel_lowering', True)
 
 

@@ -39,7 +39,7 @@ from semask_jax import summary
 from semask_jax.cli import ConfigError
 from semask_jax.eval_and_predict import make_eval_fn, make_summary_images_fn, write_eval_results
 from semask_jax import mask2former_loss
-from semask_jax.losses import segmentation_loss
+from semask_jax.losses import check_ce_backward, segmentation_loss
 from semask_jax.models import SeMaskMask2Former, model_class
 from semask_jax.state import TrainState, create_model, init_train_state, merge_model
 
@@ -93,6 +93,7 @@ def make_loss(config: ml_collections.ConfigDict) -> LossFn:
 
     return m2f_loss
   loss_cfg = config.loss
+  check_ce_backward(loss_cfg.ce_backward)
 
   def fpn_loss(out, labels, rng):
     del rng
@@ -227,6 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.abspath(workdir)
   save_config(config, workdir)
   sharding_lib.set_jax_compile_flags(config)
+  make_loss(config)  # its settings checked before the data and the model are built
   mesh = sharding_lib.make_mesh()
   k = int(config.grad_accum_steps)
   micro_bs = micro_batch_size(config)

@@ -67,6 +67,19 @@ def test_main_bad_values_and_flags(tmp_path):
       f"error: --config={ade}:X: config argument must be one of T, S, B, L; got 'X'")
 
 
+@pytest.mark.parametrize('flag, message', [
+    ('--config.xla_gpu_fast_compile=fast',
+     "error: config.xla_gpu_fast_compile must be one of ('train', 'all', 'none'), got 'fast'"),
+    ('--config.loss.ce_backward=checkpoint',
+     "error: config.loss.ce_backward must be one of ('auto', 'remat', 'custom_vjp'), got "
+     "'checkpoint'"),
+])
+def test_main_bad_compile_and_loss_choices_fail_before_any_work(tmp_path, flag, message):
+  rc, err, _ = run('main.py', f'--config={TINY}', flag, f'--workdir={tmp_path}')
+  assert assert_user_error(rc, err, one_line=False) == message
+  assert not any('Compiling' in line or 'Parameters' in line for line in err), err
+
+
 def test_main_predict_input_missing_or_unreadable(tmp_path, bad_image):
   rc, err, _ = run('main.py', f'--config={TINY}', '--mode=predict', f'--input={tmp_path}/nope',
                    f'--workdir={tmp_path}')
