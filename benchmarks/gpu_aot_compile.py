@@ -162,15 +162,12 @@ def main(argv: list[str] | None = None) -> dict:
   if args.mode == "infer" and args.part != "step":
     p.error("--part is for --mode train")
 
+  # As training sets them on a GPU (this process's own backend is the CPU).
+  compile_cfg = ml_collections.ConfigDict({"xla_gpu_fast_compile": args.xla_gpu_fast_compile})
+  sharding.set_jax_compile_flags(compile_cfg, backend="gpu")
   program = "train" if args.mode == "train" else "eval"
-  fast = sharding.gpu_fast_compile(
-      ml_collections.ConfigDict({"xla_gpu_fast_compile": args.xla_gpu_fast_compile}), program)
-  # What sharding.compiler_options / set_jax_compile_flags give a GPU (this process's
-  # backend is the CPU, so they are applied here by hand).
-  options = {**(sharding.FAST_COMPILE_GPU if fast else {}),
+  options = {**(sharding.compiler_options(compile_cfg, program, backend="gpu") or {}),
              **bench.parse_overrides(args.compiler_option, "--compiler_option")} or None
-  if fast:
-    jax.config.update("jax_threefry_gpu_kernel_lowering", True)
   fn, fn_args, device = build(args)
   jitted = jax.jit(fn, donate_argnums=0 if args.part == "step" else (),
                    compiler_options=options)

@@ -102,6 +102,7 @@ def _chunked_upsampled_ce(logits: jax.Array, labels: jax.Array, factor: int,
   up-samples once more: d CE / dz = softmax(z) - onehot = exp(z - lse) - onehot;
   'auto': remat on the CPU, custom_vjp elsewhere (check_ce_backward).
   """
+  check_ce_backward(backward)
   if backward == "auto":
     return jax.lax.platform_dependent(
         logits, labels,
@@ -122,7 +123,7 @@ def _chunked_upsampled_ce(logits: jax.Array, labels: jax.Array, factor: int,
     def block(args):
       x, up, down, lb = args  # lb: [B, r * factor, W]
       return _ce_from_logits(upsample(x, up, down), lb, ignore_index)
-  elif backward == "custom_vjp":
+  else:  # custom_vjp
     @jax.custom_vjp
     def block_ce(x, up, down, lb):
       return _ce_from_logits(upsample(x, up, down), lb, ignore_index)
@@ -141,9 +142,6 @@ def _chunked_upsampled_ce(logits: jax.Array, labels: jax.Array, factor: int,
 
     block_ce.defvjp(fwd, bwd)
     block = lambda args: block_ce(*args)  # noqa: E731
-  else:
-    raise ConfigError(f"config.loss.ce_backward must be one of {CE_BACKWARDS}, "
-                      f"got {backward!r}")
 
   ce = jax.lax.map(block, (rows, above, below, lab))  # [n, B, r * factor, W]
   return ce.swapaxes(0, 1).reshape(b, big_h, big_w)

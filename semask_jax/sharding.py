@@ -101,7 +101,7 @@ _FAST_COMPILE_CPU = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expe
 # Measured on an H200 (PERF_NOTES, "fourth lease"): cold compile 184 -> 37 s, step
 # +1.4-4 %, peak memory -1.4 GiB; inference lost 12 % without the Triton softmax fusions,
 # hence 'train'.
-FAST_COMPILE_GPU = {'xla_disable_hlo_passes': 'triton-softmax-rewriter',
+_FAST_COMPILE_GPU = {'xla_disable_hlo_passes': 'triton-softmax-rewriter',
                     'xla_gpu_enable_triton_gemm': False}
 GPU_FAST_COMPILE = ('train', 'all', 'none')
 PROGRAMS = ('train', 'eval')
@@ -119,22 +119,25 @@ def gpu_fast_compile(config: ml_collections.ConfigDict, program: str) -> bool:
   return mode == 'all' or (mode == 'train' and program == 'train')
 
 
-def set_jax_compile_flags(config: ml_collections.ConfigDict) -> None:
+def set_jax_compile_flags(config: ml_collections.ConfigDict, backend: str | None = None
+                          ) -> None:
   """The process-wide JAX side of config.xla_gpu_fast_compile on a GPU (threefry kernel
   lowering, part of every jit's cache key); call before the first jit is lowered. It
-  checks the key's value on every backend, so that a typo fails before any work."""
-  if gpu_fast_compile(config, 'train') and jax.default_backend() == 'gpu':
+  checks the key's value on every backend, so that a typo fails before any work.
+  backend: the one compiled for (default jax.default_backend())."""
+  if gpu_fast_compile(config, 'train') and (backend or jax.default_backend()) == 'gpu':
     jax.config.update('jax_threefry_gpu_kernel_lowering', True)
 
 
-def compiler_options(config: ml_collections.ConfigDict, program: str = 'train'
-                     ) -> dict[str, Any] | None:
-  """Per-program XLA options of the config for the default backend (jax.jit's
-  compiler_options), or None. program: 'train' or 'eval' (evaluation, prediction)."""
-  backend = jax.default_backend()
+def compiler_options(config: ml_collections.ConfigDict, program: str = 'train',
+                     backend: str | None = None) -> dict[str, Any] | None:
+  """Per-program XLA options of the config (jax.jit's compiler_options), or None.
+  program: 'train' or 'eval' (evaluation, prediction); backend: the one compiled for
+  (default jax.default_backend(); 'gpu' for a deviceless GPU compile on a CPU host)."""
+  backend = backend or jax.default_backend()
   fast_gpu = gpu_fast_compile(config, program)  # validates both
   if config.get('xla_cpu_fast_compile') and backend == 'cpu':
     return dict(_FAST_COMPILE_CPU)
   if fast_gpu and backend == 'gpu':
-    return dict(FAST_COMPILE_GPU)
+    return dict(_FAST_COMPILE_GPU)
   return None

@@ -91,6 +91,8 @@ def test_gpu_fast_compile_options_go_to_the_programs_it_names_on_gpus_only(monke
     for backend in ("cpu", "tpu"):
       monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
       assert sharding.compiler_options(config, "train") is None
+      # A deviceless GPU compile names the backend it compiles for.
+      assert sharding.compiler_options(config, "train", backend="gpu") == train
 
 
 def test_gpu_fast_compile_typos_are_refused():
