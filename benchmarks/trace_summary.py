@@ -158,6 +158,18 @@ def hlo_index(texts: dict[str, str]) -> dict[str, dict[str, str]]:
   return index
 
 
+# On the CPU the thunk executor runs a kernel on whichever XLA thread is free, the client's
+# thread included (under load it may run them all), and the trace also holds what is not a
+# kernel: Python ("$..."), runtime calls ("ThunkExecutor::Execute", "SlinkyThreadPool::Await"),
+# completion markers ("end: ynn_fusion") and control flow that encloses its body's kernels
+# ("while.5"), which counted too would count the body twice.
+_CPU_NOT_KERNEL = re.compile(r"^(\$|end: |(while|conditional|call)(\.\d+)?$)|::")
+
+
+def _cpu_kernel(name: str) -> bool:
+  return not _CPU_NOT_KERNEL.search(name)
+
+
 def summarize(trace_file: pathlib.Path, top: int = 30,
               hlo: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
   data = json.load(gzip.open(trace_file))
@@ -171,11 +183,9 @@ def summarize(trace_file: pathlib.Path, top: int = 30,
     def keep(e):
       return e["pid"] in device_pids and "stream" in threads.get((e["pid"], e["tid"]), "").lower()
     source = ", ".join(procs[p] for p in sorted(device_pids))
-  else:  # CPU: the XLA compute threads of the host.
+  else:  # CPU: the host's XLA threads (the client's and the Eigen pool's).
     def keep(e):
-      t = threads.get((e["pid"], e["tid"]), "")
-      return ("XLA" in t and "Client" not in t and not e["name"].startswith("$")
-              and "::" not in e["name"])  # ThunkExecutor::Execute wraps the kernels
+      return ("XLA" in threads.get((e["pid"], e["tid"]), "") and _cpu_kernel(e["name"]))
     source = "host XLA threads"
   kernels = [e for e in events if e.get("ph") == "X" and keep(e)]
   if not kernels:

@@ -1,5 +1,6 @@
 """benchmarks/trace_summary.py on a real jax.profiler trace of this machine: device time
 by category and kernel, and each kernel's HLO computation read from the trace's XSpace."""
+import gzip
 import json
 import pathlib
 
@@ -51,3 +52,27 @@ def test_fields_reads_protobuf_wire_format(trace_summary):
   # field 1 varint 150, field 2 bytes b"ab", field 3 fixed64
   buf = bytes([0x08, 0x96, 0x01, 0x12, 0x02]) + b"ab" + bytes([0x19]) + bytes(8)
   assert list(trace_summary._fields(buf)) == [(1, 0, 150), (2, 2, b"ab"), (3, 1, bytes(8))]
+
+
+def test_cpu_kernels_on_the_client_thread_count_and_wrappers_do_not(trace_summary, tmp_path):
+  # Under load the CPU client's own thread may run every kernel (a CI run saw no kernel on
+  # the Eigen pool's threads). A while loop's event encloses its body's kernels, and
+  # "end: ..." markers and runtime calls are not kernels: none of those may be counted.
+  meta = [dict(ph="M", name="process_name", pid=1, args=dict(name="/host:CPU")),
+          dict(ph="M", name="thread_name", pid=1, tid=1, args=dict(name="python")),
+          dict(ph="M", name="thread_name", pid=1, tid=2,
+               args=dict(name="tf_XLAPjRtCpuClient/123"))]
+  x = lambda name, ts, dur, tid=2: dict(ph="X", pid=1, tid=tid, name=name, ts=ts, dur=dur)  # noqa: E731
+  events = meta + [
+      x("$api.py:2479 block_until_ready", 0, 100, tid=1),
+      x("ThunkExecutor::Execute (wait for completion)", 0, 100),
+      x("copy.6", 0, 10), x("end: copy.6", 10, 1),
+      x("while.5", 11, 80), x("ynn_fusion", 11, 50), x("end: ynn_fusion", 61, 1),
+      x("multiply_add_fusion", 62, 20), x("end: while.5", 91, 1)]
+  trace = tmp_path / "vm.trace.json.gz"
+  with gzip.open(trace, "wt") as f:
+    json.dump(dict(traceEvents=events), f)
+  s = trace_summary.summarize(trace)
+  assert s["source"] == "host XLA threads"
+  assert s["kernels"] == 3 and s["kernel_sum_ms"] == pytest.approx(0.080)
+  assert {r["name"] for r in s["top"]} == {"copy.6", "ynn_fusion", "multiply_add_fusion"}
