@@ -139,19 +139,20 @@ def semask_fpn_config(dataset: str, variant: str, *, semask: bool = True
 # detectron2 SeMask-Mask2Former recipes (SPEC 10): crop and iterations, and the
 # Mask2Former INPUT settings (configs/<dataset>/semantic-segmentation/Base-*.yaml,
 # swin/*_res640.yaml) per crop: `base` of the short-side choices int(x * 0.1 * base),
-# x = 5..20, MAX_SIZE_TRAIN, SIZE_DIVISIBILITY (mapper pad; -1 none), MIN/MAX_SIZE_TEST.
-# ADE20K scales all of them with the crop (512: 512/2048, 640: 640/2560).
+# x = 5..20, MAX_SIZE_TRAIN, SIZE_DIVISIBILITY (mapper pad; -1 none), MIN/MAX_SIZE_TEST,
+# TEST.AUG.MAX_SIZE (multi-scale / flip test). ADE20K scales all of them with the crop
+# (512: 512/2048/3584, 640: 640/2560/4480).
 MASK2FORMER_RECIPES = {
     'ade20k': dict(crop=(512, 512), crop_l=(640, 640), steps=160_000),
     'cityscapes': dict(crop=(512, 1024), crop_l=(512, 1024), steps=90_000),
 }
 MASK2FORMER_INPUT = {
     ('ade20k', 512): dict(base=512, max_size=2048, size_divisibility=512,
-                          test_short_edge=512, test_max_size=2048),
+                          test_short_edge=512, test_max_size=2048, test_aug_max_size=3584),
     ('ade20k', 640): dict(base=640, max_size=2560, size_divisibility=640,
-                          test_short_edge=640, test_max_size=2560),
+                          test_short_edge=640, test_max_size=2560, test_aug_max_size=4480),
     ('cityscapes', 512): dict(base=1024, max_size=4096, size_divisibility=-1,
-                              test_short_edge=1024, test_max_size=2048),
+                              test_short_edge=1024, test_max_size=2048, test_aug_max_size=4096),
 }
 # No weight decay (detectron2 build_optimizer): every norm (LayerNorm, GroupNorm -- the
 # pixel decoder's input_proj.<l>.1 --, the semantic layers' norm1), the decoder's

@@ -61,11 +61,15 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
   # std are shared): the short side is drawn from `short_edge_choices` with the long
   # side at most `max_size`; image (128) and label (255) padded to size_divisibility
   # (<= 0: none); test: short side test_short_edge, long side at most test_max_size.
+  # Multi-scale / flip test (Mask2Former's SemanticSegmentorWithTTA, TEST.AUG): short side
+  # int(test_short_edge * r) for each ratio r, long side at most test_aug_max_size (fixed,
+  # not scaled by r), for every ratio including 1.0.
   c.short_edge_choices = short_edge_choices(512)
   c.max_size = 2048
   c.size_divisibility = 512
   c.test_short_edge = 512
   c.test_max_size = 2048
+  c.test_aug_max_size = 3584
   # Eval: keep-ratio resize to test_scale, fixed pads (None: max over split).
   c.test_scale = (2048, 512)
   c.eval_pad_hw = None  # (h, w) pad of the resized image.
@@ -112,8 +116,8 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
 
 
 def use_detectron2_recipe(c: ml_collections.ConfigDict, *, base: int, max_size: int,
-                          size_divisibility: int, test_short_edge: int, test_max_size: int
-                          ) -> ml_collections.ConfigDict:
+                          size_divisibility: int, test_short_edge: int, test_max_size: int,
+                          test_aug_max_size: int) -> ml_collections.ConfigDict:
   """Switches a data config to the Mask2Former (detectron2) transforms in place.
 
   Short side a uniform choice of int(x * 0.1 * base), x = 5..20; crop with no
@@ -126,6 +130,7 @@ def use_detectron2_recipe(c: ml_collections.ConfigDict, *, base: int, max_size: 
   c.size_divisibility = int(size_divisibility)
   c.test_short_edge = int(test_short_edge)
   c.test_max_size = int(test_max_size)
+  c.test_aug_max_size = int(test_aug_max_size)
   c.cat_max_ratio = 1.0
   c.photometric = True
   c.flip_prob = 0.5

@@ -219,20 +219,31 @@ def make_global_batch(local_batch: dict, mesh: jax.sharding.Mesh,
 # --------------------------------------------------- eval, one image at a time
 
 
+def is_tta(ratios: Iterable[float], flip: bool) -> bool:
+  """Whether an evaluation with these test ratios and flip is a test-time augmentation (the
+  detectron2 recipe then resizes every pass with TEST.AUG's fixed max size)."""
+  return tuple(float(r) for r in ratios) != (1.0,) or bool(flip)
+
+
 def scale_images(image: np.ndarray, data_cfg: ml_collections.ConfigDict,
-                 ratios: Iterable[float]) -> list[np.ndarray]:
+                 ratios: Iterable[float], *, tta: bool | None = None) -> list[np.ndarray]:
   """The reference's test images of one ORIGINAL uint8 RGB image: one normalised float32
   [h_r, w_r, 3] per ratio, each at its own size (no padding).
 
   mmseg MultiScaleFlipAug: ratio r keep-ratio resizes the original to
   (int(long * r), int(short * r)) of test_scale (r = 1.0: test_scale itself),
   cv2 bilinear, mmcv normalisation. The detectron2 recipe (data.recipe, Mask2Former)
-  uses its own test resize (short edge, max size times r) and normalisation.
+  uses its own test resize and normalisation: short side int(test_short_edge * r), long
+  side at most test_max_size, or under test-time augmentation (`tta`; default: several
+  ratios or one other than 1.0; pass is_tta(ratios, flip) when flipping) at most
+  test_aug_max_size for every ratio, as detectron2's DatasetMapperTTA.
   """
+  ratios = tuple(ratios)
   out = []
   for r in ratios:
     if data_cfg.get('recipe', 'mmseg') == 'detectron2':
-      out.append(np.asarray(T.test_preprocess(image, _d2_scaled(data_cfg, r))[0], np.float32))
+      out.append(np.asarray(T.test_preprocess(image, _d2_scaled(data_cfg, r, ratios, tta))[0],
+                            np.float32))
       continue
     hw = scale_sizes(image.shape[:2], data_cfg, (r,))[0]
     out.append(T.normalize(T.resize_bilinear(image, hw), tuple(data_cfg.mean),
@@ -240,18 +251,27 @@ def scale_images(image: np.ndarray, data_cfg: ml_collections.ConfigDict,
   return out
 
 
-def _d2_scaled(data_cfg: ml_collections.ConfigDict, r: float) -> ml_collections.ConfigDict:
+def _d2_scaled(data_cfg: ml_collections.ConfigDict, r: float, ratios: tuple[float, ...],
+               tta: bool | None) -> ml_collections.ConfigDict:
+  """The data config whose test resize is detectron2's for ratio r of `ratios`."""
+  if tta is None:
+    tta = is_tta(ratios, False)
   cfg = data_cfg.copy_and_resolve_references()
   cfg.test_short_edge = int(cfg.test_short_edge * r)
-  cfg.test_max_size = int(cfg.test_max_size * r)
+  if tta:
+    if cfg.get('test_aug_max_size') is None:
+      raise ValueError('data config: test_aug_max_size (detectron2 TEST.AUG.MAX_SIZE) is '
+                       'needed for a multi-scale or flipped test of the detectron2 recipe')
+    cfg.test_max_size = int(cfg.test_aug_max_size)
   return cfg
 
 
 def scale_sizes(hw: tuple[int, int], data_cfg: ml_collections.ConfigDict,
-                ratios: Iterable[float]) -> list[tuple[int, int]]:
+                ratios: Iterable[float], *, tta: bool | None = None) -> list[tuple[int, int]]:
   """The (h, w) of scale_images' outputs for an original of size hw (no decoding)."""
+  ratios = tuple(ratios)
   if data_cfg.get('recipe', 'mmseg') == 'detectron2':
-    return [tuple(T.test_size(tuple(hw), _d2_scaled(data_cfg, r))) for r in ratios]
+    return [tuple(T.test_size(tuple(hw), _d2_scaled(data_cfg, r, ratios, tta))) for r in ratios]
   return [T.rescale_size(tuple(hw), (int(data_cfg.test_scale[0] * r), int(data_cfg.test_scale[1] * r)))
           for r in ratios]
 
@@ -262,11 +282,12 @@ class PerImageEvalTransform(grain.transforms.Map):
   'label': uint8 [H, W] (original), 'index': int32}."""
   data_cfg: Any
   ratios: tuple[float, ...]
+  tta: bool | None = None  # see scale_images
 
   def map(self, ex: dict) -> dict:
     d2 = self.data_cfg.get('recipe', 'mmseg') == 'detectron2'
     ex = T.Decode(**({'image_backend': 'pil'} if d2 else {})).map(ex)
-    return {'images': tuple(scale_images(ex['image'], self.data_cfg, self.ratios)),
+    return {'images': tuple(scale_images(ex['image'], self.data_cfg, self.ratios, tta=self.tta)),
             'label': ex['label'], 'index': ex['index']}
 
 
@@ -293,11 +314,13 @@ def per_image_eval_sizes(data_cfg: ml_collections.ConfigDict, *,
 
 def create_per_image_eval_iterator(data_cfg: ml_collections.ConfigDict, *,
                                    ratios: Iterable[float] = (1.0,),
+                                   tta: bool | None = None,
                                    process_index: int | None = None,
                                    process_count: int | None = None) -> Iterable[dict]:
   """This process's eval images one at a time, as the reference tests them (batch 1).
 
-  Yields {'images': tuple of float32 [h_r, w_r, 3] (one per ratio, see scale_images),
+  Yields {'images': tuple of float32 [h_r, w_r, 3] (one per ratio, see scale_images
+  and its `tta`),
   'label': uint8 [H, W] original size, 'index': int32}. Every record of the split
   appears on exactly one process (contiguous slices, as create_eval_iterator's);
   processes may get different counts (no collective runs per image).
@@ -310,5 +333,5 @@ def create_per_image_eval_iterator(data_cfg: ml_collections.ConfigDict, *,
   sampler = grain.samplers.IndexSampler(num_records=stop - start,
                                         shard_options=grain.sharding.NoSharding(),
                                         shuffle=False, num_epochs=1)
-  ops = [PerImageEvalTransform(data_cfg, tuple(float(r) for r in ratios))]
+  ops = [PerImageEvalTransform(data_cfg, tuple(float(r) for r in ratios), tta)]
   return make_loader(sub, sampler, ops, data_cfg, grain.sharding.NoSharding())

@@ -113,11 +113,12 @@ def evaluate_per_image(config: ml_collections.ConfigDict, graphdef: Any, rest: A
                       f'{config.data.name!r} has {len(names)} classes')
   inference = make_per_image_inference(config, graphdef, rest, state.params, state.batch_stats)
   ratios = tuple(float(r) for r in config.eval.scales)
+  tta = pipeline.is_tta(ratios, config.eval.flip)
   items = None
   if config.eval.get('precompile', True):
-    items = [(pipeline.scale_sizes(hw, config.data, ratios), hw)
+    items = [(pipeline.scale_sizes(hw, config.data, ratios, tta=tta), hw)
              for hw in pipeline.per_image_eval_sizes(config.data)]
-  examples = pipeline.create_per_image_eval_iterator(config.data, ratios=ratios)
+  examples = pipeline.create_per_image_eval_iterator(config.data, ratios=ratios, tta=tta)
   return evaluate_lib.evaluate_per_image(inference, examples, names, precompile_items=items)
 
 

@@ -77,7 +77,9 @@ def overlay(image: np.ndarray, color: np.ndarray, opacity: float = 0.5) -> np.nd
 def scale_images(image: np.ndarray, config: ml_collections.ConfigDict) -> list[np.ndarray]:
   """uint8 [H, W, 3] -> the evaluation's test images (one normalised [h, w, 3] per
   config.eval.scales ratio, each at its own size: no padding)."""
-  return pipeline.scale_images(image, config.data, tuple(float(r) for r in config.eval.scales))
+  ratios = tuple(float(r) for r in config.eval.scales)
+  return pipeline.scale_images(image, config.data, ratios,
+                               tta=pipeline.is_tta(ratios, config.eval.flip))
 
 
 def predict_paths(config: ml_collections.ConfigDict, graphdef: Any, rest: Any, params: Any,

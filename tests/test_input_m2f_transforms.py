@@ -450,7 +450,7 @@ def test_decode_equals_detectron2_read_image(kind):
 def d2_cfg(**kw):
   cfg = default_data_config('ade20k')
   use_detectron2_recipe(cfg, base=40, max_size=150, size_divisibility=36, test_short_edge=40,
-                        test_max_size=150)
+                        test_max_size=150, test_aug_max_size=210)
   cfg.crop_size = (36, 36)
   cfg.update(kw)
   return cfg
@@ -535,23 +535,47 @@ def test_configs_carry_the_mask2former_input_recipe():
   assert list(d.short_edge_choices) == [int(x * 0.1 * 640) for x in range(5, 21)]
   assert (d.max_size, d.size_divisibility, d.test_short_edge, d.test_max_size) == (2560, 640, 640,
                                                                                      2560)
+  assert d.test_aug_max_size == 4480  # swin/*_res640.yaml TEST.AUG.MAX_SIZE
   assert d.cat_max_ratio == 1.0 and d.flip_prob == 0.5 and d.photometric
   d = ade.get_config('T').data
   assert tuple(d.crop_size) == (512, 512) and tuple(d.short_edge_choices) == short_edge_choices(512)
   assert (d.max_size, d.size_divisibility, d.test_short_edge, d.test_max_size) == (2048, 512, 512,
                                                                                      2048)
+  assert d.test_aug_max_size == 3584
   d = city.get_config('L').data
   assert tuple(d.crop_size) == (512, 1024)
   assert list(d.short_edge_choices) == [int(x * 0.1 * 1024) for x in range(5, 21)]
   assert (d.max_size, d.size_divisibility, d.test_short_edge) == (4096, -1, 1024)
+  assert (d.test_max_size, d.test_aug_max_size) == (2048, 4096)
   assert T.d2_train_out_hw(d) == (512, 1024)
   assert T.test_size((1024, 2048), d) == (1024, 2048)
+
+
+def test_multi_scale_test_sizes_are_mask2formers_tta():
+  # detectron2's DatasetMapperTTA: ResizeShortestEdge(min_size, TEST.AUG.MAX_SIZE) for each
+  # of TEST.AUG.MIN_SIZES (= int(MIN_SIZE_TEST * r)), the max size fixed for every ratio
+  # (1.0 included), flip or not. A single pass keeps MAX_SIZE_TEST. Only images whose long
+  # side reaches a cap tell the two apart: a 10:1 panorama here.
+  from configs import ade20k_semask_mask2former as ade  # pylint: disable=import-outside-toplevel
+  d = ade.get_config('T').data
+  hw = (100, 1000)
+  ratios = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+  mins = [256, 384, 512, 640, 768, 896]  # Base-ADE20K-SemanticSegmentation.yaml TEST.AUG
+  want = [d2_get_output_shape(*hw, m, 3584) for m in mins]
+  assert pipeline.scale_sizes(hw, d, ratios) == want
+  assert pipeline.scale_sizes(hw, d, ratios, tta=pipeline.is_tta(ratios, False)) == want
+  assert want[2] == (358, 3584)  # not (512, 2048 * 1.0 = 2048)-capped
+  assert pipeline.scale_sizes(hw, d, (1.0,)) == [d2_get_output_shape(*hw, 512, 2048)]
+  assert pipeline.scale_sizes(hw, d, (1.0,), tta=pipeline.is_tta((1.0,), True)) == [
+      d2_get_output_shape(*hw, 512, 3584)]
+  image = np.zeros(hw + (3,), np.uint8)
+  assert [im.shape[:2] for im in pipeline.scale_images(image, d, (0.5, 1.0))] == [want[0], want[2]]
 
 
 def test_loaders_with_the_detectron2_recipe():
   cfg = default_data_config('synthetic')
   use_detectron2_recipe(cfg, base=40, max_size=160, size_divisibility=32, test_short_edge=40,
-                        test_max_size=160)
+                        test_max_size=160, test_aug_max_size=224)
   cfg.synthetic.num_train, cfg.synthetic.num_eval = 8, 3
   cfg.synthetic.height, cfg.synthetic.width = 40, 48
   cfg.crop_size = (32, 32)
