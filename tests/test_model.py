@@ -343,3 +343,18 @@ def test_pixel_cross_entropy_matches_torch(small, big):
   ref = F.cross_entropy(up, torch.from_numpy(labels).long(), reduction="none", ignore_index=255)
   np.testing.assert_allclose(np.asarray(ce), ref.numpy(), rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(valid), labels != 255)
+
+
+def test_drop_path_keeps_a_sample_where_its_draw_is_below_the_keep_probability():
+  from semask_jax.models import swin  # pylint: disable=import-outside-toplevel
+  x = jnp.arange(4 * 2 * 2 * 3, dtype=jnp.bfloat16).reshape(4, 2, 2, 3) + 1
+  u = jnp.asarray([0.1, 0.8, 0.74, 0.75], jnp.float32)  # [B]
+  want = np.asarray(x, np.float32) / np.float32(0.75)
+  want[[1, 3]] = 0  # u >= keep: dropped
+  for keep in (0.75, jnp.float32(0.75)):  # the attribute, or the scan's traced scalar
+    y = swin.drop_path(x, keep, u)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=1e-2)
+  assert swin.drop_path(x, 1.0, u) is x  # rate 0
+  assert swin.drop_path(x, 0.75, None) is x  # deterministic
+  np.testing.assert_array_equal(swin.drop_path(x, jnp.float32(1.0), u), x)  # u < 1 always

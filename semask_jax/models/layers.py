@@ -231,11 +231,6 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None, *,
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-  """Stochastic depth: drops the whole residual branch per sample."""
-  return dropout(x, rate, rng, broadcast_dims=tuple(range(1, x.ndim)))
-
-
 def after(x: jax.Array, ct: Any) -> jax.Array:
   """x, made to depend on the cotangent ct: x + 0 * ct[:, :1, :1, :1].
 

@@ -134,7 +134,9 @@ class SwinBlock(nnx.Module):
 
   def __call__(self, x: jax.Array, keys: layers.KeyChain,
                keep_prob: jax.Array | None = None) -> jax.Array:
-    """x: [B, H, W, C]. keep_prob: traced 1 - drop_path (the stage scan's), else the attribute."""
+    """x: [B, H, W, C]. keys: hands out the block's two drop-path draws ([B] uniforms, see
+    drop_path; None when deterministic). keep_prob: traced 1 - drop_path (the stage
+    scan's), else the attribute."""
     b, h, w, c = x.shape
     m, s = self.window_size, self.shift
     # qkv runs on the real tokens only; the tokens that padding adds after norm1
@@ -152,25 +154,26 @@ class SwinBlock(nnx.Module):
     if s:
       y = jnp.roll(y, (s, s), axis=(1, 2))
     y = self.attn.proj(y[:, :h, :w])
-    if keep_prob is None:
-      drop = lambda z, rng: layers.drop_path(z, self.drop_path, rng)  # noqa: E731
-    else:
-      drop = lambda z, rng: _drop_path_traced(z, keep_prob, rng)  # noqa: E731
-    x = x + drop(y, keys.next())
-    x = x + drop(self.mlp(self.norm2(x)), keys.next())
+    keep = 1.0 - self.drop_path if keep_prob is None else keep_prob
+    x = x + drop_path(y, keep, keys.next())
+    x = x + drop_path(self.mlp(self.norm2(x)), keep, keys.next())
     return x
 
 
-def _drop_path_traced(x: jax.Array, keep_prob: jax.Array, rng: jax.Array | None) -> jax.Array:
-  """layers.drop_path with the keep probability a traced float32 scalar.
+def drop_path(x: jax.Array, keep_prob: float | jax.Array, u: jax.Array | None) -> jax.Array:
+  """Stochastic depth: sample b's branch kept (divided by keep_prob) where u[b] < keep_prob.
 
-  Same draws and values as layers.drop_path(x, 1 - keep_prob, rng) (at keep 1
-  every sample is kept and divided by exactly 1).
+  u: [B] uniform [0, 1) draws of this drop path (a row of its stage's one draw, see
+  BasicLayer._blocks), or None (deterministic). keep_prob: a float, or the stage scan's
+  traced float32 scalar. Bernoulli(keep_prob) per sample, as jax.random.bernoulli (which
+  compares a uniform draw the same way); at keep 1 every sample is kept, divided by 1.
   """
-  if rng is None:
+  if u is None or (isinstance(keep_prob, float) and keep_prob == 1.0):
     return x
-  keep = jax.random.bernoulli(rng, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(keep, x / keep_prob.astype(x.dtype), jnp.zeros_like(x))
+  keep = (u < keep_prob).reshape((-1,) + (1,) * (x.ndim - 1))  # [B, 1, 1, 1]
+  scale = (keep_prob.astype(x.dtype) if isinstance(keep_prob, jax.Array)
+           else keep_prob)  # a Python float stays weakly typed
+  return jnp.where(keep, x / scale, jnp.zeros_like(x))
 
 
 class PatchMerging(nnx.Module):
@@ -240,10 +243,10 @@ class BasicLayer(nnx.Module):
     one pair instead of 18 blocks). Within a parity the blocks differ only in
     their parameters and drop-path rate, so the scan carries x and runs over the
     stacked parameters of the even and of the odd blocks (a copy of the stage's
-    weights per step, small next to its activations), their keys and rates. The
-    parameters stay in the per-block modules (names layers.{i}.blocks.{j}.*).
-    Keys are drawn in the order of a loop over the blocks, so a step's drop-path
-    draws are those of the unrolled loop. A trailing block of an odd depth runs
+    weights per step, small next to its activations), their drop-path draws and rates.
+    The parameters stay in the per-block modules (names layers.{i}.blocks.{j}.*).
+    The stage's drop-path draws are one uniform [2 * depth, B], rows in block order, so
+    the scan's draws are those of the unrolled loop. A trailing block of an odd depth runs
     after the scan. config block_loop='unroll' (the default on accelerators, 'auto')
     unrolls: the same values, no per-iteration copies of the scan's residuals.
 
@@ -252,7 +255,12 @@ class BasicLayer(nnx.Module):
     temporaries scanned, 178 MB unrolled, 5 % faster, the same compile time).
     """
     depth = len(self.blocks)
-    ks = [keys.next() for _ in range(2 * depth)]  # two per block: after attention, after MLP
+    # One draw for the stage's drop paths (two per block: after attention, after MLP):
+    # one random-bits computation instead of a key and a draw per drop path (fewer
+    # kernels to compile, on the CPU ~80 for SeMask-T).
+    key = keys.next()
+    u = None if key is None else jax.random.uniform(key, (2 * depth, x.shape[0]))  # [2d, B]
+    us = [None if u is None else u[i] for i in range(2 * depth)]
     scan = self.scan_blocks and not keys.deterministic
     pairs = depth // 2 if scan else 0
     if pairs:
@@ -261,35 +269,35 @@ class BasicLayer(nnx.Module):
       odd = stack([nnx.state(self.blocks[2 * i + 1]) for i in range(pairs)])
       keep = np.asarray([[1.0 - self.blocks[j].drop_path for j in (2 * i, 2 * i + 1)]
                          for i in range(pairs)], np.float32)  # [pairs, 2]
-      pair_keys = None if ks[0] is None else jnp.stack(
-          [jnp.stack(ks[4 * i:4 * i + 4]) for i in range(pairs)])  # [pairs, 4] keys
+      pair_u = None if u is None else u[:4 * pairs].reshape(pairs, 4, -1)  # [pairs, 4, B]
       g_even, g_odd = nnx.graphdef(self.blocks[0]), nnx.graphdef(self.blocks[1])
 
       def pair(x, xs):
-        s_even, s_odd, k, kp = xs
-        k = [None] * 4 if k is None else [k[i] for i in range(4)]
-        x = self._apply_block(g_even, s_even, x, k[:2], kp[0])
-        x = self._apply_block(g_odd, s_odd, x, k[2:], kp[1])
+        s_even, s_odd, pu, kp = xs
+        pu = [None] * 4 if pu is None else [pu[i] for i in range(4)]
+        x = self._apply_block(g_even, s_even, x, pu[:2], kp[0])
+        x = self._apply_block(g_odd, s_odd, x, pu[2:], kp[1])
         return x, None
 
-      x, _ = jax.lax.scan(pair, x, (even, odd, pair_keys, jnp.asarray(keep)))
+      x, _ = jax.lax.scan(pair, x, (even, odd, pair_u, jnp.asarray(keep)))
     for j in range(2 * pairs, depth):
       blk = self.blocks[j]
-      x = self._apply_block(nnx.graphdef(blk), nnx.state(blk), x, ks[2 * j:2 * j + 2], None)
+      x = self._apply_block(nnx.graphdef(blk), nnx.state(blk), x, us[2 * j:2 * j + 2], None)
     return x
 
   def _apply_block(self, graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array,
-                   ks: list[jax.Array | None], keep_prob: jax.Array | None) -> jax.Array:
-    """A Swin block given as (graphdef, state), rematerialised when self.remat."""
-    def apply(state, x, ks, keep_prob):
-      return nnx.merge(graphdef, state)(x, _FixedKeys(ks), keep_prob)
+                   us: list[jax.Array | None], keep_prob: jax.Array | None) -> jax.Array:
+    """A Swin block given as (graphdef, state) and its two drop-path draws (us),
+    rematerialised when self.remat."""
+    def apply(state, x, us, keep_prob):
+      return nnx.merge(graphdef, state)(x, _FixedKeys(us), keep_prob)
 
     if not self.remat:
-      return apply(state, x, ks, keep_prob)
+      return apply(state, x, us, keep_prob)
     if self.remat_policy == "full":
-      return _sequenced_remat(apply, state, x, ks, keep_prob)
+      return _sequenced_remat(apply, state, x, us, keep_prob)
     return jax.checkpoint(apply, policy=remat_policy_fn(self.remat_policy))(
-        state, x, ks, keep_prob)
+        state, x, us, keep_prob)
 
   def _apply(self, module: nnx.Module, x: jax.Array, keys: layers.KeyChain, num_keys: int):
     """module(x, keys), rematerialised in the backward pass when self.remat, in training
@@ -370,7 +378,8 @@ def remat_policy_fn(name: str):
 
 
 class _FixedKeys(layers.KeyChain):
-  """A KeyChain replaying a fixed list of keys (used under remat)."""
+  """A KeyChain replaying a fixed list: keys (semantic layers under remat) or a Swin
+  block's two drop-path draws."""
 
   def __init__(self, ks):
     super().__init__(None)
