@@ -10,7 +10,9 @@ accelerator's streams (the host's XLA threads on CPU):
   - with the XLA trace (*.xplane.pb) beside it and jax installed: each kernel's fusion in
     the optimised HLO module the trace carries (its computation and output shape), the
     device time per HLO computation (the entry, each
-    while body: e.g. the loss's row blocks), and the HLO text (--hlo_dir).
+    while body: e.g. the loss's row blocks), per model part (the jax.named_scope names in
+    its op_name, --scope_depth levels: backbone/layers.2, decode_head, loss, optimizer,
+    forward and backward apart), and the HLO text (--hlo_dir).
 
 So that a device session with no TensorBoard can bring back the few lines that say what
 dominates, next to the (large) trace itself:
@@ -102,14 +104,24 @@ def _fields(buf: bytes):
     yield number, wire, value
 
 
+def _hlo_text(module_proto: bytes) -> str:
+  """HLO text of a serialized HloModuleProto, with its metadata (op names) where this
+  jaxlib can print them (jaxlib._hlo), else without (XlaComputation.as_hlo_text)."""
+  try:
+    from jaxlib import _hlo  # pylint: disable=g-import-not-at-top
+    return _hlo.HloModule.from_serialized_hlo_module_proto(module_proto).to_string()
+  except (ImportError, AttributeError):
+    from jax._src.lib import xla_client  # pylint: disable=g-import-not-at-top
+    return xla_client.XlaComputation(module_proto).as_hlo_text()
+
+
 def hlo_modules(xplane: pathlib.Path) -> dict[str, str]:
   """HLO text of the optimised modules an XLA trace carries, by module name.
 
   XSpace.planes(1) > XPlane.event_metadata(4) > map value(2) > XEventMetadata.stats(5)
   > XStat.bytes_value(6) is an xla.HloProto, whose field 1 is the HloModuleProto;
-  jax's xla_client turns that into text. Walked without the profiler's protos (no
-  TensorBoard or XProf needed)."""
-  from jax._src.lib import xla_client  # pylint: disable=g-import-not-at-top
+  jaxlib turns that into text. Walked without the profiler's protos (no TensorBoard or
+  XProf needed)."""
 
   def sub(buf, number):
     return [v for n, w, v in _fields(buf) if n == number and w == 2]
@@ -126,7 +138,7 @@ def hlo_modules(xplane: pathlib.Path) -> dict[str, str]:
               # messages: skip other bytes stats before XLA's parser logs errors on them.
               if not module or not {1, 3} <= {n for n, w, _ in _fields(module[0]) if w == 2}:
                 continue
-              text = xla_client.XlaComputation(module[0]).as_hlo_text()
+              text = _hlo_text(module[0])
             except Exception:  # pylint: disable=broad-except
               continue  # another kind of bytes stat
             texts[text.split(",", 1)[0].removeprefix("HloModule ").strip()] = text
@@ -138,10 +150,41 @@ _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?(\S+) = (.+?) (fusion|custom-call|co
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?(\S+) (?:\(.*\) -> .* )?\{$")
 
 
-def hlo_index(texts: dict[str, str]) -> dict[str, dict[str, str]]:
-  """Kernel name -> {computation, shape} for every fusion / custom call of the
-  modules; kernel names are instruction names with '.' as '_' on GPU, as they are on
-  CPU."""
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# Path components that JAX's transformations and control flow add to an op's name stack;
+# what is left (before the primitive's own name) are the program's jax.named_scope names.
+_JAX_NAME_TOKENS = frozenset({"while", "body", "cond", "closed_call", "checkpoint",
+                              "rematted_computation", "remat", "custom_vjp_call",
+                              "custom_jvp_call", "pjit", "scan", "vmap"})
+_WRAPPED = re.compile(r"^([\w.]+)\((.*)\)$")
+
+
+def model_part(op_name: str, depth: int = 2) -> str:
+  """The named scopes of an HLO op's op_name, `depth` deep, with ' (backward)' for ops of
+  a transpose (a gradient, rematerialised forward included): e.g.
+  'jit(step)/transpose(jvp(backbone))/layers.2/blocks/dot_general' -> 'backbone/layers.2
+  (backward)'. The model opens scopes named as its parameters (backbone/layers.{i}/blocks,
+  decode_head, loss, optimizer, ...)."""
+  tokens = op_name.split("/")[:-1]  # the last is the primitive
+  parts, backward = [], False
+  for token in tokens:
+    inner = token
+    while (m := _WRAPPED.match(inner)):
+      if m.group(1) == "transpose":
+        backward = True
+      inner = "" if m.group(1) == "jit" else m.group(2)  # jit(f): a function, not a scope
+    if (not inner or inner in _JAX_NAME_TOKENS or inner.startswith("branch_")
+        or (parts and parts[-1] == inner)):  # transpose(jvp(x))/jvp(x): x once
+      continue
+    parts.append(inner)
+  label = "/".join(parts[:depth]) or "(no scope)"
+  return label + (" (backward)" if backward else "")
+
+
+def hlo_index(texts: dict[str, str], depth: int = 2) -> dict[str, dict[str, str]]:
+  """Kernel name -> {computation, shape, part} for every fusion / custom call of the
+  modules (part: model_part of its op_name); kernel names are instruction names with
+  '.' as '_' on GPU, as they are on CPU."""
   index = {}
   for module, text in texts.items():
     computation = "?"
@@ -152,7 +195,9 @@ def hlo_index(texts: dict[str, str]) -> dict[str, dict[str, str]]:
         continue
       m = _INSTRUCTION.match(line)
       if m:
-        info = dict(computation=computation, shape=m.group(2)[:100])
+        op = _OP_NAME.search(line)
+        info = dict(computation=computation, shape=m.group(2)[:100],
+                    part=model_part(op.group(1), depth) if op else "(no op_name)")
         index[m.group(1)] = info
         index[m.group(1).replace(".", "_")] = info
   return index
@@ -207,9 +252,11 @@ def summarize(trace_file: pathlib.Path, top: int = 30,
       row[2][op] += 1
   tops = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
   by_computation: dict[str, float] = collections.Counter()
+  by_part: dict[str, float] = collections.Counter()
   if hlo:
     for n, (t, _, _) in by_name.items():
       by_computation[hlo.get(n, {}).get("computation", "(not in the HLO: library kernels)")] += t
+      by_part[hlo.get(n, {}).get("part", "(not in the HLO: library kernels)")] += t
   return dict(
       trace=str(trace_file), source=source, kernels=len(kernels),
       distinct_kernels=len(by_name), span_ms=span / 1e3, busy_ms=busy / 1e3,
@@ -220,6 +267,7 @@ def summarize(trace_file: pathlib.Path, top: int = 30,
            for n, (t, c, ops) in tops],
       computations={c: t / 1e3 for c, t in
                     sorted(by_computation.items(), key=lambda kv: -kv[1])[:top]},
+      parts={c: t / 1e3 for c, t in sorted(by_part.items(), key=lambda kv: -kv[1])[:top]},
   )
 
 
@@ -233,6 +281,11 @@ def print_summary(s: dict[str, Any], out=sys.stdout) -> None:
   p("|---|---|---|")
   for c, ms in s["categories"].items():
     p(f"| {c} | {ms:.1f} | {100 * ms / s['kernel_sum_ms']:.1f} % |")
+  if s.get("parts"):
+    p("| model part (named scope) | ms | share |")
+    p("|---|---|---|")
+    for c, ms in s["parts"].items():
+      p(f"| {c[:70]} | {ms:.1f} | {100 * ms / s['kernel_sum_ms']:.1f} % |")
   if s.get("computations"):
     p("| HLO computation | ms | share |")
     p("|---|---|---|")
@@ -251,6 +304,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   ap.add_argument("path", type=pathlib.Path, help="profile directory or *.trace.json.gz file")
   ap.add_argument("--top", type=int, default=30, help="how many kernels to list")
   ap.add_argument("--json", default=None, help="also write the summary here")
+  ap.add_argument("--scope_depth", type=int, default=2,
+                  help="named-scope levels per model part (2: backbone/layers.2, loss, ...)")
   ap.add_argument("--hlo_dir", default=None, type=pathlib.Path,
                   help="write the HLO text of the trace's modules here (<module>.hlo)")
   a = ap.parse_args(argv)
@@ -266,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a.hlo_dir.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
       (a.hlo_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.hlo").write_text(text)
-  s = summarize(trace, a.top, hlo_index(texts) if texts else None)
+  s = summarize(trace, a.top, hlo_index(texts, a.scope_depth) if texts else None)
   print_summary(s)
   if a.json:
     pathlib.Path(a.json).write_text(json.dumps(s, indent=1))

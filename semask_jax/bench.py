@@ -202,7 +202,8 @@ def make_loss(model_cfg) -> Callable[..., Any]:
     return train.make_loss(full)
   if model_cfg.get("name", "semask_fpn") != "semask_fpn":
     raise cli.UserError("a Mask2Former bench needs --config (its criterion settings)")
-  return lambda out, labels, rng: segmentation_loss(out, labels, ignore_index=IGNORE_INDEX)
+  return jax.named_scope("loss")(
+      lambda out, labels, rng: segmentation_loss(out, labels, ignore_index=IGNORE_INDEX))
 
 
 def _abstract_state(cfg):
@@ -223,8 +224,8 @@ def make_train_fns(graphdef, tx, loss=None):
 
   loss: (outputs, labels, rng) -> (loss, aux); default the SeMask-FPN loss."""
   if loss is None:
-    loss = lambda out, labels, rng: segmentation_loss(  # noqa: E731
-        out, labels, ignore_index=IGNORE_INDEX)
+    loss = jax.named_scope("loss")(lambda out, labels, rng: segmentation_loss(
+        out, labels, ignore_index=IGNORE_INDEX))
 
   def loss_fn(params, rest, images, labels, rng):
     model = nnx.merge(graphdef, params, rest, copy=True)
@@ -238,8 +239,9 @@ def make_train_fns(graphdef, tx, loss=None):
   def step(carry, images, labels, rng):
     params, rest, opt_state = carry
     (loss, rest), grads = grad_fn(params, rest, images, labels, rng)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    with jax.named_scope("optimizer"):  # as train.make_train_step
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
     return (params, rest, opt_state), loss
 
   return grad_fn, step

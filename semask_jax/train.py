@@ -83,6 +83,7 @@ def make_loss(config: ml_collections.ConfigDict) -> LossFn:
   if model_class(config.model) is SeMaskMask2Former:
     crit = criterion_config(config)
 
+    @jax.named_scope("loss")
     def m2f_loss(out, labels, rng):
       total, aux = mask2former_loss.set_criterion(
           out, labels, crit, key=jax.random.fold_in(rng, _CRITERION_STREAM))
@@ -95,6 +96,7 @@ def make_loss(config: ml_collections.ConfigDict) -> LossFn:
   loss_cfg = config.loss
   check_ce_backward(loss_cfg.ce_backward)
 
+  @jax.named_scope("loss")
   def fpn_loss(out, labels, rng):
     del rng
     return segmentation_loss(out, labels, ignore_index=config.data.ignore_index,
@@ -145,8 +147,9 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation,
     (loss, (aux, new_bs)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):
+      updates, new_opt = tx.update(grads, state.opt_state, state.params)
+      new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
         lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(

@@ -19,9 +19,11 @@ def profile_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("profile")
 
   @jax.jit
-  def step(x):  # a while loop with a sizeable body, and work outside it
-    y = jax.lax.fori_loop(0, 4, lambda i, v: jnp.tanh(v @ v.T) * 0.5 + v, x)
-    return jnp.exp(y).sum(axis=0)
+  def step(x):  # a while loop with a sizeable body, and work outside it, in named scopes
+    with jax.named_scope("loop"):
+      y = jax.lax.fori_loop(0, 4, lambda i, v: jnp.tanh(v @ v.T) * 0.5 + v, x)
+    with jax.named_scope("tail"):
+      return jnp.exp(y).sum(axis=0)
 
   x = jnp.ones((256, 256), jnp.float32) / 256
   jax.block_until_ready(step(x))
@@ -46,6 +48,24 @@ def test_summary_attributes_kernels_to_hlo_computations(trace_summary, profile_d
   assert any(r.get("computation") for r in summary["top"]), summary["top"]
   assert json.loads((tmp_path / "s.json").read_text())["computations"] == pytest.approx(
       summary["computations"])
+  # Device time per model part, from the named scopes in the kernels' op_names.
+  assert summary["parts"].get("loop", 0) > 0, summary["parts"]
+  assert sum(summary["parts"].values()) == pytest.approx(summary["kernel_sum_ms"])
+
+
+def test_model_part_reads_named_scopes_from_op_names(trace_summary):
+  part = trace_summary.model_part
+  assert part("jit(step)/jvp(backbone)/layers.0/blocks/while/body/add") == "backbone/layers.0"
+  assert part("jit(step)/transpose(jvp(backbone))/layers.2/blocks/dot_general", 3) == (
+      "backbone/layers.2/blocks (backward)")
+  # A rematerialised forward inside the backward names its scope twice: once counted.
+  assert part("jit(step)/transpose(jvp(decode_head))/jvp(decode_head)/checkpoint/reduce_sum"
+              ) == "decode_head (backward)"
+  # jit(f) is a function, not a scope; JAX's control-flow components are dropped.
+  assert part("jit(step)/jvp(decode_head)/jit(_bernoulli)/jit(_uniform)/while/body/"
+              "closed_call/shift_right_logical") == "decode_head"
+  assert part("jit(step)/optimizer/add") == "optimizer"
+  assert part("reduce_sum") == "(no scope)"
 
 
 def test_fields_reads_protobuf_wire_format(trace_summary):

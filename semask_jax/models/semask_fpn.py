@@ -41,11 +41,14 @@ class SeMaskFPN(nnx.Module):
     `rng` drives drop path and dropout when train=True; ignored otherwise.
     """
     keys = layers.KeyChain(rng if train else None)
-    feats, sems = self.backbone(images.astype(self.dtype), keys)
-    seg = self.decode_head(feats, train=train, rng=keys.next())
+    with jax.named_scope("backbone"):  # scopes named as the parameters: profiles by part
+      feats, sems = self.backbone(images.astype(self.dtype), keys)
+    with jax.named_scope("decode_head"):
+      seg = self.decode_head(feats, train=train, rng=keys.next())
     out = {"seg_logits": seg, "feats": feats, "sems": sems}
     if self.config.backbone.has_semantic:
-      out["cls_logits"] = semantic_decoder(sems, STRIDES)
+      with jax.named_scope("semantic_decoder"):
+        out["cls_logits"] = semantic_decoder(sems, STRIDES)
     return out
 
   def segment(self, images: jax.Array) -> jax.Array:

@@ -68,11 +68,15 @@ class SeMaskMask2Former(nnx.Module):
     multi_scale_features). `rng` drives drop path when train=True.
     """
     keys = layers.KeyChain(rng if train else None)
-    feats, sems = self.backbone(images.astype(self.dtype), keys)
-    mask_features, multi_scale = self.sem_seg_head.pixel_decoder(feats)
-    out = dict(self.sem_seg_head.predictor(multi_scale, mask_features))
+    with jax.named_scope("backbone"):  # scopes named as the parameters: profiles by part
+      feats, sems = self.backbone(images.astype(self.dtype), keys)
+    with jax.named_scope("sem_seg_head/pixel_decoder"):
+      mask_features, multi_scale = self.sem_seg_head.pixel_decoder(feats)
+    with jax.named_scope("sem_seg_head/predictor"):
+      out = dict(self.sem_seg_head.predictor(multi_scale, mask_features))
     size = tuple(images.shape[1:3])
-    out["sem_pred"] = semantic_head([s.astype(jnp.float32) for s in sems], size)
+    with jax.named_scope("semantic_head"):
+      out["sem_pred"] = semantic_head([s.astype(jnp.float32) for s in sems], size)
     if not train:  # the criterion does not read it; its [B, H, W, K] map costs memory
       out["sem_seg"] = semantic_inference(out["pred_logits"][-1], out["pred_masks"][-1],
                                           size, size, size)

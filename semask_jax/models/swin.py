@@ -227,13 +227,21 @@ class BasicLayer(nnx.Module):
 
   def __call__(self, x: jax.Array, keys: layers.KeyChain
                ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-    """Returns (stage output, semantic map or None, input of the next stage or None)."""
-    x = self._blocks(x, keys)
+    """Returns (stage output, semantic map or None, input of the next stage or None).
+
+    Named scopes ('blocks', 'semantic_layer', 'downsample', under the stage's
+    'layers.{i}') label the HLO ops by part, for profiles (benchmarks/trace_summary.py)."""
+    with jax.named_scope("blocks"):
+      x = self._blocks(x, keys)
     sem = None
     if self.semantic_layer is not None:
-      x, sem = self._apply(self.semantic_layer, x, keys,
-                           num_keys=len(self.semantic_layer.class_injection))
-    nxt = self.downsample(x) if self.downsample is not None else None
+      with jax.named_scope("semantic_layer"):
+        x, sem = self._apply(self.semantic_layer, x, keys,
+                             num_keys=len(self.semantic_layer.class_injection))
+    nxt = None
+    if self.downsample is not None:
+      with jax.named_scope("downsample"):
+        nxt = self.downsample(x)
     return x, sem, nxt
 
   def _blocks(self, x: jax.Array, keys: layers.KeyChain) -> jax.Array:
@@ -415,10 +423,12 @@ class SeMaskSwin(nnx.Module):
   def __call__(self, x: jax.Array, keys: layers.KeyChain
                ) -> tuple[list[jax.Array], list[jax.Array | None]]:
     """x: [B, H, W, 3] -> (feats [B, H/4/2^i, W/4/2^i, C_i], sems [..., K] or None)."""
-    x = self.patch_embed(x)
+    with jax.named_scope("patch_embed"):
+      x = self.patch_embed(x)
     feats, sems = [], []
     for i, stage in enumerate(self.layers):
-      out, sem, x = stage(x, keys)
-      feats.append(getattr(self, f"norm{i}")(out))
+      with jax.named_scope(f"layers.{i}"):
+        out, sem, x = stage(x, keys)
+        feats.append(getattr(self, f"norm{i}")(out))
       sems.append(sem)
     return feats, sems
