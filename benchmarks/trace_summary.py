@@ -181,12 +181,26 @@ def model_part(op_name: str, depth: int = 2) -> str:
   return label + (" (backward)" if backward else "")
 
 
-def hlo_index(texts: dict[str, str], depth: int = 2) -> dict[str, dict[str, str]]:
+_PJIT = re.compile(r"^PjitFunction\((?:jit\()?([^()]+)\)?\)$")
+
+
+def executed_modules(trace_file: pathlib.Path) -> set[str]:
+  """Names of the HLO modules the trace ran ('jit_step' for PjitFunction(step) events)."""
+  data = json.load(gzip.open(trace_file))
+  events = data["traceEvents"] if isinstance(data, dict) else data
+  return {"jit_" + re.sub(r"\W", "_", m.group(1)) for e in events
+          if (m := _PJIT.match(e.get("name", "")))}
+
+
+def hlo_index(texts: dict[str, str], depth: int = 2,
+              prefer: set[str] | frozenset[str] = frozenset()) -> dict[str, dict[str, str]]:
   """Kernel name -> {computation, shape, part} for every fusion / custom call of the
   modules (part: model_part of its op_name); kernel names are instruction names with
-  '.' as '_' on GPU, as they are on CPU."""
+  '.' as '_' on GPU, as they are on CPU. The trace carries every module the process
+  loaded, whose instruction names repeat ('fusion.3'): those of the `prefer` modules (the
+  ones the trace ran) win."""
   index = {}
-  for module, text in texts.items():
+  for module, text in sorted(texts.items(), key=lambda kv: kv[0] in prefer):
     computation = "?"
     for line in text.splitlines():
       m = _COMPUTATION.match(line)
@@ -321,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a.hlo_dir.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
       (a.hlo_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.hlo").write_text(text)
-  s = summarize(trace, a.top, hlo_index(texts, a.scope_depth) if texts else None)
+  s = summarize(trace, a.top, hlo_index(texts, a.scope_depth, executed_modules(trace))
+                if texts else None)
   print_summary(s)
   if a.json:
     pathlib.Path(a.json).write_text(json.dumps(s, indent=1))

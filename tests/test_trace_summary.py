@@ -25,8 +25,15 @@ def profile_dir(tmp_path_factory):
     with jax.named_scope("tail"):
       return jnp.exp(y).sum(axis=0)
 
+  @jax.jit
+  def decoy(x):  # the same kernels by name in another module, loaded but not traced
+    with jax.named_scope("decoy"):
+      y = jax.lax.fori_loop(0, 4, lambda i, v: jnp.tanh(v @ v.T) * 0.5 + v, x)
+      return jnp.exp(y).sum(axis=0)
+
   x = jnp.ones((256, 256), jnp.float32) / 256
   jax.block_until_ready(step(x))
+  jax.block_until_ready(decoy(x))
   jax.profiler.start_trace(str(out))
   for _ in range(3):
     jax.block_until_ready(step(x))
@@ -50,7 +57,24 @@ def test_summary_attributes_kernels_to_hlo_computations(trace_summary, profile_d
       summary["computations"])
   # Device time per model part, from the named scopes in the kernels' op_names.
   assert summary["parts"].get("loop", 0) > 0, summary["parts"]
+  assert not any("decoy" in p for p in summary["parts"]), summary["parts"]
   assert sum(summary["parts"].values()) == pytest.approx(summary["kernel_sum_ms"])
+  trace = trace_summary.find_trace(profile_dir)
+  assert trace_summary.executed_modules(trace) == {"jit_step"}  # decoy ran before the trace
+
+
+def test_hlo_index_prefers_the_traced_modules_names(trace_summary):
+  # The trace carries every module the process loaded, and instruction names repeat
+  # across them (a CI run attributed a step's kernels to another test's einsums).
+  def text(module, scope):
+    return (f"HloModule {module}, is_scheduled=true\n\n"
+            "ENTRY %main (p: f32[2]) -> f32[2] {\n"
+            "  ROOT %fusion.1 = f32[2]{0} fusion(f32[2]{0} %p), kind=kLoop, calls=%fc, "
+            f'metadata={{op_name="jit(f)/{scope}/add"}}\n}}\n')
+  for order in (("jit_step", "jit_other"), ("jit_other", "jit_step")):
+    texts = {m: text(m, "mine" if m == "jit_step" else "theirs") for m in order}
+    index = trace_summary.hlo_index(texts, prefer={"jit_step"})
+    assert index["fusion.1"]["part"] == "mine" and index["fusion_1"]["part"] == "mine"
 
 
 def test_model_part_reads_named_scopes_from_op_names(trace_summary):
