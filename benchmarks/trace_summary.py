@@ -184,10 +184,14 @@ def model_part(op_name: str, depth: int = 2) -> str:
 _PJIT = re.compile(r"^PjitFunction\((?:jit\()?([^()]+)\)?\)$")
 
 
-def executed_modules(trace_file: pathlib.Path) -> set[str]:
-  """Names of the HLO modules the trace ran ('jit_step' for PjitFunction(step) events)."""
+def load_events(trace_file: pathlib.Path) -> list[dict[str, Any]]:
+  """The trace's events (a GPU step's trace is tens of MB: read it once)."""
   data = json.load(gzip.open(trace_file))
-  events = data["traceEvents"] if isinstance(data, dict) else data
+  return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def executed_modules(events: list[dict[str, Any]]) -> set[str]:
+  """Names of the HLO modules the trace ran ('jit_step' for PjitFunction(step) events)."""
   return {"jit_" + re.sub(r"\W", "_", m.group(1)) for e in events
           if (m := _PJIT.match(e.get("name", "")))}
 
@@ -230,9 +234,11 @@ def _cpu_kernel(name: str) -> bool:
 
 
 def summarize(trace_file: pathlib.Path, top: int = 30,
-              hlo: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
-  data = json.load(gzip.open(trace_file))
-  events = data["traceEvents"] if isinstance(data, dict) else data
+              hlo: dict[str, dict[str, str]] | None = None,
+              events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+  """events: load_events(trace_file), if the caller has them already."""
+  if events is None:
+    events = load_events(trace_file)
   procs = {e["pid"]: e["args"]["name"] for e in events
            if e.get("ph") == "M" and e.get("name") == "process_name"}
   threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
@@ -335,8 +341,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a.hlo_dir.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
       (a.hlo_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.hlo").write_text(text)
-  s = summarize(trace, a.top, hlo_index(texts, a.scope_depth, executed_modules(trace))
-                if texts else None)
+  events = load_events(trace)
+  s = summarize(trace, a.top, hlo_index(texts, a.scope_depth, executed_modules(events))
+                if texts else None, events)
   print_summary(s)
   if a.json:
     pathlib.Path(a.json).write_text(json.dumps(s, indent=1))

@@ -191,6 +191,13 @@ def load_model_config(config: str | None, variant: str, num_classes: int):
 _EXPERIMENT_LOSS: dict[int, Any] = {}
 
 
+@jax.named_scope("loss")  # as train.make_loss's
+def _fpn_loss(out, labels, rng):
+  """The SeMask-FPN loss with the default settings (no config file)."""
+  del rng
+  return segmentation_loss(out, labels, ignore_index=IGNORE_INDEX)
+
+
 def make_loss(model_cfg) -> Callable[..., Any]:
   """(outputs, labels, rng) -> (loss, aux): the experiment's loss when the model config came
   from a config file (train.make_loss: FPN or Mask2Former), else the SeMask-FPN loss."""
@@ -202,8 +209,7 @@ def make_loss(model_cfg) -> Callable[..., Any]:
     return train.make_loss(full)
   if model_cfg.get("name", "semask_fpn") != "semask_fpn":
     raise cli.UserError("a Mask2Former bench needs --config (its criterion settings)")
-  return jax.named_scope("loss")(
-      lambda out, labels, rng: segmentation_loss(out, labels, ignore_index=IGNORE_INDEX))
+  return _fpn_loss
 
 
 def _abstract_state(cfg):
@@ -224,8 +230,7 @@ def make_train_fns(graphdef, tx, loss=None):
 
   loss: (outputs, labels, rng) -> (loss, aux); default the SeMask-FPN loss."""
   if loss is None:
-    loss = jax.named_scope("loss")(lambda out, labels, rng: segmentation_loss(
-        out, labels, ignore_index=IGNORE_INDEX))
+    loss = _fpn_loss
 
   def loss_fn(params, rest, images, labels, rng):
     model = nnx.merge(graphdef, params, rest, copy=True)

@@ -60,7 +60,7 @@ def test_summary_attributes_kernels_to_hlo_computations(trace_summary, profile_d
   assert not any("decoy" in p for p in summary["parts"]), summary["parts"]
   assert sum(summary["parts"].values()) == pytest.approx(summary["kernel_sum_ms"])
   trace = trace_summary.find_trace(profile_dir)
-  assert trace_summary.executed_modules(trace) == {"jit_step"}  # decoy ran before the trace
+  assert trace_summary.executed_modules(trace_summary.load_events(trace)) == {"jit_step"}  # decoy ran before the trace
 
 
 def test_hlo_index_prefers_the_traced_modules_names(trace_summary):
