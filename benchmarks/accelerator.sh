@@ -20,12 +20,17 @@
 #   b_train_compile_log  b_train (one timed step) with XLA's compile log on; compile_log.py
 #                  summarises where the cold compile goes into $OUT/b_train_compile_log.md
 #   b_train_remat  the same with remat full
-#   b_train_fused  b_train with attention_impl=fused (jax.nn.dot_product_attention: cuDNN)
+#   b_train_fused  b_train with attention_impl=fused (jax.nn.dot_product_attention; JAX
+#                  picks XLA's implementation: the H200's T inference had no gain from it)
+#   b_train_cudnn  b_train with attention_impl=cudnn (cuDNN flash attention, windows as
+#                  heads; deviceless: 28 % fewer bytes, 37 % less XLA temp memory)
 #   t_infer        SeMask-T FPN, bfloat16 inference, batch 16, 512x512
 #   b_infer        SeMask-B FPN, bfloat16 inference, batch 16, 512x512 (its compile beside
 #                  b_train's: how much of the cold compile the forward alone takes)
 #   m2f_t_train    SeMask-T Mask2Former, ADE20K, bfloat16 training step, batch 16, 512x512
 #   t_infer_fused  t_infer with attention_impl=fused
+#   t_infer_cudnn  t_infer with attention_impl=cudnn (window 7: 49 tokens; inference only,
+#                  cuDNN trains with a bias only on even token counts)
 # Each row reports utilization, compile_s (cold), cached_compile_s (from the persistent
 # compilation cache, after jax.clear_caches()), peak_memory_bytes (device peak_bytes_in_use),
 # xla_memory_bytes, images_per_s, the step times and the device. Full JSON files, the logs and,
@@ -102,6 +107,10 @@ for r in $ROWS; do
                      --dtype bfloat16 --remat full ;;
     b_train_fused) row b_train_fused --config configs/ade20k_semask_fpn.py:B --mode train \
                      --dtype bfloat16 --override attention_impl=fused ;;
+    b_train_cudnn) row b_train_cudnn --config configs/ade20k_semask_fpn.py:B --mode train \
+                     --dtype bfloat16 --override attention_impl=cudnn ;;
+    t_infer_cudnn) row t_infer_cudnn --config configs/ade20k_semask_fpn.py:T --mode infer \
+                     --dtype bfloat16 --override attention_impl=cudnn ;;
     m2f_t_train) row m2f_t_train --config configs/ade20k_semask_mask2former.py:T --mode train \
                    --dtype bfloat16 ;;
     t_infer) row t_infer --config configs/ade20k_semask_fpn.py:T --mode infer --dtype bfloat16 ;;

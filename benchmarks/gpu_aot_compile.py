@@ -169,7 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
   options = {**(sharding.compiler_options(compile_cfg, program, backend="gpu") or {}),
              **bench.parse_overrides(args.compiler_option, "--compiler_option")} or None
   fn, fn_args, device = build(args)
-  jitted = jax.jit(fn, donate_argnums=0 if args.part == "step" else (),
+  # The training step donates its carry (as training does); inference keeps the weights.
+  donate = 0 if args.part == "step" and args.mode == "train" else ()
+  jitted = jax.jit(fn, donate_argnums=donate,
                    compiler_options=options)
   t, c = time.perf_counter(), time.process_time()
   traced = jitted.trace(*fn_args)

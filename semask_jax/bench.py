@@ -160,6 +160,9 @@ def parse_overrides(items: list[str], flag: str = "--override") -> dict[str, Any
     key, sep, value = item.partition("=")
     if not sep or not key:
       raise cli.UserError(f"{flag} wants KEY=VALUE, got {item!r}")
+    if "." in key:  # ml_collections refuses it with an error about allow_dotted_keys
+      raise cli.UserError(f"{flag} takes the model config's own keys (attention_impl=cudnn, "
+                          f"not model.attention_impl=cudnn), got {key!r}")
     try:
       out[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):

@@ -26,9 +26,11 @@ def _load_benchmark(name: str):
   """A script of benchmarks/ (not a package) imported as a module."""
   import importlib.util
   import pathlib
+  import sys
   path = pathlib.Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # as an import would: dataclasses look their module up there
   spec.loader.exec_module(module)
   return module
 

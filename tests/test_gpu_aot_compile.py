@@ -70,6 +70,8 @@ def test_compiler_options_are_parsed_like_overrides():
                                    "xla_disable_hlo_passes": "triton-softmax-rewriter", "a": 3}
   with pytest.raises(cli.UserError, match="--compiler_option wants KEY=VALUE"):
     bench.parse_overrides(["no_value"], "--compiler_option")
+  with pytest.raises(cli.UserError, match="own keys .* got 'model.attention_impl'"):
+    bench.parse_overrides(["model.attention_impl=cudnn"])
 
 
 def test_gpu_fast_compile_options_go_to_the_programs_it_names_on_gpus_only(monkeypatch):

@@ -263,6 +263,74 @@ def test_fused_window_attention_is_the_same_function():
     build_model(tiny_config(attention_impl="flash"), rngs=nnx.Rngs(0))
 
 
+def _window_attention_and_grads(impl, dtype, qkv, mask, window=12):
+  """WindowAttention.attend's output and its gradients (qkv, relative-bias table) under a
+  fixed random cotangent; the layer's parameters from nnx.Rngs(0)."""
+  from semask_jax.models.swin import WindowAttention
+  attn = WindowAttention(64, 2, window, dtype=dtype, rngs=nnx.Rngs(0), impl=impl)
+  g = jax.random.normal(jax.random.key(2), qkv.shape[:-1] + (64,))
+
+  graphdef, params = nnx.split(attn)
+
+  def f(params, qkv):
+    out = nnx.merge(graphdef, params).attend(qkv.astype(dtype), mask)
+    return jnp.sum(out.astype(jnp.float32) * g), out
+  (_, out), (d_params, d_qkv) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, qkv)
+  d_table = d_params["relative_position_bias_table"][...]
+  return [np.asarray(x, np.float32) for x in (out, d_qkv, d_table)]
+
+
+def test_odd_windows_get_a_hidden_token_and_the_same_function():
+  """What attention_impl='cudnn' does to a 7x7 window (cuDNN trains with a bias only on
+  even token counts): one zero token whose key the bias hides, whose row is dropped. Here
+  through XLA's implementation, in float32: output and gradients as without it."""
+  from semask_jax.models.swin import WindowAttention
+  from semask_jax.models.windows import shift_mask
+  attn = WindowAttention(32, 2, 7, dtype=jnp.float32, rngs=nnx.Rngs(0), impl="fused")
+  graphdef, params = nnx.split(attn)
+  qkv = jax.random.normal(jax.random.key(1), (2, 4, 49, 3, 2, 16))
+  g = jax.random.normal(jax.random.key(2), (2, 4, 49, 2, 16))
+  for mask in (None, shift_mask(14, 14, 7, 3)):
+    res = []
+    for even in (False, True):
+      def f(params, qkv):
+        out = nnx.merge(graphdef, params)._fused(qkv[..., 0, :, :], qkv[..., 1, :, :],
+                                                  qkv[..., 2, :, :], mask, even_tokens=even)
+        return jnp.sum(out * g), out
+      (_, out), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, qkv)
+      res.append([out, *jax.tree.leaves(grads)])
+    for a, b in zip(*res):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_cudnn_window_attention_is_refused_off_gpu():
+  """attention_impl='cudnn' where JAX has no cuDNN (this CPU): a ValueError that names
+  the way out, not JAX's internal one."""
+  if jax.default_backend() == "gpu":
+    pytest.skip("cuDNN is there: test_cudnn_window_attention_matches_einsum_on_gpu")
+  qkv = jnp.zeros((1, 4, 144, 192), jnp.bfloat16)
+  with pytest.raises(ValueError, match="attention_impl='einsum'"):
+    _window_attention_and_grads("cudnn", jnp.bfloat16, qkv, None)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN fused attention: GPU only")
+@pytest.mark.parametrize("window", [12, 7])
+def test_cudnn_window_attention_matches_einsum_on_gpu(window):
+  """cuDNN's flash attention (windows as heads, bias [1, nW * h, N, N]; window 7's hidden
+  50th token) against the float32 einsum path: output and gradients (inputs and
+  relative-bias table) of a plain and a shifted window attention (4 windows), to bfloat16
+  accuracy."""
+  from semask_jax.models.windows import shift_mask
+  qkv = jax.random.normal(jax.random.key(1), (2, 4, window * window, 192))
+  for mask in (None, shift_mask(2 * window, 2 * window, window, window // 2)):
+    with jax.default_matmul_precision("highest"):
+      ref = _window_attention_and_grads("einsum", jnp.float32, qkv, mask, window)
+    got = _window_attention_and_grads("cudnn", jnp.bfloat16, qkv, mask, window)
+    for name, a, b in zip(("output", "d qkv", "d bias table"), got, ref):
+      scale = np.abs(b).max()
+      assert np.abs(a - b).max() <= 2e-2 * scale, (name, np.abs(a - b).max(), scale)
+
+
 def test_train_mode_randomness_is_keyed():
   model = build_model(tiny_config(depths=(1, 1, 1, 1)), rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))

@@ -32,9 +32,12 @@ REMAT_POLICIES = ("full", "dots", "dots_no_batch", "attn")
 DTYPES = ("float32", "bfloat16", "float16")
 SEM_ATTENTIONS = ("semantic", "plain")
 # How a Swin window attention is computed (swin.WindowAttention.attend): "einsum", two
-# einsums around a float32 softmax; "fused", jax.nn.dot_product_attention (cuDNN's
-# fused attention on NVIDIA GPUs where it applies, XLA elsewhere). Same function.
-ATTENTION_IMPLS = ("einsum", "fused")
+# einsums around a float32 softmax; "fused", jax.nn.dot_product_attention with the
+# implementation JAX picks (XLA's, on every platform today); "cudnn", the same call with
+# cuDNN's fused flash attention (NVIDIA GPUs, bfloat16/float16; an odd window, 7x7, gets a
+# hidden 50th token). The same function, the bias rounded to the compute dtype in the
+# last two.
+ATTENTION_IMPLS = ("einsum", "fused", "cudnn")
 # How training runs a stage's Swin blocks (inference always unrolls): under one lax.scan
 # over (regular, shifted) pairs, which compiles one pair per stage, or unrolled, which
 # saves the scan's per-iteration residual copies. 'auto': scan on CPU (the same step time,

@@ -86,7 +86,7 @@ class WindowAttention(nnx.Module):
     c, h = c3 // 3, self.num_heads
     qkv = qkv.reshape(b, nw, n, 3, h, c // h)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # [B, nW, N, h, d]
-    if self.impl == "fused":
+    if self.impl in ("fused", "cudnn"):
       return self._fused(q, k, v, mask).reshape(b, nw, n, c)
     q = q * jnp.asarray(self.scale, q.dtype)
     logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k).astype(jnp.float32)
@@ -97,25 +97,54 @@ class WindowAttention(nnx.Module):
     attn = checkpoint_name(attn, "attn")
     return jnp.einsum("bwhqk,bwkhd->bwqhd", attn, v).reshape(b, nw, n, c)
 
-  def _fused(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: np.ndarray | None
-             ) -> jax.Array:
-    """jax.nn.dot_product_attention with the windows as its batch: q, k, v [B, nW, N, h, d].
+  def _fused(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: np.ndarray | None,
+             even_tokens: bool | None = None) -> jax.Array:
+    """jax.nn.dot_product_attention with the windows as heads: q, k, v [B, nW, N, h, d]
+    -> [B, N, nW * h, d].
 
-    The relative-position bias (and the shift mask) enter as one additive bias in
-    the compute dtype: [1, h, N, N] for all windows, or with a mask one per window
-    tiled over the images ([B * nW, h, N, N]; cuDNN wants the bias's batch whole or
-    1). The einsum path adds them in float32, as the reference does under AMP: in
-    bfloat16 the two differ by the bias's rounding.
+    The relative-position bias (per head) and the shift mask (per window) are then one
+    additive bias [1, nW * h, N, N] shared by all images: cuDNN takes a bias whose batch
+    is 1 or whole, and one of batch 1 stays small (SeMask-B stage 1 at 512: 20 MB against
+    the 0.3 GB of a per-window bias tiled over a batch of 16), gradient included. The
+    bias enters in the compute dtype (the einsum path adds it in float32, as the
+    reference does under AMP: in bfloat16 the two differ by the bias's rounding).
+    impl 'fused': JAX picks the implementation (XLA's today); 'cudnn': cuDNN's fused
+    flash attention (NVIDIA GPUs, bfloat16 / float16), which never writes the
+    [B, nW, h, N, N] scores to memory.
+
+    even_tokens (default: impl == 'cudnn'): cuDNN trains with a bias only on an even
+    token count, and window 7 has 49; an odd window gets one zero token whose key the
+    bias hides (a large negative logit: its softmax weight is exactly 0) and whose
+    output row is dropped. The same function; a 4 % larger attention.
     """
     b, nw, n, h, d = q.shape
-    bias = self.relative_bias()[None]  # [1, h, N, N]
+    bias = jnp.broadcast_to(self.relative_bias()[None], (nw, h, n, n))
     if mask is not None:
       bias = bias + jnp.asarray(mask)[:, None]  # [nW, h, N, N]
-      bias = jnp.broadcast_to(bias[None], (b, nw, h, n, n)).reshape(b * nw, h, n, n)
-    fold = lambda t: t.reshape(b * nw, n, h, d)  # noqa: E731
-    out = jax.nn.dot_product_attention(fold(q), fold(k), fold(v), bias=bias.astype(q.dtype),
-                                       scale=float(self.scale))
-    return out.reshape(b, nw, n, h, d)
+    bias = bias.astype(q.dtype)
+    heads = lambda t: t.transpose(0, 2, 1, 3, 4).reshape(b, n, nw * h, d)  # noqa: E731
+    q, k, v = heads(q), heads(k), heads(v)
+    pad = int(n % 2 == 1 and (self.impl == "cudnn" if even_tokens is None else even_tokens))
+    if pad:
+      q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
+      hidden = jnp.asarray(_LARGE_NEGATIVE[jnp.dtype(q.dtype).name], q.dtype)
+      bias = jnp.pad(bias, ((0, 0), (0, 0), (0, pad), (0, 0)))  # the extra query: any row
+      bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (0, pad)), constant_values=hidden)
+    try:
+      out = jax.nn.dot_product_attention(
+          q, k, v, bias=bias.reshape(1, nw * h, n + pad, n + pad), scale=float(self.scale),
+          implementation="cudnn" if self.impl == "cudnn" else None)
+    except (NotImplementedError, RuntimeError) as e:  # JAX's cuDNN checks, at trace time
+      raise ValueError(
+          f"attention_impl='cudnn': cuDNN refused this window attention ({n} tokens per "
+          f"window, head dim {d}, {q.dtype}): {str(e).rstrip('.')}. Use "
+          f"attention_impl='einsum' (cuDNN needs an NVIDIA GPU and bfloat16 or float16)") from e
+    return out[:, :n].reshape(b, n, nw, h, d).transpose(0, 2, 1, 3, 4)
+
+
+# A logit that softmax weighs exactly 0 and that cuDNN handles (JAX's own choice for its
+# masks: cuDNN mishandles differences of two values near the dtype's limit).
+_LARGE_NEGATIVE = {"bfloat16": -2.0 ** 41, "float16": -2.0 ** 15, "float32": -1e30}
 
 
 class SwinBlock(nnx.Module):
