@@ -34,6 +34,7 @@ import collections
 import json
 import os
 import re
+import sys
 import time
 
 # The CUDA plugin registers without a GPU only if jax does not try to use it as a backend;
@@ -48,6 +49,9 @@ from flax import nnx  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
 from semask_jax import bench, cli, sharding  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import hlo_traffic  # noqa: E402  pylint: disable=g-import-not-at-top
 from semask_jax.models import build_model  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -122,15 +126,19 @@ def build(args) -> tuple:
 
 def program_stats(compiled) -> dict:
   """What XLA built, to compare two compiles of one step without running them: the
-  entry's kernels by kind (Triton block-level fusions counted apart) and the temporary
-  memory. (A deviceless executable has no cost analysis.)"""
+  entry's kernels by kind (Triton block-level fusions counted apart), the temporary
+  memory, and hlo_traffic.py's kernel launches, bytes, matmul FLOPs and time floor.
+  (A deviceless executable has no cost analysis.)"""
   text = compiled.as_text()
   kinds = collections.Counter(re.findall(r"\bfusion\(.*?kind=(k\w+)", text))
   kinds["__triton"] = text.count('"kind":"__triton"')
   kinds["custom-call"] = len(re.findall(r"\bcustom-call\(", text))
   mem = compiled.memory_analysis()
+  floor = hlo_traffic.summarize(text, top=0)  # H200 defaults; hlo_traffic.py for the tables
   return {"kernels": dict(sorted(kinds.items())),
-          "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0) or 0)}
+          "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0) or 0),
+          "launches": floor["launches"], "bytes_moved": floor["bytes"],
+          "matmul_flops": floor["flops"], "floor_ms": floor["time_ms"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
