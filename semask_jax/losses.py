@@ -8,13 +8,13 @@ main loss by 1 and all others by 0; the semantic-decoder loss is never sampled.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from semask_jax.cli import ConfigError
-from semask_jax.models.resize import interleave_phases, phase_taps, resize_bilinear
+from semask_jax.models.resize import phase_rows, phase_taps, resize_bilinear
 
 
 def onehot_labels(labels: jax.Array, num_classes: int, ignore_index: int,
@@ -89,16 +89,20 @@ def _chunked_upsampled_ce(logits: jax.Array, labels: jax.Array, factor: int,
   power-of-two `factor`, without ever holding the full-resolution logits.
 
   The logits are cut into blocks of source rows (plus one halo row on each
-  side); inside a lax.map each block is resized to the full width, up-sampled in
-  height and fused with its CE. The width resize acts on each row alone, so the
-  numbers are those of resize_bilinear (same taps, same arithmetic); memory is one
-  block instead of two [B, H, W, K] float32 maps for the forward and as many for the
-  backward (1.2 GB for two 512x512 images and 150 classes), and no [B, h, W, K]
-  width-resized map is ever held either.
+  side); inside a lax.map each block is resized to the full width, and each of its
+  `factor` height phases (output rows factor * i + p, a blend of two of those rows) is
+  fused with its CE; only the per-pixel CE is interleaved back. The width resize acts
+  on each row alone and each phase is the same expression as resize_bilinear's, so the
+  logits are bit for bit resize_bilinear's; memory is one block instead of two
+  [B, H, W, K] float32 maps for the forward and as many for the backward (1.2 GB for two
+  512x512 images and 150 classes), and no [B, h, W, K] width-resized map is ever held.
+  Reducing each phase apart, rather than the interleaved [B, r * factor, W, K] block,
+  moves ~30 % fewer bytes (an H200's floor, hlo_traffic.py) and runs 17-22 % faster on
+  the CPU (benchmarks/loss_variants.py; PERF_NOTES, 2026-11-27).
 
   backward: how a block's gradient is had without keeping its full-width logits.
   'remat': the block under jax.checkpoint (its forward runs again in the backward);
-  'custom_vjp': the block keeps its logsumexp [B, r * factor, W] and the backward
+  'custom_vjp': the block keeps its logsumexp [B, r, factor, W] and the backward
   up-samples once more: d CE / dz = softmax(z) - onehot = exp(z - lse) - onehot;
   'auto': remat on the CPU, custom_vjp elsewhere (check_ce_backward).
   """
@@ -114,37 +118,55 @@ def _chunked_upsampled_ce(logits: jax.Array, labels: jax.Array, factor: int,
   rows, above, below, lab = row_blocks(logits, labels, r, factor)
   taps = phase_taps(h, factor)
 
-  def upsample(x, up, down):  # [B, r, w, K], [B, 1, w, K] x 2 -> [B, r * factor, W, K]
+  def phases(x, up, down):  # [B, r, w, K], [B, 1, w, K] x 2 -> factor x [B, r, W, K]
     ext = resize_bilinear(jnp.concatenate([up, x, down], axis=1), (r + 2, big_w))
-    return interleave_phases(ext[:, :r], ext[:, 1:r + 1], ext[:, 2:], taps, axis=1)
+    return phase_rows(ext[:, :r], ext[:, 1:r + 1], ext[:, 2:], taps)
 
+  def by_phase(t):  # [B, r * factor, W] -> [B, r, factor, W]: row factor * i + p at [i, p]
+    return t.reshape(t.shape[0], r, factor, big_w)
+
+  def ce_lse(x, up, down, lb):  # -> CE [B, r * factor, W], logsumexp [B, r, factor, W]
+    res = [ce_and_logsumexp(z, by_phase(lb)[:, :, p], ignore_index)
+           for p, z in enumerate(phases(x, up, down))]
+    return (jnp.stack([ce for ce, _ in res], axis=2).reshape(lb.shape),
+            jnp.stack([lse for _, lse in res], axis=2))
+
+  def ce_vjp(x, up, down, lb, lse, g):  # g: [B, r * factor, W]
+    zs, phases_vjp = jax.vjp(phases, x, up, down)  # linear: no residuals of its own
+    dzs = []
+    for p, z in enumerate(zs):
+      onehot, valid = onehot_labels(by_phase(lb)[:, :, p], k, ignore_index, z.dtype)
+      gp = jnp.where(valid, by_phase(g)[:, :, p], 0.0)
+      dzs.append((jnp.exp(z - lse[:, :, p, :, None]) - onehot) * gp[..., None])
+    return phases_vjp(dzs)
+
+  ce = map_row_blocks((rows, above, below, lab), ce_lse, ce_vjp, backward)
+  return ce.swapaxes(0, 1).reshape(b, big_h, big_w)  # [n, B, r * factor, W] -> [B, H, W]
+
+
+def map_row_blocks(blocks: tuple[jax.Array, ...], ce_lse: Callable, ce_vjp: Callable,
+                   backward: str) -> jax.Array:
+  """lax.map of a row block's CE over the blocks (row_blocks' four stacks), differentiated
+  by rematerialisation or by hand. ce_lse(x, up, down, lb) -> (CE, what the backward
+  keeps: the logsumexp); ce_vjp(x, up, down, lb, lse, g) -> the cotangents of x, up, down."""
   if backward == "remat":
-    @jax.checkpoint
-    def block(args):
-      x, up, down, lb = args  # lb: [B, r * factor, W]
-      return _ce_from_logits(upsample(x, up, down), lb, ignore_index)
+    block = jax.checkpoint(lambda args: ce_lse(*args)[0])
   else:  # custom_vjp
     @jax.custom_vjp
     def block_ce(x, up, down, lb):
-      return _ce_from_logits(upsample(x, up, down), lb, ignore_index)
+      return ce_lse(x, up, down, lb)[0]
 
     def fwd(x, up, down, lb):
-      ce, lse = ce_and_logsumexp(upsample(x, up, down), lb, ignore_index)
+      ce, lse = ce_lse(x, up, down, lb)
       return ce, (x, up, down, lb, lse)
 
     @jax.named_scope("ce_custom_vjp_backward")
-    def bwd(res, g):  # g: [B, r * factor, W]
-      x, up, down, lb, lse = res
-      z, upsample_vjp = jax.vjp(upsample, x, up, down)  # linear: no residuals of its own
-      onehot, valid = onehot_labels(lb, k, ignore_index, z.dtype)
-      dz = (jnp.exp(z - lse[..., None]) - onehot) * jnp.where(valid, g, 0.0)[..., None]
-      return (*upsample_vjp(dz), None)
+    def bwd(res, g):
+      return (*ce_vjp(*res, g), None)
 
     block_ce.defvjp(fwd, bwd)
     block = lambda args: block_ce(*args)  # noqa: E731
-
-  ce = jax.lax.map(block, (rows, above, below, lab))  # [n, B, r * factor, W]
-  return ce.swapaxes(0, 1).reshape(b, big_h, big_w)
+  return jax.lax.map(block, blocks)
 
 
 def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, *, ignore_index: int,

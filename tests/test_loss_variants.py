@@ -13,9 +13,13 @@ def test_every_variant_gives_the_library_loss_and_gradients(loss_variants, tmp_p
   rows = loss_variants.main(["--batch", "2", "--size", "32", "--classes", "5", "--runs", "1",
                              "--json", str(tmp_path / "rows.json")])
   assert [r["variant"] for r in rows] == list(loss_variants.VARIANTS)
-  assert rows[0]["variant"] == "remat+stack" and "loss_diff" not in rows[0]
+  assert rows[0]["variant"] == "remat+phases" and "loss_diff" not in rows[0]
   for row in rows[1:]:
-    assert row["loss_diff"] <= 1e-6, row
+    # The per-pixel logits are the same expression in every form; the phases forms
+    # reduce [B, r, W, K] blocks where the others reduce [B, 4r, W, K], which XLA
+    # vectorises differently: the per-pixel CE may differ by a float32 ulp (~1e-7
+    # relative), the mean by a few.
+    assert row["loss_rel_diff"] <= 1e-6, row
     assert row["grad_max_rel_diff"] < 1e-5, row
   assert (tmp_path / "rows.json").exists()
 

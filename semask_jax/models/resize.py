@@ -54,19 +54,24 @@ def _upsample_axis(x: jax.Array, axis: int, factor: int) -> jax.Array:
   return interleave_phases(prev, x, nxt, phase_taps(n, factor), axis)
 
 
-def interleave_phases(prev: jax.Array, x: jax.Array, nxt: jax.Array,
-                      taps: tuple[tuple[int, float], ...], axis: int) -> jax.Array:
-  """Up-sampled values along `axis` from x and its neighbours shifted by -1 / +1.
-
-  prev[i] = x[i-1], nxt[i] = x[i+1] (edges clamped); output position
-  factor*i + r blends the pair chosen by taps[r] = (offset, weight).
-  """
+def phase_rows(prev: jax.Array, x: jax.Array, nxt: jax.Array,
+               taps: tuple[tuple[int, float], ...]) -> list[jax.Array]:
+  """The up-sampled values of each phase r apart: output position factor*i + r blends
+  the pair chosen by taps[r] = (offset, weight) of x and its neighbours shifted by
+  -1 / +1 (prev[i] = x[i-1], nxt[i] = x[i+1], edges clamped)."""
   phases = []
   for off, w in taps:
     a, b = (prev, x) if off < 0 else (x, nxt)
     wb = jnp.asarray(w, x.dtype)
     phases.append(a * (1 - wb) + b * wb)
-  y = jnp.stack(phases, axis=axis + 1)
+  return phases
+
+
+def interleave_phases(prev: jax.Array, x: jax.Array, nxt: jax.Array,
+                      taps: tuple[tuple[int, float], ...], axis: int) -> jax.Array:
+  """Up-sampled values along `axis` from x and its neighbours shifted by -1 / +1:
+  phase_rows interleaved (output position factor*i + r is phase r's i)."""
+  y = jnp.stack(phase_rows(prev, x, nxt, taps), axis=axis + 1)
   shape = list(x.shape)
   shape[axis] = x.shape[axis] * len(taps)
   return y.reshape(shape)
