@@ -10,9 +10,9 @@
 #
 # BUDGET_S: seconds for the whole script (rows are stopped at the budget, the rest skipped);
 # ROWS: accelerator.sh's rows and the pseudo-rows `golden` and `loss_variants`
-#   (benchmarks/loss_variants.py: four forms of the training loss's up-sampled CE, ~1 min),
-#   in order (default b_train b_train_cudnn golden t_infer_cudnn t_infer b_train_xla_default
-#   m2f_t_train loss_variants);
+#   (benchmarks/loss_variants.py: six forms of the training loss's up-sampled CE, ~1 min),
+#   in order (default b_train b_train_cudnn loss_variants golden t_infer_cudnn t_infer
+#   b_train_xla_default m2f_t_train);
 # GOLDEN_DIR: a copy of ../shared/golden (the tests' SEMASK_GOLDEN_DIR, with train/ and
 #   mask2former/) that travelled, else `golden` is skipped; GOLDEN_TESTS: the test files
 #   (default tests/test_golden.py tests/test_golden_train.py and the cuDNN attention check
@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 BUDGET_S=${BUDGET_S:-540}
 RESULTS=${RESULTS:?set RESULTS to the folder that comes back}
-ROWS=${ROWS:-b_train b_train_cudnn golden t_infer_cudnn t_infer b_train_xla_default m2f_t_train loss_variants}
+ROWS=${ROWS:-b_train b_train_cudnn loss_variants golden t_infer_cudnn t_infer b_train_xla_default m2f_t_train}
 PY=${PYTHON:-python}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 work=$(mktemp -d /tmp/semask_session_XXXX)
