@@ -135,6 +135,8 @@ class WindowAttention(nnx.Module):
           q, k, v, bias=bias.reshape(1, nw * h, n + pad, n + pad), scale=float(self.scale),
           implementation="cudnn" if self.impl == "cudnn" else None)
     except (NotImplementedError, RuntimeError) as e:  # JAX's cuDNN checks, at trace time
+      if self.impl != "cudnn":
+        raise
       raise ValueError(
           f"attention_impl='cudnn': cuDNN refused this window attention ({n} tokens per "
           f"window, head dim {d}, {q.dtype}): {str(e).rstrip('.')}. Use "
