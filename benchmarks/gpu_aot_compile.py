@@ -49,10 +49,10 @@ from flax import nnx  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
 from semask_jax import bench, cli, sharding  # noqa: E402
+from semask_jax.models import build_model  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hlo_traffic  # noqa: E402  pylint: disable=g-import-not-at-top
-from semask_jax.models import build_model  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TARGET = os.path.join(HERE, "gpu_specs", "h200.txtpb")

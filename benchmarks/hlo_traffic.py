@@ -69,6 +69,12 @@ class Instruction:
     m = re.search(key + r"=%?([\w.\-]+)", self.attrs)
     return m.group(1) if m else None
 
+  @property
+  def target(self) -> str:
+    """A custom call's target ('__cublas$lt$matmul', ...), '' for other instructions."""
+    m = re.search(r'custom_call_target="([^"]+)"', self.attrs)
+    return m.group(1) if m else ""
+
 
 def arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
   """(dtype, dims) of every array in an HLO shape string (a tuple has several)."""
@@ -126,11 +132,11 @@ def executed(comps: dict[str, list[Instruction]], entry: str
       if inst.opcode == "while":
         n = re.search(r'"known_trip_count":\{"n":"(\d+)"', inst.attrs)
         stack.append((inst.attr("body"), times * (int(n.group(1)) if n else 1)))
-      elif inst.opcode == "conditional":
-        for branch in re.findall(r"%([\w.\-]+)", inst.attrs.split("branch_computations=")[-1]
-                                 .split("}")[0]) if "branch_computations" in inst.attrs else (
-                                     inst.attr("true_computation"), inst.attr("false_computation")):
-          stack.append((branch, times))
+      elif inst.opcode == "conditional":  # each branch counted (an upper bound)
+        m = re.search(r"branch_computations=\{([^}]*)\}", inst.attrs)
+        branches = (re.findall(r"%?([\w.\-]+)", m.group(1)) if m else
+                    [inst.attr("true_computation"), inst.attr("false_computation")])
+        stack.extend((branch, times) for branch in branches)
       elif inst.opcode == "call":
         stack.append((inst.attr("to_apply"), times))
 
@@ -155,9 +161,8 @@ def _fusion_bytes(inst: Instruction, table: dict[str, Instruction],
   root_parts = [i for i in fused if i.root]
   if root_parts and root_parts[0].opcode == "tuple":
     root_parts = [by_name[o] for o in root_parts[0].operands if o in by_name]
-  in_place = {by_name[r.operands[0]].name for r in root_parts
-              if r.opcode == "dynamic-update-slice" and r.operands
-              and r.operands[0] in by_name}
+  in_place = {r.operands[0] for r in root_parts
+              if r.opcode == "dynamic-update-slice" and r.operands[0] in by_name}
   total = 0
   for r in root_parts:  # what it writes (an in-place update: the update, read below)
     total += (nbytes(by_name[r.operands[1]].shape) if r.opcode == "dynamic-update-slice"
@@ -227,8 +232,7 @@ def _attention_flops(inst: Instruction, table: dict[str, Instruction], target: s
 
 def kind(inst: Instruction) -> str:
   if inst.opcode == "custom-call":
-    target = re.search(r'custom_call_target="([^"]+)"', inst.attrs)
-    t = target.group(1) if target else "?"
+    t = inst.target or "?"
     return ("gemm" if "matmul" in t or "gemm" in t else "fused attention" if "fmha" in t
             else "convolution" if "conv" in t else "custom call: " + t)
   if inst.opcode == "fusion":
@@ -261,13 +265,13 @@ def kernels(text: str) -> list[dict[str, Any]]:
           results = results[:-1]
       moved = sum(_BYTES[t] * math.prod(d) for t, d in results)
       moved += sum(nbytes(table[o].shape) for o in inst.operands if o in table)
-      target = re.search(r'custom_call_target="([^"]+)"', inst.attrs)
-      if target and ("matmul" in target.group(1) or "gemm" in target.group(1)):
+      target = inst.target
+      if "matmul" in target or "gemm" in target:
         flops = _gemm_flops(inst, table)
-      elif target and "fmha" in target.group(1):
-        flops = _attention_flops(inst, table, target.group(1))
-      elif target and "conv" in target.group(1):
-        flops = _conv_flops(inst, table, target.group(1))
+      elif "fmha" in target:
+        flops = _attention_flops(inst, table, target)
+      elif "conv" in target:
+        flops = _conv_flops(inst, table, target)
     op = re.search(r'op_name="([^"]*)"', inst.attrs)
     out.append(dict(name=inst.name, kind=kind(inst), shape=inst.shape.split("{")[0][:80],
                     part=model_part(op.group(1)) if op else "(no op_name)",

@@ -192,12 +192,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                  metavar="TARGET_CONFIG", help="compile each variant for this GPU (default "
                  "an H200) without one and print hlo_traffic.py's floor instead of timing")
   a = p.parse_args(argv)
+  variants = a.variants.split(",")
+  for variant in variants:
+    if variant not in VARIANTS:
+      raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
   if a.deviceless:
-    unknown = set(a.variants.split(",")) - set(VARIANTS)
-    if unknown:
-      raise SystemExit(f"unknown variant {sorted(unknown)[0]!r}; choose from {', '.join(VARIANTS)}")
-    rows = [deviceless(v, a.batch, a.size, a.classes, a.deviceless)
-            for v in a.variants.split(",")]
+    rows = [deviceless(v, a.batch, a.size, a.classes, a.deviceless) for v in variants]
     for row in rows:
       print(json.dumps(row), flush=True)
     return rows
@@ -208,9 +208,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   labels[:, : a.size // 10] = 255  # some ignored rows
   labels = jnp.asarray(labels)
   rows, reference = [], None
-  for variant in a.variants.split(","):
-    if variant not in VARIANTS:
-      raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+  for variant in variants:
     row, result = run(variant, logits, labels, a.runs, reference)
     if reference is None:
       reference = result

@@ -126,17 +126,19 @@ def _chunked_upsampled_ce(logits: jax.Array, labels: jax.Array, factor: int,
     return t.reshape(t.shape[0], r, factor, big_w)
 
   def ce_lse(x, up, down, lb):  # -> CE [B, r * factor, W], logsumexp [B, r, factor, W]
-    res = [ce_and_logsumexp(z, by_phase(lb)[:, :, p], ignore_index)
+    lbp = by_phase(lb)
+    res = [ce_and_logsumexp(z, lbp[:, :, p], ignore_index)
            for p, z in enumerate(phases(x, up, down))]
     return (jnp.stack([ce for ce, _ in res], axis=2).reshape(lb.shape),
             jnp.stack([lse for _, lse in res], axis=2))
 
   def ce_vjp(x, up, down, lb, lse, g):  # g: [B, r * factor, W]
     zs, phases_vjp = jax.vjp(phases, x, up, down)  # linear: no residuals of its own
+    lbp, gbp = by_phase(lb), by_phase(g)
     dzs = []
     for p, z in enumerate(zs):
-      onehot, valid = onehot_labels(by_phase(lb)[:, :, p], k, ignore_index, z.dtype)
-      gp = jnp.where(valid, by_phase(g)[:, :, p], 0.0)
+      onehot, valid = onehot_labels(lbp[:, :, p], k, ignore_index, z.dtype)
+      gp = jnp.where(valid, gbp[:, :, p], 0.0)
       dzs.append((jnp.exp(z - lse[:, :, p, :, None]) - onehot) * gp[..., None])
     return phases_vjp(dzs)
 
