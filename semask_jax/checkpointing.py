@@ -4,6 +4,14 @@ One orbax CheckpointManager in `workdir/checkpoints`, asynchronous, keeping the
 last `keep` steps. The grain iterator state is saved next to the arrays (one
 JSON file a process), so a restarted run continues with the very batches an
 uninterrupted run would have drawn.
+
+Arrays are written by one replica each in a single-process run. Orbax's default
+(replica-parallel saving, on wherever JAX_PLATFORMS does not name a GPU) splits every
+replicated array into one slice per device, each cut by its own jitted slice: with 8
+devices and the ~580 arrays of a state that made the first save 13x slower (25 s
+against 1.9 s, the tiny model on 8 CPU devices) and later ones 3x, for nothing when
+one process writes everything anyway. With several processes the hosts share the
+writing of arrays of at least `_REPLICA_PARALLEL_MIN_BYTES` a slice.
 """
 from __future__ import annotations
 
@@ -19,6 +27,17 @@ from semask_jax import optim
 
 STATE = 'state'
 DATA = 'data_iter'
+_REPLICA_PARALLEL_MIN_BYTES = 1 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  """The train state's handler: the default one with replica-parallel saving set
+  explicitly (module docstring). The state's leaves are all jax.Arrays."""
+  arrays = ocp.type_handlers.ArrayHandler(
+      use_replica_parallel=jax.process_count() > 1,
+      min_slice_bytes_for_replica_parallel=_REPLICA_PARALLEL_MIN_BYTES)
+  return ocp.PyTreeCheckpointHandler(
+      type_handler_registry=ocp.type_handlers.create_type_handler_registry((jax.Array, arrays)))
 
 
 class Checkpointer:
@@ -30,7 +49,7 @@ class Checkpointer:
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={STATE: ocp.StandardCheckpointHandler(),
+        item_handlers={STATE: _state_handler(),
                        DATA: grain.checkpoint.CheckpointHandler()})
 
   def latest_step(self) -> int | None:
@@ -40,7 +59,7 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_iter: Any | None = None, *, force: bool = False) -> bool:
-    items = {STATE: ocp.args.StandardSave(state)}
+    items = {STATE: ocp.args.PyTreeSave(state)}
     if data_iter is not None:
       items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
     saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -50,7 +69,8 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
     """Restores the train state into the shapes/shardings of `abstract_state`; the iterator in place."""
-    items = {STATE: ocp.args.StandardRestore(abstract_state)}
+    items = {STATE: ocp.args.PyTreeRestore(
+        abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
     if data_iter is not None:
       if not self._has_item(step, DATA):
         raise FileNotFoundError(

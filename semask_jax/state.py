@@ -63,7 +63,7 @@ def init_train_state(config: ml_collections.ConfigDict, model: nnx.Module, mesh:
   graphdef, params, batch_stats, rest = split_model(model)
   tx, schedule = optim.create_optimizer(config, params)
   host = TrainState(step=np.int32(0), params=params, batch_stats=batch_stats,
-                    opt_state=tx.init(params),
+                    opt_state=jax.jit(tx.init)(params),  # one program, not one per leaf shape
                     rng=np.asarray(jax.random.key_data(jax.random.key(config.seed + 1)), np.uint32),
                     nonfinite=np.int32(0))
   host = jax.tree_util.tree_map(np.asarray, host)

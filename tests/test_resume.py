@@ -16,6 +16,7 @@ from configs import tiny
 from semask_jax import checkpointing
 from semask_jax import optim
 from semask_jax import state as state_lib
+from semask_jax import sharding as sharding_lib
 from semask_jax import train
 from semask_jax.sharding import make_mesh
 
@@ -125,7 +126,8 @@ def test_sigterm_saves_a_final_checkpoint_and_the_restart_continues(tmp_path, re
 
 _PROGRAM_FREE_KEYS = ('keep_checkpoints', 'checkpoint_every_steps', 'max_nonfinite_steps',
                       'log_every_steps', 'async_checkpointing')
-_COMPILED: dict[str, object] = {}
+_COMPILED: dict[str, object] = {}  # program key -> jitted train step
+_AHEAD: dict[int, object] = {}      # id(jitted) -> its compiled executable
 
 
 def loop_config(**overrides):
@@ -147,6 +149,7 @@ def run_loop(monkeypatch):
   process, with NaN images at the given micro steps (0-based, counted in this call) and
   a SIGTERM seen at the `stop_after`-th update boundary."""
   real_jit, real_batch = train.jit_train_step, input_pipeline.make_global_batch
+  real_ahead = sharding_lib.compile_ahead
 
   def run(config, workdir, nan_micro=(), stop_after=None):
     program = config.copy_and_resolve_references()
@@ -160,6 +163,13 @@ def run_loop(monkeypatch):
         _COMPILED[key] = real_jit(*args, **kwargs)
       return _COMPILED[key]
 
+    def compile_once(jitted, name, *args):
+      if name != 'train_step':
+        return real_ahead(jitted, name, *args)
+      if id(jitted) not in _AHEAD:
+        _AHEAD[id(jitted)] = real_ahead(jitted, name, *args)
+      return _AHEAD[id(jitted)]
+
     def batch_fn(local, mesh):
       if calls['batch'] in nan_micro:
         local = dict(local, image=np.full_like(local['image'], np.nan))
@@ -171,6 +181,7 @@ def run_loop(monkeypatch):
       return calls['boundary'] == stop_after
 
     monkeypatch.setattr(train, 'jit_train_step', jit_once)
+    monkeypatch.setattr(sharding_lib, 'compile_ahead', compile_once)
     monkeypatch.setattr(input_pipeline, 'make_global_batch', batch_fn)
     monkeypatch.setattr(train._SigtermFlag, 'any_process', sigterm)
     return train.train_and_evaluate(config, str(workdir))

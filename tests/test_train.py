@@ -164,8 +164,12 @@ def test_accumulated_update_is_adamw_on_the_mean_micro_gradient(setup):
   one.grad_accum_steps = 1
   tx1, _ = optim.create_optimizer(one, s0.params)
   mean = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *grads)
-  updates, _ = tx1.update(mean, tx1.init(s0.params), s0.params)
-  want = optax.apply_updates(s0.params, updates)
+
+  @jax.jit  # one program: op by op, optax would compile each op for each leaf shape
+  def adamw(params, grads):
+    return optax.apply_updates(params, tx1.update(grads, tx1.init(params), params)[0])
+
+  want = adamw(s0.params, mean)
   lr = float(optim.current_lr(schedule, s0.opt_state))
   assert lr == pytest.approx(config.optimizer.learning_rate)
   # Adam's first step is g / (|g| + eps) ~ +-lr per element: compare in units of lr where

@@ -15,6 +15,7 @@ def tiny_config():
   c.model.embed_dim = 16
   c.model.num_heads = (1, 1, 2, 2)
   c.model.num_queries = 8
+  c.model.dec_layers = 1  # still two matched predictions (deep supervision); compiles ~25 % faster
   c.loss.train_num_points = 64
   c.optimizer.warmup_steps = 0  # a full-lr first step, so that the update shows
   c.xla_cpu_fast_compile = True
