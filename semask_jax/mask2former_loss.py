@@ -27,9 +27,14 @@ reference's all-reduced count, and loss_ce is the weighted mean over all
 images' queries (the reference averages per-device means; equal when every
 device holds the same number of no-object queries).
 
-Memory: the matching costs and the point-sampled losses are computed one
+Memory and work: the matching costs and the point-sampled losses are computed one
 prediction at a time (lax.map); the assignments of all predictions and images
-run as one batched loop.
+run as one batched loop. The mask losses then run over the target slots in chunks
+of `slot_chunk` (a lax.scan), and a chunk where no image of the (global) batch has
+a target is skipped (lax.cond): slots are filled in class order, so with T = 64
+slots and ADE20K's typical 10-30 classes a crop, most of the importance sampling
+(37632 points a slot) would otherwise run on padding. With a key, each computed
+chunk draws its own points (a skipped chunk draws nothing).
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from semask_jax.cli import ConfigError
 from semask_jax.matching import linear_sum_assignment
 from semask_jax.models.sampling import bilinear_sample, corner_taps
 
@@ -52,6 +58,7 @@ class CriterionConfig:
   """Mask2Former criterion settings (detectron2 MODEL.MASK_FORMER.* names in comments)."""
   num_classes: int
   max_targets: int = 64                  # static target slots per image
+  slot_chunk: int = 8                    # target slots per step of the mask losses
   train_num_points: int = 12544          # TRAIN_NUM_POINTS
   oversample_ratio: float = 3.0          # OVERSAMPLE_RATIO
   importance_sample_ratio: float = 0.75  # IMPORTANCE_SAMPLE_RATIO
@@ -61,6 +68,11 @@ class CriterionConfig:
   cate_weight: float = 0.4               # SeMask's semantic-head weight
   no_object_weight: float = 0.1          # NO_OBJECT_WEIGHT
   ignore_index: int = IGNORE_INDEX
+
+  def __post_init__(self):
+    for name in ("max_targets", "slot_chunk"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"config.loss.{name} must be >= 1, got {getattr(self, name)}")
 
   @property
   def num_oversampled(self) -> int:
@@ -84,12 +96,23 @@ class CriterionDraws(NamedTuple):
 
 def draw_points(key: jax.Array, num_predictions: int, batch: int, cfg: CriterionConfig
                 ) -> CriterionDraws:
+  """All the criterion's draws at once (what set_criterion draws from a key only for the
+  chunks of slots it computes: another stream, the same distribution)."""
   k1, k2, k3 = jax.random.split(key, 3)
   lb, t = (num_predictions, batch), cfg.max_targets
   return CriterionDraws(
       jax.random.uniform(k1, lb + (cfg.train_num_points, 2), jnp.float32),
       jax.random.uniform(k2, lb + (t, cfg.num_oversampled, 2), jnp.float32),
       jax.random.uniform(k3, lb + (t, cfg.num_random, 2), jnp.float32))
+
+
+def _chunk_draws(key: jax.Array, chunk: jax.Array, batch: int, slots: int,
+                 cfg: CriterionConfig) -> tuple[jax.Array, jax.Array]:
+  """One chunk's (oversampled [B, S, M, 2], random [B, S, R, 2]) draws from a
+  prediction's key."""
+  k2, k3 = jax.random.split(jax.random.fold_in(key, chunk))
+  return (jax.random.uniform(k2, (batch, slots, cfg.num_oversampled, 2), jnp.float32),
+          jax.random.uniform(k3, (batch, slots, cfg.num_random, 2), jnp.float32))
 
 
 # ----------------------------------------------------------------------------- targets
@@ -229,11 +252,12 @@ def importance_points(mask_logits: jax.Array, oversampled: jax.Array, random: ja
 
 
 def _prediction_losses(pred_logits: jax.Array, pred_masks: jax.Array, query: jax.Array,
-                       over: jax.Array, rand: jax.Array, label: jax.Array, classes: jax.Array,
+                       draws: Any, label: jax.Array, classes: jax.Array,
                        num_masks: jax.Array, cfg: CriterionConfig
                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(loss_ce, loss_mask, loss_dice) of one prediction given its matching query [B, T]
-  and its pair-slot draws over [B, T, M, 2], rand [B, T, R, 2]."""
+  and its pair-slot draws: (over [B, T, M, 2], rand [B, T, R, 2]), or a PRNG key from
+  which each computed chunk of slots draws its own (_chunk_draws)."""
   b, q = pred_logits.shape[:2]
   t = classes.shape[1]
   paired = query >= 0                                                  # [B, T]
@@ -248,24 +272,47 @@ def _prediction_losses(pred_logits: jax.Array, pred_masks: jax.Array, query: jax
   weight = jnp.where(target_class == k, cfg.no_object_weight, 1.0)
   loss_ce = jnp.sum(weight * nll) / jnp.sum(weight)
 
-  # Masks: the matched query's mask logits per pair slot [B * T, h, w].
-  src = jnp.take_along_axis(pred_masks.astype(jnp.float32),
-                            jnp.clip(query, 0)[:, :, None, None], axis=1)  # [B, T, h, w]
-  src = src.reshape((b * t,) + src.shape[2:])
-  over = over.reshape((b * t,) + over.shape[2:])
-  rand = rand.reshape((b * t,) + rand.shape[2:])
-  points = importance_points(src, over, rand, cfg.num_uncertain)       # [B*T, P, 2]
-  point_logits = bilinear_sample(src[..., None], points)[..., 0]       # [B*T, P]
-  point_labels = sample_label_masks(label, classes, points.reshape((b, t) + points.shape[1:]))
-  point_labels = point_labels.reshape(b * t, -1)                       # [B*T, P]
-  bce = _bce_with_logits(point_logits, point_labels).mean(-1)          # [B*T]
-  s = jax.nn.sigmoid(point_logits)
-  dice = 1.0 - (2.0 * jnp.sum(s * point_labels, -1) + 1.0) / (
-      s.sum(-1) + point_labels.sum(-1) + 1.0)
-  keep = paired.reshape(-1)
-  loss_mask = jnp.sum(jnp.where(keep, bce, 0.0)) / num_masks
-  loss_dice = jnp.sum(jnp.where(keep, dice, 0.0)) / num_masks
-  return loss_ce, loss_mask, loss_dice
+  # Masks: chunks of `s` slots; a chunk with no pair in the whole batch is skipped.
+  s = min(cfg.slot_chunk, t)
+  n_chunks = -(-t // s)
+  pad = n_chunks * s - t
+  if pad:  # padded slots: no class, no query, any draw
+    classes = jnp.pad(classes, ((0, 0), (0, pad)), constant_values=-1)
+    query = jnp.pad(query, ((0, 0), (0, pad)), constant_values=-1)
+    paired = query >= 0
+    if not isinstance(draws, jax.Array):
+      draws = tuple(jnp.pad(d, ((0, 0), (0, pad), (0, 0), (0, 0))) for d in draws)
+  masks = pred_masks.astype(jnp.float32)
+  cut = lambda x, c: jax.lax.dynamic_slice_in_dim(x, c * s, s, axis=1)  # noqa: E731
+
+  def chunk_sums(c: jax.Array) -> jax.Array:
+    """[sum of the pairs' BCE, sum of their dice] over the slots of chunk c."""
+    if isinstance(draws, jax.Array):  # a key
+      over, rand = _chunk_draws(draws, c, b, s, cfg)
+    else:
+      over, rand = cut(draws[0], c), cut(draws[1], c)
+    qc, cls = cut(query, c), cut(classes, c)
+    src = jnp.take_along_axis(masks, jnp.clip(qc, 0)[:, :, None, None], axis=1)  # [B, S, h, w]
+    src = src.reshape((b * s,) + src.shape[2:])
+    over = over.reshape((b * s,) + over.shape[2:])
+    rand = rand.reshape((b * s,) + rand.shape[2:])
+    points = importance_points(src, over, rand, cfg.num_uncertain)     # [B*S, P, 2]
+    point_logits = bilinear_sample(src[..., None], points)[..., 0]     # [B*S, P]
+    point_labels = sample_label_masks(label, cls, points.reshape((b, s) + points.shape[1:]))
+    point_labels = point_labels.reshape(b * s, -1)                     # [B*S, P]
+    bce = _bce_with_logits(point_logits, point_labels).mean(-1)        # [B*S]
+    sig = jax.nn.sigmoid(point_logits)
+    dice = 1.0 - (2.0 * jnp.sum(sig * point_labels, -1) + 1.0) / (
+        sig.sum(-1) + point_labels.sum(-1) + 1.0)
+    keep = (qc >= 0).reshape(-1)
+    return jnp.stack([jnp.sum(jnp.where(keep, bce, 0.0)), jnp.sum(jnp.where(keep, dice, 0.0))])
+
+  def step(total, c):
+    live = jnp.any(cut(paired, c))
+    return total + jax.lax.cond(live, chunk_sums, lambda c: jnp.zeros((2,), jnp.float32), c), None
+
+  sums, _ = jax.lax.scan(step, jnp.zeros((2,), jnp.float32), jnp.arange(n_chunks))
+  return loss_ce, sums[0] / num_masks, sums[1] / num_masks
 
 
 def semantic_ce(sem_pred: jax.Array, label: jax.Array, ignore_index: int = IGNORE_INDEX
@@ -298,18 +345,23 @@ def set_criterion(outputs: Mapping[str, Any], label: jax.Array, cfg: CriterionCo
   if draws is None:
     if key is None:
       raise ValueError("set_criterion needs a PRNG key or explicit draws")
-    draws = draw_points(key, n_pred, b, cfg)
+    k1, k2 = jax.random.split(key)
+    match_points = jax.random.uniform(k1, (n_pred, b, cfg.train_num_points, 2), jnp.float32)
+    slot_draws = jax.random.split(k2, n_pred)  # [L1] keys: each chunk draws its own
+  else:
+    match_points, slot_draws = draws.match_points, (draws.oversampled_points,
+                                                    draws.random_points)
   classes, valid, count = present_classes(label, cfg.num_classes, cfg.max_targets,
                                           cfg.ignore_index)
   num_masks = jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
   # Costs and losses one prediction at a time (bounds the memory of the point
   # sampling); the assignments of all predictions and images in one batched loop.
   cost = jax.lax.map(lambda a: batch_match_cost(*a[:2], label, classes, a[2], cfg),
-                     (pred_logits, pred_masks, draws.match_points))      # [L1, B, Q, T]
+                     (pred_logits, pred_masks, match_points))            # [L1, B, Q, T]
   matches = jax.vmap(jax.vmap(linear_sum_assignment), in_axes=(0, None))(cost, valid)
   loss_ce, loss_mask, loss_dice = jax.lax.map(
       lambda a: _prediction_losses(*a, label, classes, num_masks, cfg),
-      (pred_logits, pred_masks, matches, draws.oversampled_points, draws.random_points))
+      (pred_logits, pred_masks, matches, slot_draws))
   cate = semantic_ce(outputs["sem_pred"], label, cfg.ignore_index)
   loss_cate = jnp.zeros((n_pred,), jnp.float32).at[-1].set(cate)
   total = jnp.sum(cfg.class_weight * loss_ce + cfg.mask_weight * loss_mask

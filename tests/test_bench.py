@@ -18,6 +18,20 @@ TINY = ["--override", "embed_dim=16", "--override", "depths=(1,1,1,1)",
         "--override", "window_size=4", "--override", "sem_window_size=4"]
 
 
+def test_synthetic_labels_look_like_a_segmentation():
+  """A few classes in regions (what the Mask2Former criterion's cost depends on), not
+  every class in noise; the top eighth ignored."""
+  labels = bench.synthetic_labels(np.random.default_rng(0), 3, 100, 150)
+  assert labels.shape == (3, 100, 100) and labels.dtype == np.int32
+  assert (labels[:, :12] == 255).all()
+  for lab in labels:
+    present = np.setdiff1d(np.unique(lab), [255])
+    assert 8 <= len(present) <= bench.LABEL_CLASSES and present.max() < 150
+  # with fewer classes than LABEL_CLASSES, at most all of them
+  assert np.setdiff1d(np.unique(bench.synthetic_labels(np.random.default_rng(1), 1, 64, 5)),
+                      [255]).max() < 5
+
+
 def test_cli_writes_the_json_keys(tmp_path):
   out = tmp_path / "b.json"
   bench.main(["--variant", "T", "--num_classes", "5", "--mode", "infer", "--batch", "1",

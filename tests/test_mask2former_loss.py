@@ -2,6 +2,7 @@
 (golden/mask2former): the stored predictions and point draws are replayed, so
 the matching, the importance sampling and every loss term are checked without
 the model."""
+import dataclasses
 import functools
 import json
 
@@ -88,6 +89,12 @@ def test_too_many_classes():
   assert bool(valid.all()) and int(count[0]) == 16
 
 
+def test_slot_settings_are_checked():
+  for name in ("max_targets", "slot_chunk"):
+    with pytest.raises(ValueError, match=f"config.loss.{name} must be >= 1, got 0"):
+      ml.CriterionConfig(num_classes=3, **{name: 0})
+
+
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
 def test_matching_replays_reference(path):
   vec, cfg, outputs, label, draws, _ = _case(path)
@@ -164,6 +171,53 @@ def test_padded_slots_do_not_matter(path):
   assert float(total2) == float(total)
   np.testing.assert_array_equal(np.asarray(aux2["matches"]), np.asarray(aux["matches"]))
   assert np.all(np.asarray(aux["matches"])[:, pad] == -1)
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_slot_chunks_give_the_same_losses_and_skip_empty_chunks(path, monkeypatch):
+  """The mask losses over chunks of 1 and 3 slots (a padded last chunk) equal one chunk of
+  all the slots, gradients included. A chunk where no image has a target is not computed
+  (its importance sampling never runs)."""
+  _, cfg, outputs, label, draws, classes = _case(path)
+  t = cfg.max_targets
+
+  def run(chunk, draws=None, key=None):
+    c = dataclasses.replace(cfg, slot_chunk=chunk)
+    f = lambda o: ml.set_criterion(o, label, c, draws=draws, key=key)  # noqa: E731
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(outputs)
+
+  (ref, aux_ref), g_ref = run(t, draws)
+  for chunk in (1, 3):
+    (got, aux), g = run(chunk, draws)
+    np.testing.assert_allclose(float(got), float(ref), rtol=1e-6, err_msg=str(chunk))
+    for name in ("mask", "dice"):
+      np.testing.assert_allclose(np.asarray(aux[f"loss_{name}"]),
+                                 np.asarray(aux_ref[f"loss_{name}"]), rtol=1e-6)
+    for name in g_ref:
+      np.testing.assert_allclose(np.asarray(g[name]), np.asarray(g_ref[name]), rtol=1e-5,
+                                 atol=1e-9, err_msg=f"{chunk} {name}")
+  # Keyed: every chunk draws its own points; finite, and another chunking draws others.
+  (k1, _), gk = run(1, key=jax.random.key(0))
+  (k3, _), _ = run(3, key=jax.random.key(0))
+  assert np.isfinite(float(k1)) and float(k1) != float(k3)
+  assert all(np.isfinite(np.asarray(v)).all() for v in gk.values())
+
+  # Which chunks run: the importance sampling reports each run (from inside the graph).
+  runs = []
+  real = ml.importance_points
+
+  def reported(mask_logits, *args):
+    jax.debug.callback(lambda: runs.append(1))
+    return real(mask_logits, *args)
+
+  monkeypatch.setattr(ml, "importance_points", reported)
+  c1 = dataclasses.replace(cfg, slot_chunk=1)
+  jax.block_until_ready(jax.jit(functools.partial(ml.set_criterion, cfg=c1))(
+      outputs, label, draws=draws))
+  jax.effects_barrier()
+  used = (classes >= 0).any(0)  # [T]: slots with a target in some image
+  assert used.sum() < t
+  assert len(runs) == outputs["pred_logits"].shape[0] * int(used.sum())
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
