@@ -272,28 +272,29 @@ def _prediction_losses(pred_logits: jax.Array, pred_masks: jax.Array, query: jax
   weight = jnp.where(target_class == k, cfg.no_object_weight, 1.0)
   loss_ce = jnp.sum(weight * nll) / jnp.sum(weight)
 
-  # Masks: chunks of `s` slots; a chunk with no pair in the whole batch is skipped.
+  # Masks: chunks of `s` slots; a chunk with no pair in the whole batch is skipped. The
+  # matched masks are gathered once and scanned over (a closed-over pred_masks would
+  # have its whole gradient accumulated at every chunk).
   s = min(cfg.slot_chunk, t)
   n_chunks = -(-t // s)
   pad = n_chunks * s - t
+  src = jnp.take_along_axis(pred_masks.astype(jnp.float32),
+                            jnp.clip(query, 0)[:, :, None, None], axis=1)  # [B, T, h, w]
+  per_slot = [src, query, classes]
+  keyed = isinstance(draws, jax.Array)
+  if not keyed:
+    per_slot += list(draws)                                            # [B, T, M|R, 2]
   if pad:  # padded slots: no class, no query, any draw
-    classes = jnp.pad(classes, ((0, 0), (0, pad)), constant_values=-1)
-    query = jnp.pad(query, ((0, 0), (0, pad)), constant_values=-1)
-    paired = query >= 0
-    if not isinstance(draws, jax.Array):
-      draws = tuple(jnp.pad(d, ((0, 0), (0, pad), (0, 0), (0, 0))) for d in draws)
-  masks = pred_masks.astype(jnp.float32)
-  cut = lambda x, c: jax.lax.dynamic_slice_in_dim(x, c * s, s, axis=1)  # noqa: E731
+    per_slot = [jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2),
+                        constant_values=-1 if x.dtype == jnp.int32 else 0) for x in per_slot]
+  chunked = [jnp.moveaxis(x.reshape((b, n_chunks, s) + x.shape[2:]), 1, 0)
+             for x in per_slot]                                        # [n, B, s, ...]
 
-  def chunk_sums(c: jax.Array) -> jax.Array:
+  def chunk_sums(c: jax.Array, xs: list[jax.Array]) -> jax.Array:
     """[sum of the pairs' BCE, sum of their dice] over the slots of chunk c."""
-    if isinstance(draws, jax.Array):  # a key
-      over, rand = _chunk_draws(draws, c, b, s, cfg)
-    else:
-      over, rand = cut(draws[0], c), cut(draws[1], c)
-    qc, cls = cut(query, c), cut(classes, c)
-    src = jnp.take_along_axis(masks, jnp.clip(qc, 0)[:, :, None, None], axis=1)  # [B, S, h, w]
-    src = src.reshape((b * s,) + src.shape[2:])
+    src, qc, cls = xs[:3]
+    over, rand = _chunk_draws(draws, c, b, s, cfg) if keyed else xs[3:]
+    src = src.reshape((b * s,) + src.shape[2:])                        # [B*S, h, w]
     over = over.reshape((b * s,) + over.shape[2:])
     rand = rand.reshape((b * s,) + rand.shape[2:])
     points = importance_points(src, over, rand, cfg.num_uncertain)     # [B*S, P, 2]
@@ -307,11 +308,13 @@ def _prediction_losses(pred_logits: jax.Array, pred_masks: jax.Array, query: jax
     keep = (qc >= 0).reshape(-1)
     return jnp.stack([jnp.sum(jnp.where(keep, bce, 0.0)), jnp.sum(jnp.where(keep, dice, 0.0))])
 
-  def step(total, c):
-    live = jnp.any(cut(paired, c))
-    return total + jax.lax.cond(live, chunk_sums, lambda c: jnp.zeros((2,), jnp.float32), c), None
+  def step(total, cx):
+    c, xs = cx
+    live = jnp.any(xs[1] >= 0)
+    skip = lambda c, xs: jnp.zeros((2,), jnp.float32)  # noqa: E731
+    return total + jax.lax.cond(live, chunk_sums, skip, c, xs), None
 
-  sums, _ = jax.lax.scan(step, jnp.zeros((2,), jnp.float32), jnp.arange(n_chunks))
+  sums, _ = jax.lax.scan(step, jnp.zeros((2,), jnp.float32), (jnp.arange(n_chunks), chunked))
   return loss_ce, sums[0] / num_masks, sums[1] / num_masks
 
 
