@@ -7,10 +7,9 @@ uninterrupted run would have drawn.
 
 Arrays are written by one replica each in a single-process run. Orbax's default
 (replica-parallel saving, on wherever JAX_PLATFORMS does not name a GPU) splits every
-replicated array into one slice per device, each cut by its own jitted slice: with 8
-devices and the ~580 arrays of a state that made the first save 13x slower (25 s
-against 1.9 s, the tiny model on 8 CPU devices) and later ones 3x, for nothing when
-one process writes everything anyway. With several processes the hosts share the
+replicated array into one slice per device, each cut by its own jitted slice: on 8
+devices SeMask-B's state took 33.7 s to save the first time and ~11.5 s later, against
+4.3-4.9 s written whole (PERF_NOTES), for nothing when one process writes everything. With several processes the hosts share the
 writing of arrays of at least `_REPLICA_PARALLEL_MIN_BYTES` a slice.
 """
 from __future__ import annotations
@@ -32,7 +31,8 @@ _REPLICA_PARALLEL_MIN_BYTES = 1 << 20
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
   """The train state's handler: the default one with replica-parallel saving set
-  explicitly (module docstring). The state's leaves are all jax.Arrays."""
+  explicitly (module docstring). The state's leaves are all jax.Arrays, none a typed
+  PRNG key (the rng is raw uint32), so no array-metadata store is needed."""
   arrays = ocp.type_handlers.ArrayHandler(
       use_replica_parallel=jax.process_count() > 1,
       min_slice_bytes_for_replica_parallel=_REPLICA_PARALLEL_MIN_BYTES)

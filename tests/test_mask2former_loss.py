@@ -264,8 +264,10 @@ def test_batch_sharded(path):
   outputs = {"pred_logits": put(outputs["pred_logits"], 1),
              "pred_masks": put(outputs["pred_masks"], 1), "sem_pred": put(outputs["sem_pred"], 0)}
   draws = ml.CriterionDraws(*[put(d, 1) for d in draws])
-  total, aux = jax.jit(functools.partial(ml.set_criterion, cfg=cfg))(outputs, put(label, 0),
-                                                                     draws=draws)
-  np.testing.assert_allclose(float(total), float(vec["loss_total"]), rtol=1e-4)
   n_targets = sum(len(vec[f"match_0_{i}"][0]) for i in range(b))
-  assert float(aux["num_masks"]) == n_targets
+  # One chunk of slots, and one slot a chunk (whether to skip a chunk: any image, any device).
+  for c in (cfg, dataclasses.replace(cfg, slot_chunk=1)):
+    total, aux = jax.jit(functools.partial(ml.set_criterion, cfg=c))(outputs, put(label, 0),
+                                                                     draws=draws)
+    np.testing.assert_allclose(float(total), float(vec["loss_total"]), rtol=1e-4)
+    assert float(aux["num_masks"]) == n_targets
