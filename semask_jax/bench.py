@@ -479,8 +479,7 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
 
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.standard_normal((batch, size, size, 3), np.float32))
-  labels_np = synthetic_labels(rng, batch, size, k)
-  labels = jnp.asarray(labels_np)
+  labels = jnp.asarray(synthetic_labels(rng, batch, size, k))
   key = jax.random.key(1)
 
   tx = optax.adamw(1e-4, weight_decay=1e-4)

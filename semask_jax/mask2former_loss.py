@@ -16,9 +16,10 @@ bilinear sample at a point is the sum of the corner weights whose label pixel
 has that class -- the same numbers as sampling the [H, W] 0/1 mask with
 bilinear_sample, at the cost of one label gather per point.
 
-Randomness: every point draw comes from a JAX key (`draw_points`), or the caller
-passes the draws (`CriterionDraws`) -- the golden test replays the reference's
-draws this way. Differences from the reference: a label with no valid pixel
+Randomness: every point draw comes from a JAX key (set_criterion's `key`: the
+matcher's points at once, the mask losses' per computed chunk of slots), or the
+caller passes the draws (`CriterionDraws`, e.g. from `draw_points`) -- the golden
+test replays the reference's draws this way. Differences from the reference: a label with no valid pixel
 gives loss_cate 0 (torch: NaN); an image with more classes than max_targets
 keeps its max_targets smallest classes and reports the rest in
 aux['num_dropped_targets'] (make_targets raises when called outside jit).

@@ -1,6 +1,7 @@
 """How the Checkpointer writes arrays: one replica each in a single-process run."""
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from semask_jax import checkpointing
 from semask_jax import sharding as sharding_lib
@@ -31,7 +32,6 @@ def test_single_process_saves_replicated_arrays_whole(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(restored[k]), v)
     assert restored[k].sharding == state[k].sharding
   # The check sees slices where orbax would make them (the default handler's behaviour).
-  import orbax.checkpoint as ocp
   default = ocp.type_handlers.ArrayHandler(use_replica_parallel=True)
   item = ocp.CheckpointManager(
       str(tmp_path / 'default'), item_handlers=ocp.PyTreeCheckpointHandler(
