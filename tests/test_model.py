@@ -11,7 +11,7 @@ from convert_weights import convert_semask
 from semask_jax.losses import ohem_weights, segmentation_loss
 from semask_jax.models import (build_model, default_model_config, model_config_from_dict,
                                resolve_sem_global)
-from semask_jax.models.layers import BatchNorm, KeyChain
+from semask_jax.models.layers import BatchNorm, KeyChain, gelu
 from tests.golden_utils import golden_files, jit_forward, load_vector
 
 
@@ -214,7 +214,7 @@ def test_mlp_backward_keeps_only_the_hidden_pre_activation(capsys):
 
   def plain(s, x):
     m = nnx.merge(g, s)
-    return (m.fc2(jax.nn.gelu(m.fc1(x), approximate=False)) ** 2).sum()
+    return (m.fc2(gelu(m.fc1(x))) ** 2).sum()
   np.testing.assert_allclose(f(s, x), plain(s, x), rtol=1e-6)
   for a, b in zip(jax.tree.leaves(jax.grad(f)(s, x)), jax.tree.leaves(jax.grad(plain)(s, x))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
@@ -393,6 +393,32 @@ def test_loss_reductions_and_ohem():
   assert np.asarray(ce)[w == 1].min() >= np.asarray(ce)[(w == 0) & (labels != 255)].max()
   all_kept = np.asarray(ohem_weights(ce, jnp.asarray(labels != 255), min_kept=1000))
   np.testing.assert_array_equal(all_kept, labels != 255)
+
+
+def test_gelu_is_torchs_exact_gelu():
+  """layers.gelu against torch.nn.functional.gelu (erf form): float32 values and
+  gradients, and bfloat16, where both compute in float32 and round once."""
+  import torch
+  x = np.concatenate([np.linspace(-12, 12, 4001, dtype=np.float32),
+                      np.random.default_rng(0).standard_normal(4000).astype(np.float32)])
+  xt = torch.from_numpy(x).requires_grad_(True)
+  ref = torch.nn.functional.gelu(xt)
+  ref.sum().backward()
+  got, grad = jax.value_and_grad(lambda v: gelu(v).sum())(jnp.asarray(x))
+  # Both round 1 + erf(x / sqrt(2)) to float32, which cancels for x << 0: up to an ulp
+  # of 1 (2^-23) times |x| <= 12 apart there, whatever erf each library uses.
+  tail = 12 * 2.0 ** -23
+  np.testing.assert_allclose(np.asarray(gelu(jnp.asarray(x))), ref.detach().numpy(),
+                             rtol=2e-6, atol=tail)
+  np.testing.assert_allclose(np.asarray(grad), xt.grad.numpy(), rtol=2e-6, atol=tail)
+  np.testing.assert_allclose(float(got), float(ref.detach().sum()), rtol=1e-6)
+  xb = torch.from_numpy(x).to(torch.bfloat16)
+  ref_b = torch.nn.functional.gelu(xb).float().numpy()
+  got_b = np.asarray(gelu(jnp.asarray(x, jnp.bfloat16)).astype(jnp.float32))
+  # One rounding of float32 values that are `tail` apart at most: equal, or one
+  # bfloat16 step (2^-8 relative, at most 2^-7 of the rounded value) apart.
+  step = np.abs(ref_b) * 2.0 ** -7 + tail
+  assert np.all(np.abs(got_b - ref_b) <= step), np.abs(got_b - ref_b).max()
 
 
 @pytest.mark.parametrize("small,big", [((13, 9), (52, 36)), ((7, 5), (25, 19))])

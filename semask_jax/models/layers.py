@@ -52,9 +52,22 @@ def linear_init(rngs: nnx.Rngs, shape: tuple[int, ...]) -> jax.Array:
   return normal_init(rngs, shape, 0.02)
 
 
+_SQRT_HALF = np.float32(0.7071067811865476)
+
+
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, as torch.nn.GELU(); Flax's default is the tanh form."""
-  return jax.nn.gelu(x, approximate=False)
+  """Exact (erf) GELU, as torch.nn.GELU(); Flax's default is the tanh form.
+
+  torch's formula x * 0.5 * (1 + erf(x / sqrt(2))), computed in float32 as torch's
+  bfloat16 kernels do, written x * (0.5 + 0.5 * erf(.)) (the same value: halving is
+  exact). jax.nn.gelu(approximate=False) is x * erfc(-x / sqrt(2)) / 2 in the input's
+  dtype: in bfloat16 it scales by a bfloat16 sqrt(1/2) and XLA:GPU split it into two
+  passes over the MLP's hidden map. This form is one pass: on an H200 (deviceless,
+  PERF_NOTES) SeMask-T inference moves 13 % fewer bytes and SeMask-B training 4 %; on
+  the CPU the float32 training step is 2-5 % faster, inference unchanged.
+  """
+  x32 = x.astype(jnp.float32)
+  return (x32 * (0.5 + 0.5 * jax.lax.erf(x32 * _SQRT_HALF))).astype(x.dtype)
 
 
 class Linear(nnx.Module):
