@@ -14,8 +14,10 @@ writing of arrays of at least `_REPLICA_PARALLEL_MIN_BYTES` a slice.
 """
 from __future__ import annotations
 
+import contextlib
+import logging as py_logging
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import grain
 import jax
@@ -93,8 +95,9 @@ class Checkpointer:
     """
     reader = ocp.CheckpointManager(self.directory,
                                    item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
-    try:
-      stored = reader.item_metadata(step)[STATE]
+    try:  # The reader knows the state alone: it leaves the iterator unread, by design.
+      with _quiet_unread_item(DATA):
+        stored = reader.item_metadata(step)[STATE]
       problems = []
       for field, target in abstract_fields.items():
         have = _shapes(stored.get(field, {}) if hasattr(stored, 'get') else {})
@@ -106,8 +109,9 @@ class Checkpointer:
                          f'model ({len(problems)} differences): ' + '; '.join(problems[:8]))
       restore_args = jax.tree_util.tree_map(
           lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract_fields)
-      restored = reader.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
-          abstract_fields, restore_args=restore_args, partial_restore=True)}))
+      with _quiet_unread_item(DATA):
+        restored = reader.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+            abstract_fields, restore_args=restore_args, partial_restore=True)}))
     finally:
       reader.close()
     return dict(restored[STATE])
@@ -121,6 +125,30 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+class _DropUnreadItemWarning(py_logging.Filter):
+  """Drops orbax's warning that a checkpoint item exists that this reader does not read."""
+
+  def __init__(self, item: str):
+    super().__init__()
+    self.prefix = f'Item "{item}" was found in the checkpoint, but could not'
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _quiet_unread_item(item: str) -> Iterator[None]:
+  """Orbax warns twice (metadata, restore) about each item on disk without a handler:
+  noise for a reader that skips the data iterator on purpose (evaluation, prediction)."""
+  quiet = _DropUnreadItemWarning(item)
+  absl_logger = py_logging.getLogger('absl')
+  absl_logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(quiet)
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

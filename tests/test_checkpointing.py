@@ -41,3 +41,27 @@ def test_single_process_saves_replicated_arrays_whole(tmp_path, monkeypatch):
   item.wait_until_finished()
   item.close()
   assert len(slices) == mesh.size
+
+
+def test_reading_the_state_alone_does_not_warn_about_the_data_iterator(tmp_path, caplog):
+  """Evaluation and prediction restore params and batch_stats without the data iterator's
+  item, on purpose: orbax's two warnings that the item 'could not be restored' are
+  dropped, and nothing else is."""
+  import grain
+  from absl import logging as absl_logging
+  state = {'params': {'w': np.arange(6, dtype=np.float32).reshape(2, 3)}, 'step': np.int32(3)}
+  data_iter = iter(grain.MapDataset.range(8).to_iter_dataset())
+  next(data_iter)
+  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  try:
+    ckpt.save(3, jax.device_put(state), data_iter)
+  finally:
+    ckpt.close()
+  target = {'params': checkpointing.abstract_like(jax.device_put(state['params']))}
+  with caplog.at_level('WARNING'):
+    got = checkpointing.Checkpointer(str(tmp_path), async_save=False).restore_fields(3, target)
+    absl_logging.warning('Item "other" was found in the checkpoint, but could not be restored.')
+  np.testing.assert_array_equal(np.asarray(got['params']['w']), state['params']['w'])
+  messages = [r.getMessage() for r in caplog.records]
+  assert not [m for m in messages if checkpointing.DATA in m], messages
+  assert any(m.startswith('Item "other"') for m in messages), messages
