@@ -14,6 +14,7 @@ writing of arrays of at least `_REPLICA_PARALLEL_MIN_BYTES` a slice.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging as py_logging
 import os
@@ -24,7 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from semask_jax import optim
+from semask_jax import cli, optim
 
 STATE = 'state'
 DATA = 'data_iter'
@@ -40,6 +41,10 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
       min_slice_bytes_for_replica_parallel=_REPLICA_PARALLEL_MIN_BYTES)
   return ocp.PyTreeCheckpointHandler(
       type_handler_registry=ocp.type_handlers.create_type_handler_registry((jax.Array, arrays)))
+
+
+class CheckpointMismatchError(cli.UserError, ValueError):
+  """A checkpoint written for another model or optimizer than the config's."""
 
 
 class Checkpointer:
@@ -78,11 +83,14 @@ class Checkpointer:
         raise FileNotFoundError(
             f'checkpoint {self.directory}/{step} has no {DATA!r} item: cannot resume the data stream')
       items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
+    self._check_matches(step, self._manager.item_metadata(step)[STATE], abstract_state,
+                        'model or optimizer')
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError) as e:
-      raise ValueError(f'checkpoint {self.directory}/{step} does not match this config\'s model '
-                       f'or optimizer (was the config changed since it was written?): {e}') from e
+    except (ValueError, KeyError) as e:  # shapes agreed: orbax's own words (dtypes, ...)
+      raise CheckpointMismatchError(
+          f'checkpoint {self.directory}/{step} does not match this config\'s model or '
+          f'optimizer: {str(e)[:2000]}') from e
     return restored[STATE]
 
   def restore_fields(self, step: int, abstract_fields: dict[str, Any]) -> dict[str, Any]:
@@ -98,15 +106,8 @@ class Checkpointer:
     try:  # The reader knows the state alone: it leaves the iterator unread, by design.
       with _quiet_unread_item(DATA):
         stored = reader.item_metadata(step)[STATE]
-      problems = []
-      for field, target in abstract_fields.items():
-        have = _shapes(stored.get(field, {}) if hasattr(stored, 'get') else {})
-        want = _shapes(target)
-        problems += [f'{field}.{k}: stored {have.get(k, "missing")}, expected {want.get(k, "none")}'
-                     for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
-      if problems:
-        raise ValueError(f'checkpoint {self.directory}/{step} does not match this config\'s '
-                         f'model ({len(problems)} differences): ' + '; '.join(problems[:8]))
+      self._check_matches(step, {f: stored.get(f, {}) if hasattr(stored, 'get') else {}
+                                 for f in abstract_fields}, abstract_fields, 'model')
       restore_args = jax.tree_util.tree_map(
           lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract_fields)
       with _quiet_unread_item(DATA):
@@ -115,6 +116,32 @@ class Checkpointer:
     finally:
       reader.close()
     return dict(restored[STATE])
+
+  def _check_matches(self, step: int, stored: Any, target: Any, what: str) -> None:
+    """Raises CheckpointMismatchError naming the leaves whose shapes differ (or that one
+    side lacks) between a stored state and the restore target: a checkpoint of another
+    model, variant, head or optimizer, in a few lines rather than orbax's tree dump."""
+    have, want = _shapes(stored), _shapes(target)
+    shapes = sorted((k for k in set(have) & set(want) if have[k] != want[k]),
+                    key=lambda k: (not k.startswith('params.'), k))  # the model's own first
+    stored_only, target_only = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+    count = len(shapes) + len(stored_only) + len(target_only)
+    if not count:
+      return
+    problems = [f'{k}: stored {have[k]}, expected {want[k]}' for k in shapes[:6]]
+    if len(shapes) > 6:
+      problems.append(f'{len(shapes) - 6} more shapes differ')
+    if stored_only:
+      problems.append(f'only in the checkpoint: {_by_part(stored_only)}')
+    if target_only:
+      problems.append(f'not in the checkpoint: {_by_part(target_only)}')
+    written_by = os.path.join(os.path.dirname(self.directory), 'config.json')
+    source = (f'it was written with {written_by}' if os.path.exists(written_by)
+              else 'it was written with another config')
+    hint = f' ({source}; use that config, or another --workdir)'
+    raise CheckpointMismatchError(
+        f'checkpoint {self.directory}/{step} does not match this config\'s {what} '
+        f'({count} differences): ' + '; '.join(problems) + hint)
 
   def _has_item(self, step: int, name: str) -> bool:
     return os.path.isdir(os.path.join(self.directory, str(step), name))
@@ -149,6 +176,22 @@ def _quiet_unread_item(item: str) -> Iterator[None]:
     yield
   finally:
     absl_logger.removeFilter(quiet)
+
+
+# Path components of optimizer states that name no part of the model.
+_OPTIMIZER_WORDS = frozenset({'mu', 'nu', 'count', 'inner_state', 'inner_states'})
+
+
+def _by_part(names: list[str], most: int = 6) -> str:
+  """'params.decode_head.* (120), opt_state.decode_head.* (240)': leaf names counted by
+  their field and first model part (optimizer-state indices and words skipped)."""
+  def part(name: str) -> str:
+    field, *rest = name.split('.')
+    top = next((p for p in rest if not p.isdigit() and p not in _OPTIMIZER_WORDS), None)
+    return f'{field}.{top}.*' if top else field
+  counts = collections.Counter(part(n) for n in names)
+  text = ', '.join(f'{p} ({n})' for p, n in counts.most_common(most))
+  return text + (f' and {len(counts) - most} more' if len(counts) > most else '')
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

@@ -229,7 +229,6 @@ class _SigtermFlag:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from workdir if it holds a checkpoint), evaluates, returns the last eval."""
   workdir = os.path.abspath(workdir)
-  save_config(config, workdir)
   sharding_lib.set_jax_compile_flags(config)
   make_loss(config)  # its settings checked before the data and the model are built
   mesh = sharding_lib.make_mesh()
@@ -259,6 +258,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if latest is not None:
     logging.info('Resuming from %s/%d', ckpt.directory, latest)
     state = ckpt.restore(latest, checkpointing.abstract_like(state), train_iter)
+  # After the resume: a config refused by the workdir's checkpoint leaves its config.json.
+  save_config(config, workdir)
   micro = int(jax.device_get(state.step.addressable_data(0)))
   start_micro = micro
   total_micro = config.total_steps * k

@@ -2,6 +2,7 @@
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from semask_jax import checkpointing
 from semask_jax import sharding as sharding_lib
@@ -65,3 +66,28 @@ def test_reading_the_state_alone_does_not_warn_about_the_data_iterator(tmp_path,
   messages = [r.getMessage() for r in caplog.records]
   assert not [m for m in messages if checkpointing.DATA in m], messages
   assert any(m.startswith('Item "other"') for m in messages), messages
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
+  """Shapes that differ are named (the model's parameters first); leaves on one side only
+  are counted by model part; the config that wrote the checkpoint is pointed to."""
+  from semask_jax import cli
+  (tmp_path / 'config.json').write_text('{}')
+  stored = {'params': {'a': np.zeros((2, 3), np.float32), 'head': {'w': np.zeros(4, np.float32)}},
+            'opt_state': {'mu': {'a': np.zeros((2, 3), np.float32)}}, 'step': np.int32(1)}
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
+  try:
+    ckpt.save(1, jax.device_put(stored))
+    target = {'params': {'a': np.zeros((2, 4), np.float32), 'other': {'w': np.zeros(4, np.float32)}},
+              'opt_state': {'mu': {'a': np.zeros((2, 4), np.float32)}}, 'step': np.int32(1)}
+    with pytest.raises(checkpointing.CheckpointMismatchError) as e:
+      ckpt.restore(1, checkpointing.abstract_like(jax.device_put(target)))
+  finally:
+    ckpt.close()
+  assert isinstance(e.value, cli.UserError) and isinstance(e.value, ValueError)
+  msg = str(e.value)
+  assert "does not match this config's model or optimizer (4 differences): " in msg, msg
+  assert msg.index('params.a: stored (2, 3), expected (2, 4)') < msg.index('opt_state.mu.a'), msg
+  assert 'only in the checkpoint: params.head.* (1)' in msg, msg
+  assert 'not in the checkpoint: params.other.* (1)' in msg, msg
+  assert str(tmp_path / 'config.json') in msg and '\n' not in msg, msg

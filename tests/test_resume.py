@@ -92,6 +92,16 @@ def test_sigkill_and_restart_reproduces_losses(tmp_path, reference_run):
   with pytest.raises(ValueError, match=r"does not match this config's model \(\d+ differences\)"
                      r': params\.backbone\.\S+: stored \([\d, ]+\), expected \([\d, ]*24[\d, ]*\)'):
     state_lib.restore_for_inference(config, str(run_dir), make_mesh(jax.devices()[:1]))
+  # Training into that workdir with it: one line that names the difference and the config
+  # that wrote the checkpoint, which stays as it was.
+  written = (run_dir / 'config.json').read_text()
+  out = subprocess.run(main_cmd(run_dir, '--config.model.embed_dim=24'), env=env,
+                       capture_output=True, text=True, cwd=ROOT)
+  assert out.returncode == 2, out.stderr[-3000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: checkpoint ') and 'params.backbone.' in last, last
+  assert str(run_dir / 'config.json') in last and 'Traceback' not in out.stderr, last
+  assert (run_dir / 'config.json').read_text() == written
 
 
 def test_sigterm_saves_a_final_checkpoint_and_the_restart_continues(tmp_path, reference_run):
