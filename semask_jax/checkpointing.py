@@ -15,10 +15,8 @@ writing of arrays of at least `_REPLICA_PARALLEL_MIN_BYTES` a slice.
 from __future__ import annotations
 
 import collections
-import contextlib
-import logging as py_logging
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import grain
 import jax
@@ -101,18 +99,19 @@ class Checkpointer:
     fields must have exactly these leaves and shapes (a checkpoint of another model
     is refused, as `restore` does).
     """
+    # The iterator's handler is registered (orbax warns about items without one) but
+    # its item is not read.
     reader = ocp.CheckpointManager(self.directory,
-                                   item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
-    try:  # The reader knows the state alone: it leaves the iterator unread, by design.
-      with _quiet_unread_item(DATA):
-        stored = reader.item_metadata(step)[STATE]
+                                   item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
+                                                  DATA: grain.checkpoint.CheckpointHandler()})
+    try:
+      stored = reader.item_metadata(step)[STATE]
       self._check_matches(step, {f: stored.get(f, {}) if hasattr(stored, 'get') else {}
                                  for f in abstract_fields}, abstract_fields, 'model')
       restore_args = jax.tree_util.tree_map(
           lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract_fields)
-      with _quiet_unread_item(DATA):
-        restored = reader.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
-            abstract_fields, restore_args=restore_args, partial_restore=True)}))
+      restored = reader.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+          abstract_fields, restore_args=restore_args, partial_restore=True)}))
     finally:
       reader.close()
     return dict(restored[STATE])
@@ -152,30 +151,6 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
-
-
-class _DropUnreadItemWarning(py_logging.Filter):
-  """Drops orbax's warning that a checkpoint item exists that this reader does not read."""
-
-  def __init__(self, item: str):
-    super().__init__()
-    self.prefix = f'Item "{item}" was found in the checkpoint, but could not'
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(self.prefix)
-
-
-@contextlib.contextmanager
-def _quiet_unread_item(item: str) -> Iterator[None]:
-  """Orbax warns twice (metadata, restore) about each item on disk without a handler:
-  noise for a reader that skips the data iterator on purpose (evaluation, prediction)."""
-  quiet = _DropUnreadItemWarning(item)
-  absl_logger = py_logging.getLogger('absl')
-  absl_logger.addFilter(quiet)
-  try:
-    yield
-  finally:
-    absl_logger.removeFilter(quiet)
 
 
 # Path components of optimizer states that name no part of the model.
