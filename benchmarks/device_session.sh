@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # One lease of a GPU machine, prepared: the accelerator rows (accelerator.sh) inside a time
 # budget, a device-time summary of the first row's profile (trace_summary.py), and the
-# golden tests (the pseudo-row `golden`). Everything it keeps goes to $RESULTS (at most
-# 8 files): one <row>.json per row, logs.tgz (logs, trace summary with each kernel's HLO
-# computation, the profiled step's HLO text, the golden log, loss_variants.json),
-# profile.tgz and xplane.tgz (the first row's jax.profiler trace, Perfetto and XProf forms).
+# golden tests (the pseudo-row `golden`). Everything it keeps goes to $RESULTS, in four
+# files (a lease brings back at most 8): rows.jsonl (one JSON line per row, as
+# accelerator.sh prints it), logs.tgz (logs, each row's full JSON, trace summary with each
+# kernel's HLO computation, the profiled step's HLO text, the golden log,
+# loss_variants.json), profile.tgz and xplane.tgz (the first row's jax.profiler trace,
+# Perfetto and XProf forms).
 #
 #   RESULTS=/tmp/r BUDGET_S=540 bash benchmarks/device_session.sh
 #
 # BUDGET_S: seconds for the whole script (rows are stopped at the budget, the rest skipped);
 # ROWS: accelerator.sh's rows and the pseudo-rows `golden` and `loss_variants`
 #   (benchmarks/loss_variants.py: six forms of the training loss's up-sampled CE, ~1 min),
-#   in order (default b_train b_train_cudnn loss_variants golden t_infer_cudnn t_infer
-#   b_train_xla_default m2f_t_train);
+#   in order (default b_train b_train_cudnn loss_variants golden torch_b_train torch_t_infer
+#   t_infer_cudnn t_infer b_train_xla_default m2f_t_train; the torch_ rows time the PyTorch
+#   reference on the same chip, ~40 s together);
 # GOLDEN_DIR: a copy of ../shared/golden (the tests' SEMASK_GOLDEN_DIR, with train/ and
 #   mask2former/) that travelled, else `golden` is skipped; GOLDEN_TESTS: the test files
 #   (default tests/test_golden.py tests/test_golden_train.py and the cuDNN attention check
@@ -22,7 +25,7 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 BUDGET_S=${BUDGET_S:-540}
 RESULTS=${RESULTS:?set RESULTS to the folder that comes back}
-ROWS=${ROWS:-b_train b_train_cudnn loss_variants golden t_infer_cudnn t_infer b_train_xla_default m2f_t_train}
+ROWS=${ROWS:-b_train b_train_cudnn loss_variants golden torch_b_train torch_t_infer t_infer_cudnn t_infer b_train_xla_default m2f_t_train}
 PY=${PYTHON:-python}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 work=$(mktemp -d /tmp/semask_session_XXXX)
@@ -56,8 +59,8 @@ for r in $ROWS; do
       | tee "$work/loss_variants.log" | grep '^{'
     continue
   fi
-  PROFILE=$first ROWS=$r OUT=$work timeout "$t" bash benchmarks/accelerator.sh
-  [ -f "$work/$r.json" ] && cp "$work/$r.json" "$RESULTS/"
+  PROFILE=$first ROWS=$r OUT=$work timeout "$t" bash benchmarks/accelerator.sh \
+    | tee -a "$RESULTS/rows.jsonl"
   if [ "$first" = 1 ] && [ -d "$work/profile_$r" ]; then
     $PY benchmarks/trace_summary.py "$work/profile_$r" --top 40 --hlo_dir "$work/hlo_$r" \
       --json "$work/trace_summary_$r.json" | tee "$work/trace_summary_$r.md"

@@ -50,13 +50,11 @@ from __future__ import annotations
 
 import argparse
 import ast
-import ctypes
 import datetime
 import importlib.util
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -72,6 +70,7 @@ from flax import nnx
 
 from input_pipeline.info import IGNORE_INDEX
 from semask_jax import cli, compile_cache, sharding
+from semask_jax.host_memory import peak_rss_since_reset, process_peak_rss, reset_peak_rss
 from semask_jax.losses import segmentation_loss
 from semask_jax.models import VARIANTS, build_model, default_model_config
 from semask_jax.models.config import resolve_block_loop
@@ -312,38 +311,6 @@ def matmul_rate(dtype, n: int | None = None, runs: int = 5) -> float:
   return flops / statistics.median(_time(call, 0, runs))
 
 
-def reset_peak_rss() -> bool:
-  """Resets the kernel's peak-RSS mark of this process (Linux: clear_refs 5).
-
-  Called after compilation so that the peak RSS read afterwards is that of the
-  timed steps, not of XLA's compiler. False where the kernel does not allow it.
-  Freed heap pages are first handed back to the kernel (glibc malloc_trim):
-  otherwise what the compiler freed but malloc kept would count as the step's.
-  """
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
-
-
-def _vm_hwm() -> int | None:
-  """Peak RSS since the last reset_peak_rss() (VmHWM), in bytes; None off Linux."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return None
-
-
 def peak_memory(rss_was_reset: bool) -> tuple[int, str]:
   stats = None
   try:
@@ -352,15 +319,7 @@ def peak_memory(rss_was_reset: bool) -> tuple[int, str]:
     stats = None
   if stats and stats.get("peak_bytes_in_use"):
     return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
-  hwm = _vm_hwm() if rss_was_reset else None
-  if hwm:
-    return hwm, "process peak RSS during the steps (reset after compiling)"
-  return process_peak_rss(), "process peak RSS (includes the compiler)"
-
-
-def process_peak_rss() -> int:
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return int(rss * (1 if sys.platform == "darwin" else 1024))
+  return peak_rss_since_reset(rss_was_reset)
 
 
 def _xla_costs(compiled, batch: int) -> tuple[float | None, int | None]:
@@ -404,11 +363,13 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
               remat: str = "none", warmup: int = 1, runs: int = 5,
               matmul_n: int | None = None, model_overrides: dict | None = None,
               profile_dir: str | None = None, cache_dir: str | None = None,
-              xla_gpu_fast_compile: str = "train") -> dict[str, Any]:
+              xla_gpu_fast_compile: str = "train", xla_cpu_lean_eval: bool = True
+              ) -> dict[str, Any]:
   """The measurements of the module docstring, as a dict (the --json file).
 
   xla_gpu_fast_compile: as the training config's (sharding.compiler_options): 'train'
   compiles a training step (not inference) with the fast-compile XLA:GPU options.
+  xla_cpu_lean_eval: as the config's: inference on a CPU without YNNPACK's reduce fusions.
   cache_dir: persistent compilation cache directory; None for a fresh temporary one
   (so that compile_s is a cold compile).
   """
@@ -418,7 +379,8 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
                        batch=batch, size=size, dtype=dtype, remat=remat, warmup=warmup,
                        runs=runs, matmul_n=matmul_n, model_overrides=model_overrides,
                        profile_dir=profile_dir, cache_dir=tmp,
-                       xla_gpu_fast_compile=xla_gpu_fast_compile)
+                       xla_gpu_fast_compile=xla_gpu_fast_compile,
+                       xla_cpu_lean_eval=xla_cpu_lean_eval)
   previous_cache = jax.config.jax_compilation_cache_dir
   previous_threefry = jax.config.jax_threefry_gpu_kernel_lowering
   compile_cache.enable(cache_dir)
@@ -429,7 +391,8 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
     return _run_bench(config=config, variant=variant, num_classes=num_classes, mode=mode,
                       batch=batch, size=size, dtype=dtype, remat=remat, warmup=warmup,
                       runs=runs, matmul_n=matmul_n, model_overrides=model_overrides,
-                      profile_dir=profile_dir, xla_gpu_fast_compile=xla_gpu_fast_compile)
+                      profile_dir=profile_dir, xla_gpu_fast_compile=xla_gpu_fast_compile,
+                      xla_cpu_lean_eval=xla_cpu_lean_eval)
   finally:
     jax.config.update("jax_threefry_gpu_kernel_lowering", previous_threefry)
     if previous_cache:
@@ -462,8 +425,8 @@ def _timed_compile(lower: Callable[[], Any]) -> tuple[Any, float, float]:
 
 
 def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat, warmup,
-               runs, matmul_n, model_overrides, profile_dir, xla_gpu_fast_compile
-               ) -> dict[str, Any]:
+               runs, matmul_n, model_overrides, profile_dir, xla_gpu_fast_compile,
+               xla_cpu_lean_eval) -> dict[str, Any]:
   global _cache_hits
   if _cache_hits is None:
     _cache_hits = _CacheHits()
@@ -484,7 +447,8 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
 
   tx = optax.adamw(1e-4, weight_decay=1e-4)
   options = sharding.compiler_options(
-      ml_collections.ConfigDict({"xla_gpu_fast_compile": xla_gpu_fast_compile}),
+      ml_collections.ConfigDict({"xla_gpu_fast_compile": xla_gpu_fast_compile,
+                                 "xla_cpu_lean_eval": xla_cpu_lean_eval}),
       "train" if mode == "train" else "eval")
 
   # Real model (host-side init), then compile and time.
@@ -588,7 +552,8 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
       num_classes=k, embed_dim=int(cfg.embed_dim), window_size=int(cfg.window_size),
       mode=mode, batch=batch, size=size, dtype=dtype, remat=str(remat),
       attention_impl=cfg.get("attention_impl", "einsum"),
-      xla_gpu_fast_compile=xla_gpu_fast_compile, compiler_options=options,
+      xla_gpu_fast_compile=xla_gpu_fast_compile, xla_cpu_lean_eval=xla_cpu_lean_eval,
+      compiler_options=options,
       threefry_gpu_kernel_lowering=bool(jax.config.jax_threefry_gpu_kernel_lowering),
       block_loop=cfg.get("block_loop", "auto"),
       scanned_blocks=mode == "train" and resolve_block_loop(cfg.get("block_loop", "auto")),
@@ -658,6 +623,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  help="as the training config's: 'train' (default) compiles a GPU training step "
                  "without Triton softmax/LayerNorm and gemm fusions (a much shorter cold "
                  "compile), 'all' inference too, 'none' with XLA's defaults")
+  p.add_argument("--xla_cpu_lean_eval", choices=("on", "off"), default="on",
+                 help="as the config's xla_cpu_lean_eval: inference on a CPU compiled without "
+                 "XLA:CPU's YNNPACK reduce fusions (less memory; SeMask-T faster, B slower)")
   p.add_argument("--compile_cache", default=None, metavar="DIR",
                  help="persistent compilation cache directory (default: a fresh temporary "
                  "one, so that compile_s is a cold compile)")
@@ -672,7 +640,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   mode=a.mode, batch=a.batch, size=a.size, dtype=a.dtype, remat=a.remat,
                   warmup=a.warmup, runs=a.runs, matmul_n=a.matmul_n, model_overrides=overrides,
                   profile_dir=a.profile, cache_dir=a.compile_cache,
-                  xla_gpu_fast_compile=a.xla_gpu_fast_compile)
+                  xla_gpu_fast_compile=a.xla_gpu_fast_compile,
+                  xla_cpu_lean_eval=a.xla_cpu_lean_eval == "on")
   g = 1e9
   print(f"{res['config']} {a.mode} batch={a.batch} size={a.size} {a.dtype} remat={a.remat} "
         f"on {res['device']}")
