@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from semask_jax import bench
+from semask_jax import bench, sharding
 from semask_jax.models import layers
 
 TINY = ["--override", "embed_dim=16", "--override", "depths=(1,1,1,1)",
@@ -47,8 +47,9 @@ def test_cli_writes_the_json_keys(tmp_path):
   assert res["flops_per_image"] == res["forward_flops_per_image"]
   assert res["block_loop"] == "auto" and res["scanned_blocks"] is False  # infer
   assert res["embed_dim"] == 16
-  # The training config's default; no XLA options on the CPU (GPU-only options).
-  assert res["xla_gpu_fast_compile"] == "train" and res["compiler_options"] is None
+  # The training config's defaults: no GPU options on the CPU; inference compiled lean.
+  assert res["xla_gpu_fast_compile"] == "train" and res["xla_cpu_lean_eval"] is True
+  assert res["compiler_options"] == sharding._LEAN_EVAL_CPU
 
 
 def test_linear_flops_by_hand():
