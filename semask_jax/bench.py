@@ -363,13 +363,14 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
               remat: str = "none", warmup: int = 1, runs: int = 5,
               matmul_n: int | None = None, model_overrides: dict | None = None,
               profile_dir: str | None = None, cache_dir: str | None = None,
-              xla_gpu_fast_compile: str = "train", xla_cpu_lean_eval: bool = True
+              xla_gpu_fast_compile: str = "train", xla_cpu_ynn_fusions: str = "tuned"
               ) -> dict[str, Any]:
   """The measurements of the module docstring, as a dict (the --json file).
 
   xla_gpu_fast_compile: as the training config's (sharding.compiler_options): 'train'
   compiles a training step (not inference) with the fast-compile XLA:GPU options.
-  xla_cpu_lean_eval: as the config's: inference on a CPU without YNNPACK's reduce fusions.
+  xla_cpu_ynn_fusions: as the config's: 'tuned' (XLA:CPU's YNNPACK fusions chosen per program,
+  sharding.compiler_options) or 'xla' (XLA's defaults).
   cache_dir: persistent compilation cache directory; None for a fresh temporary one
   (so that compile_s is a cold compile).
   """
@@ -380,7 +381,7 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
                        runs=runs, matmul_n=matmul_n, model_overrides=model_overrides,
                        profile_dir=profile_dir, cache_dir=tmp,
                        xla_gpu_fast_compile=xla_gpu_fast_compile,
-                       xla_cpu_lean_eval=xla_cpu_lean_eval)
+                       xla_cpu_ynn_fusions=xla_cpu_ynn_fusions)
   previous_cache = jax.config.jax_compilation_cache_dir
   previous_threefry = jax.config.jax_threefry_gpu_kernel_lowering
   compile_cache.enable(cache_dir)
@@ -392,7 +393,7 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
                       batch=batch, size=size, dtype=dtype, remat=remat, warmup=warmup,
                       runs=runs, matmul_n=matmul_n, model_overrides=model_overrides,
                       profile_dir=profile_dir, xla_gpu_fast_compile=xla_gpu_fast_compile,
-                      xla_cpu_lean_eval=xla_cpu_lean_eval)
+                      xla_cpu_ynn_fusions=xla_cpu_ynn_fusions)
   finally:
     jax.config.update("jax_threefry_gpu_kernel_lowering", previous_threefry)
     if previous_cache:
@@ -426,7 +427,7 @@ def _timed_compile(lower: Callable[[], Any]) -> tuple[Any, float, float]:
 
 def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat, warmup,
                runs, matmul_n, model_overrides, profile_dir, xla_gpu_fast_compile,
-               xla_cpu_lean_eval) -> dict[str, Any]:
+               xla_cpu_ynn_fusions) -> dict[str, Any]:
   global _cache_hits
   if _cache_hits is None:
     _cache_hits = _CacheHits()
@@ -448,7 +449,7 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
   tx = optax.adamw(1e-4, weight_decay=1e-4)
   options = sharding.compiler_options(
       ml_collections.ConfigDict({"xla_gpu_fast_compile": xla_gpu_fast_compile,
-                                 "xla_cpu_lean_eval": xla_cpu_lean_eval}),
+                                 "xla_cpu_ynn_fusions": xla_cpu_ynn_fusions}),
       "train" if mode == "train" else "eval")
 
   # Real model (host-side init), then compile and time.
@@ -552,7 +553,7 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
       num_classes=k, embed_dim=int(cfg.embed_dim), window_size=int(cfg.window_size),
       mode=mode, batch=batch, size=size, dtype=dtype, remat=str(remat),
       attention_impl=cfg.get("attention_impl", "einsum"),
-      xla_gpu_fast_compile=xla_gpu_fast_compile, xla_cpu_lean_eval=xla_cpu_lean_eval,
+      xla_gpu_fast_compile=xla_gpu_fast_compile, xla_cpu_ynn_fusions=xla_cpu_ynn_fusions,
       compiler_options=options,
       threefry_gpu_kernel_lowering=bool(jax.config.jax_threefry_gpu_kernel_lowering),
       block_loop=cfg.get("block_loop", "auto"),
@@ -623,9 +624,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  help="as the training config's: 'train' (default) compiles a GPU training step "
                  "without Triton softmax/LayerNorm and gemm fusions (a much shorter cold "
                  "compile), 'all' inference too, 'none' with XLA's defaults")
-  p.add_argument("--xla_cpu_lean_eval", choices=("on", "off"), default="on",
-                 help="as the config's xla_cpu_lean_eval: inference on a CPU compiled without "
-                 "XLA:CPU's YNNPACK reduce fusions (less memory; SeMask-T faster, B slower)")
+  p.add_argument("--xla_cpu_ynn_fusions", choices=sharding.CPU_YNN_FUSIONS, default="tuned",
+                 help="as the config's: 'tuned' (default) trains on a CPU without XLA:CPU's "
+                 "YNNPACK convolutions and runs inference without its reduce fusions; 'xla': "
+                 "XLA's defaults")
   p.add_argument("--compile_cache", default=None, metavar="DIR",
                  help="persistent compilation cache directory (default: a fresh temporary "
                  "one, so that compile_s is a cold compile)")
@@ -641,7 +643,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   warmup=a.warmup, runs=a.runs, matmul_n=a.matmul_n, model_overrides=overrides,
                   profile_dir=a.profile, cache_dir=a.compile_cache,
                   xla_gpu_fast_compile=a.xla_gpu_fast_compile,
-                  xla_cpu_lean_eval=a.xla_cpu_lean_eval == "on")
+                  xla_cpu_ynn_fusions=a.xla_cpu_ynn_fusions)
   g = 1e9
   print(f"{res['config']} {a.mode} batch={a.batch} size={a.size} {a.dtype} remat={a.remat} "
         f"on {res['device']}")

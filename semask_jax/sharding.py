@@ -89,17 +89,25 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
 # 2-3x faster and runs tiny models about as fast (config.xla_cpu_fast_compile).
 _FAST_COMPILE_CPU = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
-# XLA:CPU (jaxlib 0.10) hands YNNPACK the dots and convolutions one by one and, by default,
-# each reduction together with its element-wise producers (LIBRARY_FUSION_TYPE_REDUCE: a
-# LayerNorm with the residual add, bias and GELU before it). Such a fusion takes every
-# scalar constant of its chain as an operand of the chain's full shape, materialised in
-# memory: two [1, 128, 128, 384] maps for the GELU's constants in SeMask-T's first stage.
-# Evaluation and prediction compile without those fusions (config.xla_cpu_lean_eval). On
-# 2 CPU cores, 512x512, batch 1 (PERF_NOTES): SeMask-T inference 0.73 -> 0.57 GiB peak RSS
-# (XLA temporaries 135 -> 58 MB) and 7 % faster; SeMask-B 1.13 -> 0.95 GiB, 9 % slower.
-# The training step keeps them: without, SeMask-T trained 20 % slower.
-_LEAN_EVAL_CPU = {'xla_cpu_experimental_ynn_fusion_type':
-                  'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'}
+# XLA:CPU's YNNPACK fusions, per program (config.xla_cpu_ynn_fusions='tuned'). XLA's default
+# list (jaxlib 0.10) hands YNNPACK each dot, each convolution, and each reduction together
+# with its element-wise producers (a LayerNorm with the residual add, bias and GELU before
+# it). Measured on 2 CPU cores, SeMask-T and -B at 512x512 (PERF_NOTES):
+# - training without YNNPACK's convolutions: Eigen's convolution gradients are 1.2-2.8x
+#   faster (the FPN head's 3x3 96 -> 256 at 128x128: 389 -> 141 ms forward + backward);
+#   the SeMask-T step 8-12 % faster, SeMask-B 2.5 %; same memory. The reduce fusions stay:
+#   without them the T step was 20 % slower.
+# - evaluation and prediction without the reduce fusions: such a fusion takes every scalar
+#   constant of its chain as an operand of the chain's full shape, materialised in memory
+#   (two [1, 128, 128, 384] maps for the GELU's constants in SeMask-T's first stage).
+#   SeMask-T inference 0.73 -> 0.57 GiB peak RSS (XLA temporaries 135 -> 58 MB) and 7 %
+#   faster; SeMask-B 1.13 -> 0.95 GiB but 9 % slower.
+_YNN_FUSIONS = 'xla_cpu_experimental_ynn_fusion_type'
+_YNN_TUNED = {
+    'train': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE',
+    'eval': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION',
+}
+CPU_YNN_FUSIONS = ('tuned', 'xla')
 
 
 # Faster XLA:GPU compiles (config.xla_gpu_fast_compile). XLA's triton-softmax-rewriter
@@ -131,12 +139,22 @@ def gpu_fast_compile(config: ml_collections.ConfigDict, program: str) -> bool:
   return mode == 'all' or (mode == 'train' and program == 'train')
 
 
+def cpu_ynn_fusions(config: ml_collections.ConfigDict) -> str:
+  """config.xla_cpu_ynn_fusions, checked ('xla' where the config has no such key)."""
+  ynn = config.get('xla_cpu_ynn_fusions', 'xla')
+  if ynn not in CPU_YNN_FUSIONS:
+    raise ConfigError(f'config.xla_cpu_ynn_fusions must be one of {CPU_YNN_FUSIONS}, '
+                      f'got {ynn!r}')
+  return ynn
+
+
 def set_jax_compile_flags(config: ml_collections.ConfigDict, backend: str | None = None
                           ) -> None:
   """The process-wide JAX side of config.xla_gpu_fast_compile on a GPU (threefry kernel
   lowering, part of every jit's cache key); call before the first jit is lowered. It
-  checks the key's value on every backend, so that a typo fails before any work.
-  backend: the one compiled for (default jax.default_backend())."""
+  checks that key's value and config.xla_cpu_ynn_fusions' on every backend, so that a typo
+  fails before any work. backend: the one compiled for (default jax.default_backend())."""
+  cpu_ynn_fusions(config)
   if gpu_fast_compile(config, 'train') and (backend or jax.default_backend()) == 'gpu':
     jax.config.update('jax_threefry_gpu_kernel_lowering', True)
 
@@ -148,12 +166,13 @@ def compiler_options(config: ml_collections.ConfigDict, program: str = 'train',
   (default jax.default_backend(); 'gpu' for a deviceless GPU compile on a CPU host)."""
   backend = backend or jax.default_backend()
   fast_gpu = gpu_fast_compile(config, program)  # validates both
+  ynn = cpu_ynn_fusions(config)
   if backend == 'cpu':
     options = {}
     if config.get('xla_cpu_fast_compile'):
       options.update(_FAST_COMPILE_CPU)
-    if program == 'eval' and config.get('xla_cpu_lean_eval'):
-      options.update(_LEAN_EVAL_CPU)
+    if ynn == 'tuned':
+      options[_YNN_FUSIONS] = _YNN_TUNED[program]
     return options or None
   if fast_gpu and backend == 'gpu':
     return dict(_FAST_COMPILE_GPU)

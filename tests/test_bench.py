@@ -47,9 +47,9 @@ def test_cli_writes_the_json_keys(tmp_path):
   assert res["flops_per_image"] == res["forward_flops_per_image"]
   assert res["block_loop"] == "auto" and res["scanned_blocks"] is False  # infer
   assert res["embed_dim"] == 16
-  # The training config's defaults: no GPU options on the CPU; inference compiled lean.
-  assert res["xla_gpu_fast_compile"] == "train" and res["xla_cpu_lean_eval"] is True
-  assert res["compiler_options"] == sharding._LEAN_EVAL_CPU
+  # The training config's defaults: no GPU options on the CPU; the tuned YNNPACK fusions.
+  assert res["xla_gpu_fast_compile"] == "train" and res["xla_cpu_ynn_fusions"] == "tuned"
+  assert res["compiler_options"] == {sharding._YNN_FUSIONS: sharding._YNN_TUNED["eval"]}
 
 
 def test_linear_flops_by_hand():

@@ -70,6 +70,8 @@ def test_main_bad_values_and_flags(tmp_path):
 @pytest.mark.parametrize('flag, message', [
     ('--config.xla_gpu_fast_compile=fast',
      "error: config.xla_gpu_fast_compile must be one of ('train', 'all', 'none'), got 'fast'"),
+    ('--config.xla_cpu_ynn_fusions=lean',
+     "error: config.xla_cpu_ynn_fusions must be one of ('tuned', 'xla'), got 'lean'"),
     ('--config.loss.ce_backward=checkpoint',
      "error: config.loss.ce_backward must be one of ('auto', 'remat', 'custom_vjp'), got "
      "'checkpoint'"),
