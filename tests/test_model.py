@@ -11,7 +11,7 @@ from convert_weights import convert_semask
 from semask_jax.losses import ohem_weights, segmentation_loss
 from semask_jax.models import (build_model, default_model_config, model_config_from_dict,
                                resolve_sem_global)
-from semask_jax.models.layers import BatchNorm, KeyChain, gelu
+from semask_jax.models.layers import BatchNorm, Conv2d, KeyChain, gelu
 from tests.golden_utils import golden_files, jit_forward, load_vector
 
 
@@ -362,6 +362,34 @@ def test_batchnorm_matches_torch_update_rule():
                              rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.asarray(gs[0].scale[...]), tbn.weight.grad.numpy(), rtol=1e-4)
   np.testing.assert_allclose(np.asarray(gs[0].bias[...]), tbn.bias.grad.numpy(), rtol=1e-4)
+
+
+def test_conv2d_is_torchs_conv_and_a_1x1_one_is_a_matmul():
+  """Conv2d against torch.nn.Conv2d (3x3 padded, 4x4 strided, 1x1), values and gradients;
+  the 1x1 one is computed as a matmul over the channels (no convolution in its program)."""
+  import torch
+  x = np.random.default_rng(0).normal(size=(2, 8, 12, 5)).astype(np.float32)
+  g = np.random.default_rng(1).normal(size=(2, 8, 12, 7)).astype(np.float32)
+  for k, stride, pad in ((3, 1, 1), (4, 4, 0), (1, 1, 0)):
+    conv = Conv2d(5, 7, k, stride=stride, padding=pad, rngs=nnx.Rngs(0))
+    tconv = torch.nn.Conv2d(5, 7, k, stride=stride, padding=pad)
+    with torch.no_grad():
+      tconv.weight.copy_(torch.from_numpy(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1)))
+      tconv.bias.copy_(torch.from_numpy(np.asarray(conv.bias[...])))
+    tx = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_()
+    ty = tconv(tx)
+    gy = g[:, :ty.shape[2], :ty.shape[3]]
+    (ty * torch.from_numpy(gy.transpose(0, 3, 1, 2))).sum().backward()
+    y, (gk, gx) = nnx.value_and_grad(lambda c, x: (c(x) * gy).sum(), argnums=(0, 1))(
+        conv, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(conv(jnp.asarray(x))),
+                               ty.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gx), tx.grad.numpy().transpose(0, 2, 3, 1),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gk.kernel[...]),
+                               tconv.weight.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-5)
+    hlo = jax.jit(lambda x: conv(x)).lower(jnp.asarray(x)).as_text()
+    assert ("convolution" in hlo) == (k != 1), (k, stride)
 
 
 def test_batchnorm_backward_keeps_its_input_alone(capsys):

@@ -174,6 +174,12 @@ class Conv2d(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.kernel.shape[:2] == (1, 1) and self.stride == 1 and self.padding == 0:
+      # A 1x1 convolution is a matmul over the channels, and is computed as one: XLA:CPU
+      # computed conv_seg's kernel gradient by first transposing its [B, 128, 128, 256]
+      # input to [256, 128, 128, B] (115 ms of a SeMask-T training step on 2 cores).
+      return linear(x, self.kernel[0, 0], None if self.bias is None else self.bias[...],
+                    self.dtype)
     p = self.padding
     y = jax.lax.conv_general_dilated(
         x.astype(self.dtype), self.kernel[...].astype(self.dtype),
