@@ -374,8 +374,8 @@ def test_conv2d_is_torchs_conv_and_a_1x1_one_is_a_matmul():
     conv = Conv2d(5, 7, k, stride=stride, padding=pad, rngs=nnx.Rngs(0))
     tconv = torch.nn.Conv2d(5, 7, k, stride=stride, padding=pad)
     with torch.no_grad():
-      tconv.weight.copy_(torch.from_numpy(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1)))
-      tconv.bias.copy_(torch.from_numpy(np.asarray(conv.bias[...])))
+      tconv.weight.copy_(torch.tensor(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1)))
+      tconv.bias.copy_(torch.tensor(np.asarray(conv.bias[...])))
     tx = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_()
     ty = tconv(tx)
     gy = g[:, :ty.shape[2], :ty.shape[3]]
