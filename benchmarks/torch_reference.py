@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from semask_jax import host_memory  # noqa: E402  (no jax import: the RSS is torch's alone)
+from semask_jax import bench_host  # noqa: E402  (no jax import: the RSS is torch's alone)
 
 # SPEC section 4.
 VARIANTS = {
@@ -451,17 +451,10 @@ def build(variant: str, num_classes: int, **kwargs) -> SeMaskFPN:
 
 
 def synthetic_batch(batch: int, size: int, num_classes: int, seed: int = 0):
-  """Normalised random images and region labels (semask_jax.bench.synthetic_labels' layout:
-  an 8x8 grid of up to 16 classes, the top eighth ignored)."""
+  """Normalised random images [B, 3, H, W] and semask_jax.bench's region labels."""
   rng = np.random.default_rng(seed)
   images = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
-  labels = np.empty((batch, size, size), np.int64)
-  cell = -(-size // 8)
-  for b in range(batch):
-    classes = rng.choice(num_classes, min(16, num_classes), replace=False)
-    grid = classes[rng.integers(0, len(classes), (8, 8))]
-    labels[b] = np.kron(grid, np.ones((cell, cell), np.int64))[:size, :size]
-  labels[:, : size // 8] = IGNORE_INDEX
+  labels = bench_host.synthetic_labels(rng, batch, size, num_classes).astype(np.int64)
   return torch.from_numpy(images), torch.from_numpy(labels)
 
 
@@ -511,21 +504,21 @@ def run_bench(*, variant: str = "T", num_classes: int = 150, mode: str = "infer"
 
   if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
-  rss_was_reset = host_memory.reset_peak_rss()
+  rss_was_reset = bench_host.reset_peak_rss()
   for _ in range(warmup):
     timed()
   times = [timed() for _ in range(runs)]
   if device == "cuda":
     peak, peak_kind = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
   else:
-    peak, peak_kind = host_memory.peak_rss_since_reset(rss_was_reset)
+    peak, peak_kind = bench_host.peak_rss_since_reset(rss_was_reset)
   median = statistics.median(times)
   return dict(
       impl="torch_reference", variant=variant, num_classes=num_classes, mode=mode,
       batch=batch, size=size, dtype="amp_bfloat16" if amp else "float32",
       threads=torch.get_num_threads(), step_times_s=times, median_step_s=median,
       images_per_s=batch / median, peak_memory_bytes=peak, peak_memory_kind=peak_kind,
-      process_peak_rss_bytes=host_memory.process_peak_rss(),
+      process_peak_rss_bytes=bench_host.process_peak_rss(),
       device=device if device == "cpu" else f"cuda:{torch.cuda.get_device_name()}",
       host=platform.node(), cpu_count=os.cpu_count(), torch_version=torch.__version__,
       date=datetime.datetime.now().isoformat(timespec="seconds"))

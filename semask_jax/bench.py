@@ -70,7 +70,8 @@ from flax import nnx
 
 from input_pipeline.info import IGNORE_INDEX
 from semask_jax import cli, compile_cache, sharding
-from semask_jax.host_memory import peak_rss_since_reset, process_peak_rss, reset_peak_rss
+from semask_jax.bench_host import (LABEL_CLASSES, peak_rss_since_reset, process_peak_rss,  # noqa: F401
+                                   reset_peak_rss, synthetic_labels)
 from semask_jax.losses import segmentation_loss
 from semask_jax.models import VARIANTS, build_model, default_model_config
 from semask_jax.models.config import resolve_block_loop
@@ -191,25 +192,6 @@ def load_model_config(config: str | None, variant: str, num_classes: int):
 
 # Full experiment configs of the model configs load_model_config returned (by id).
 _EXPERIMENT_LOSS: dict[int, Any] = {}
-
-
-LABEL_CLASSES = 16  # classes an image's label holds (ADE20K crops: typically 10-30)
-
-
-def synthetic_labels(rng: np.random.Generator, batch: int, size: int, num_classes: int
-                     ) -> np.ndarray:
-  """[B, size, size] int32 labels shaped like a segmentation's: an 8x8 grid of regions
-  over LABEL_CLASSES random classes per image, the top eighth ignored (255). The FPN
-  loss costs the same for any label; the Mask2Former criterion's matching and mask
-  losses scale with the classes present, which uniform noise would set to all of them."""
-  labels = np.empty((batch, size, size), np.int32)
-  cell = -(-size // 8)
-  for b in range(batch):
-    classes = rng.choice(num_classes, min(LABEL_CLASSES, num_classes), replace=False)
-    grid = classes[rng.integers(0, len(classes), (8, 8))]
-    labels[b] = np.kron(grid, np.ones((cell, cell), np.int32))[:size, :size]
-  labels[:, : size // 8] = 255  # some ignored pixels
-  return labels
 
 
 @jax.named_scope("loss")  # as train.make_loss's

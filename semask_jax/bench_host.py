@@ -1,13 +1,16 @@
-"""The process's peak resident memory (Linux), for the benchmarks.
+"""The benchmarks' host-side helpers: the process's peak resident memory (Linux) and
+synthetic labels.
 
-Kept free of jax imports: benchmarks/torch_reference.py measures the PyTorch reference's
-memory with the same mark, and importing jax there would add its runtime (~200 MiB).
+Kept free of jax imports: benchmarks/torch_reference.py measures the PyTorch reference
+with them, and importing jax there would add its runtime (~200 MiB) to its memory.
 """
 from __future__ import annotations
 
 import ctypes
 import resource
 import sys
+
+import numpy as np
 
 
 def reset_peak_rss() -> bool:
@@ -55,3 +58,22 @@ def peak_rss_since_reset(rss_was_reset: bool) -> tuple[int, str]:
   if hwm:
     return hwm, "process peak RSS during the steps (mark reset before them)"
   return process_peak_rss(), "process peak RSS (the whole process's: the mark could not be reset)"
+
+
+LABEL_CLASSES = 16  # classes an image's label holds (ADE20K crops: typically 10-30)
+
+
+def synthetic_labels(rng: np.random.Generator, batch: int, size: int, num_classes: int
+                     ) -> np.ndarray:
+  """[B, size, size] int32 labels shaped like a segmentation's: an 8x8 grid of regions
+  over LABEL_CLASSES random classes per image, the top eighth ignored (255). The FPN
+  loss costs the same for any label; the Mask2Former criterion's matching and mask
+  losses scale with the classes present, which uniform noise would set to all of them."""
+  labels = np.empty((batch, size, size), np.int32)
+  cell = -(-size // 8)
+  for b in range(batch):
+    classes = rng.choice(num_classes, min(LABEL_CLASSES, num_classes), replace=False)
+    grid = classes[rng.integers(0, len(classes), (8, 8))]
+    labels[b] = np.kron(grid, np.ones((cell, cell), np.int32))[:size, :size]
+  labels[:, : size // 8] = 255  # some ignored pixels
+  return labels
