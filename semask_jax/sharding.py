@@ -93,7 +93,7 @@ _FAST_COMPILE_CPU = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expe
 # list (jaxlib 0.10) hands YNNPACK each dot, each convolution, and each reduction together
 # with its element-wise producers (a LayerNorm with the residual add, bias and GELU before
 # it). Measured on 2 CPU cores, SeMask-T and -B at 512x512 (PERF_NOTES):
-# - training without YNNPACK's convolutions: Eigen's convolution gradients are 1.2-2.8x
+# - training without YNNPACK's convolutions: Eigen's convolution gradients are 1.1-2.8x
 #   faster (the FPN head's 3x3 96 -> 256 at 128x128: 389 -> 141 ms forward + backward);
 #   the SeMask-T step 8-12 % faster, SeMask-B 2.5 %; same memory. The reduce fusions stay:
 #   without them the T step was 20 % slower.
