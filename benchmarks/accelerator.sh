@@ -73,20 +73,26 @@ $PY -c 'import jax; print("# devices:", jax.devices(), "jax", jax.__version__)' 
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
   --format=csv,noheader >&2 || true
 
+emit() {  # name, what failed: one JSON line for the row (its result, or the failure)
+  if [ -f "$OUT/$1.json" ]; then
+    $PY -c 'import json, sys; r = json.load(open(sys.argv[1])); r["row"] = sys.argv[2]
+print(json.dumps(r))' "$OUT/$1.json" "$1"
+  else
+    echo "{\"row\": \"$1\", \"error\": \"$2 failed, see $OUT/$1.log\"}"
+    tail -5 "$OUT/$1.log" >&2
+  fi
+}
+
 row() {  # name, bench args...
   local name=$1; shift
   local prof=()
   [ "${PROFILE:-0}" = 1 ] && prof=(--profile "$OUT/profile_$name")
   local head=()
   [[ "$*" == *mask2former* ]] || head=("${fpn_extra[@]}")
-  if $PY -m semask_jax.bench "$@" --batch "$batch" --size "$size" --runs "$RUNS" --warmup 2 \
-      "${extra[@]}" "${head[@]}" "${prof[@]}" --json "$OUT/$name.json" >"$OUT/$name.log" 2>&1; then
-    $PY -c 'import json, sys; r = json.load(open(sys.argv[1])); r["row"] = sys.argv[2]
-print(json.dumps(r))' "$OUT/$name.json" "$name"
-  else
-    echo "{\"row\": \"$name\", \"error\": \"bench failed, see $OUT/$name.log\"}"
-    tail -5 "$OUT/$name.log" >&2
-  fi
+  rm -f "$OUT/$name.json"
+  $PY -m semask_jax.bench "$@" --batch "$batch" --size "$size" --runs "$RUNS" --warmup 2 \
+    "${extra[@]}" "${head[@]}" "${prof[@]}" --json "$OUT/$name.json" >"$OUT/$name.log" 2>&1 || true
+  emit "$name" bench
 }
 
 torch_row() {  # name, torch_reference.py args... (on CUDA with --amp unless the name ends _fp32)
@@ -95,14 +101,10 @@ torch_row() {  # name, torch_reference.py args... (on CUDA with --amp unless the
   [[ "$name" == *_fp32 ]] || dev+=(--amp)
   local args=(--batch "$batch" --size "$size")
   if [ "$platform" = cpu ]; then dev=(--device cpu); args=(--batch 1 --size 64 --variant T); fi
-  if $PY benchmarks/torch_reference.py "$@" "${args[@]}" "${dev[@]}" --runs "$RUNS" --warmup 2 \
-      --json "$OUT/$name.json" >"$OUT/$name.log" 2>&1; then
-    $PY -c 'import json, sys; r = json.load(open(sys.argv[1])); r["row"] = sys.argv[2]
-print(json.dumps(r))' "$OUT/$name.json" "$name"
-  else
-    echo "{\"row\": \"$name\", \"error\": \"torch reference failed, see $OUT/$name.log\"}"
-    tail -5 "$OUT/$name.log" >&2
-  fi
+  rm -f "$OUT/$name.json"
+  $PY benchmarks/torch_reference.py "$@" "${args[@]}" "${dev[@]}" --runs "$RUNS" --warmup 2 \
+    --json "$OUT/$name.json" >"$OUT/$name.log" 2>&1 || true
+  emit "$name" "torch reference"
 }
 
 for r in $ROWS; do

@@ -12,13 +12,10 @@ import pytest
 import torch
 
 from tests.golden_utils import GOLDEN_DIR, golden_files, load_vector
-
-RTOL_MAPS = 1e-4  # as test_golden: max |err| <= 1e-4 * max(1, max |ref|)
-RTOL_LOSS = 1e-4
-RTOL_GRAD = 1e-4  # as test_golden_train: of max |ref grad| of the tensor ...
-RTOL_GRAD_MODEL = 1e-6  # ... plus this of max |ref grad| over the model
-RTOL_BN = 1e-4
-PARAM_TOL_LR = 1e-2  # |param_after error| / lr
+# The golden tests' own tolerances: max |err| <= RTOL_MAPS * max(1, max |ref|) for maps;
+# for gradients RTOL_GRAD of the tensor's max |ref| plus RTOL_GRAD_MODEL of the model's.
+from tests.test_golden import RTOL_LOSS, RTOL_MAPS
+from tests.test_golden_train import GRAD_DEFINED, PARAM_TOL_LR, RTOL_BN, RTOL_GRAD, RTOL_GRAD_MODEL
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -107,7 +104,7 @@ def test_training_step_is_the_golden_one(tr, path):
   for key, p in params.items():
     ref = vec[f"param_after/{key}"]
     err = np.abs(p.detach().numpy() - ref) / c["lr"]
-    defined = np.abs(ref_grads[key]) > 1e-6  # elsewhere Adam's first step is noise / |noise|
+    defined = np.abs(ref_grads[key]) > GRAD_DEFINED  # elsewhere Adam's step is noise/|noise|
     assert float(err[defined].max(initial=0.0)) <= PARAM_TOL_LR, key
     moved = max(moved, float(np.abs(p.detach().numpy() - before[key]).max()) / c["lr"])
   assert moved > 0.5, moved  # the step moved the parameters (by about lr)
