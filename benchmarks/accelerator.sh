@@ -24,6 +24,11 @@
 #                  picks XLA's implementation: the H200's T inference had no gain from it)
 #   b_train_cudnn  b_train with attention_impl=cudnn (cuDNN flash attention, windows as
 #                  heads; deviceless: 28 % fewer bytes, 37 % less XLA temp memory)
+#   b_train_pallas_ce  b_train with config.loss.ce_backward=pallas (the up-sampled CE's
+#                  forward and backward as Triton kernels, semask_jax/pallas_ce.py;
+#                  deviceless floor of the loss: 4.4 -> 0.5 ms of bytes, its arithmetic
+#                  not counted)
+#   b_train_cudnn_pallas_ce  both: cuDNN attention and the Pallas CE
 #   t_infer        SeMask-T FPN, bfloat16 inference, batch 16, 512x512
 #   b_infer        SeMask-B FPN, bfloat16 inference, batch 16, 512x512 (its compile beside
 #                  b_train's: how much of the cold compile the forward alone takes)
@@ -133,6 +138,11 @@ for r in $ROWS; do
                      --dtype bfloat16 --override attention_impl=fused ;;
     b_train_cudnn) row b_train_cudnn --config configs/ade20k_semask_fpn.py:B --mode train \
                      --dtype bfloat16 --override attention_impl=cudnn ;;
+    b_train_pallas_ce) row b_train_pallas_ce --config configs/ade20k_semask_fpn.py:B \
+                     --mode train --dtype bfloat16 --loss_override ce_backward=pallas ;;
+    b_train_cudnn_pallas_ce) row b_train_cudnn_pallas_ce --config configs/ade20k_semask_fpn.py:B \
+                     --mode train --dtype bfloat16 --override attention_impl=cudnn \
+                     --loss_override ce_backward=pallas ;;
     t_infer_cudnn) row t_infer_cudnn --config configs/ade20k_semask_fpn.py:T --mode infer \
                      --dtype bfloat16 --override attention_impl=cudnn ;;
     m2f_t_train) row m2f_t_train --config configs/ade20k_semask_mask2former.py:T --mode train \

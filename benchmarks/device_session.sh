@@ -12,20 +12,22 @@
 #
 # BUDGET_S: seconds for the whole script (rows are stopped at the budget, the rest skipped);
 # ROWS: accelerator.sh's rows and the pseudo-rows `golden` and `loss_variants`
-#   (benchmarks/loss_variants.py: six forms of the training loss's up-sampled CE, ~1 min),
-#   in order (default b_train b_train_cudnn loss_variants golden torch_b_train torch_t_infer
-#   t_infer_cudnn t_infer b_train_xla_default m2f_t_train; the torch_ rows time the PyTorch
-#   reference on the same chip, ~40 s together);
+#   (benchmarks/loss_variants.py: the forms of the training loss's up-sampled CE, the
+#   Pallas kernels' among them, ~1 min), in order (default b_train b_train_cudnn
+#   b_train_cudnn_pallas_ce loss_variants golden torch_b_train torch_t_infer t_infer_cudnn
+#   t_infer b_train_xla_default m2f_t_train; the torch_ rows time the PyTorch reference on
+#   the same chip, ~40 s together);
 # GOLDEN_DIR: a copy of ../shared/golden (the tests' SEMASK_GOLDEN_DIR, with train/ and
 #   mask2former/) that travelled, else `golden` is skipped; GOLDEN_TESTS: the test files
-#   (default tests/test_golden.py tests/test_golden_train.py and the cuDNN attention check
-#   in tests/test_model.py); GOLDEN_MAX_S (default 240).
+#   (default tests/test_golden.py tests/test_golden_train.py, the cuDNN attention check
+#   in tests/test_model.py and the Triton CE check in tests/test_pallas_ce.py);
+#   GOLDEN_MAX_S (default 240).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 BUDGET_S=${BUDGET_S:-540}
 RESULTS=${RESULTS:?set RESULTS to the folder that comes back}
-ROWS=${ROWS:-b_train b_train_cudnn loss_variants golden torch_b_train torch_t_infer t_infer_cudnn t_infer b_train_xla_default m2f_t_train}
+ROWS=${ROWS:-b_train b_train_cudnn b_train_cudnn_pallas_ce loss_variants golden torch_b_train torch_t_infer t_infer_cudnn t_infer b_train_xla_default m2f_t_train}
 PY=${PYTHON:-python}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 work=$(mktemp -d /tmp/semask_session_XXXX)
@@ -41,7 +43,7 @@ golden() {  # limit in s
   JAX_PLATFORMS= XLA_FLAGS= SEMASK_GOLDEN_DIR=$GOLDEN_DIR \
     SEMASK_TRAIN_GOLDEN_DIR=$GOLDEN_DIR/train SEMASK_M2F_GOLDEN_DIR=$GOLDEN_DIR/mask2former \
     timeout "$1" $PY -m pytest -v -x --tb=short -p no:cacheprovider \
-    --durations=0 ${GOLDEN_TESTS:-tests/test_golden.py tests/test_golden_train.py tests/test_model.py::test_cudnn_window_attention_matches_einsum_on_gpu} 2>&1 \
+    --durations=0 ${GOLDEN_TESTS:-tests/test_golden.py tests/test_golden_train.py tests/test_model.py::test_cudnn_window_attention_matches_einsum_on_gpu tests/test_pallas_ce.py::test_triton_kernels_match_the_xla_form_on_gpu} 2>&1 \
     | tee "$work/golden.log" | tail -60
 }
 

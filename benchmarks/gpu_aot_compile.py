@@ -23,7 +23,8 @@ sizes"); on the H200 they changed the cold compile by 6 s (PERF_NOTES, "third le
 Prints one JSON line: trace, lower and compile seconds (wall and process CPU), the
 target and the step. `--part` compiles a piece of the training step alone (the forward,
 forward + loss, their gradient, or the optimizer update) to find which one a slow pass
-is spending its time on. `--override key=value` edits the model config as in the bench.
+is spending its time on. `--override key=value` edits the model config as in the bench,
+`--loss_override key=value` the config's loss section.
 The target config (`--target_config`, default benchmarks/gpu_specs/h200.txtpb) is an
 XLA `GpuTargetConfigProto` in text form.
 """
@@ -81,7 +82,8 @@ def abstract(tree, sharding):
 
 def build(args) -> tuple:
   """(function, abstract arguments, the target device) of the requested part of the step."""
-  cfg = bench.load_model_config(args.config, args.variant, args.num_classes)
+  cfg = bench.load_model_config(args.config, args.variant, args.num_classes,
+                                bench.parse_overrides(args.loss_override, "--loss_override"))
   cfg.dtype = args.dtype
   # 'auto' would pick the CPU's scan here (the process's backend); compile what a GPU runs.
   cfg.block_loop = "unroll"
@@ -154,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--size", type=int, default=512)
   p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+  p.add_argument("--loss_override", action="append", default=[], metavar="KEY=VALUE",
+                 help="the config's loss section, e.g. ce_backward=pallas")
   p.add_argument("--compiler_option", action="append", default=[], metavar="KEY=VALUE",
                  help="an XLA option for this compile (jax.jit compiler_options), e.g. "
                  "xla_disable_hlo_passes=triton-softmax-rewriter")
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     with open(args.hlo_out, "w") as f:
       f.write(compiled.as_text())
   row = {"config": args.config, "mode": args.mode, "part": args.part, "dtype": args.dtype,
-         "batch": args.batch, "size": args.size, "overrides": args.override,
+         "batch": args.batch, "size": args.size, "overrides": args.override, "loss_overrides": args.loss_override,
          "xla_gpu_fast_compile": args.xla_gpu_fast_compile, "compiler_options": options,
          "target": device.device_kind,
          "target_config": os.path.relpath(args.target_config),

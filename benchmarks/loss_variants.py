@@ -68,7 +68,7 @@ from semask_jax.models import resize  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_aot_compile, --deviceless
 
 VARIANTS = ("remat+phases", "custom_vjp+phases", "remat+stack", "custom_vjp+stack",
-            "remat+select", "custom_vjp+select")
+            "remat+select", "custom_vjp+select", "pallas")
 
 
 def interleave_select(prev: jax.Array, x: jax.Array, nxt: jax.Array,
@@ -120,10 +120,13 @@ def chunked_ce_interleaved(logits: jax.Array, labels: jax.Array, factor: int,
 def loss_fn(variant: str, labels: jax.Array, ignore_index: int = 255
             ) -> Callable[[jax.Array], jax.Array]:
   """Mean up-sampled CE of logits [B, h, w, K] at labels [B, 4h, 4w], one variant."""
-  backward, form = variant.split("+")
+  backward, _, form = variant.partition("+")
 
   def f(logits):
     fac = labels.shape[1] // logits.shape[1]
+    if backward == "pallas":  # the Triton kernels (pallas_ce.py), interpreted on a CPU
+      return losses.pixel_cross_entropy(logits, labels, ignore_index=ignore_index,
+                                        backward="pallas")[0].mean()
     if form == "phases":  # the library's
       return losses._chunked_upsampled_ce(  # pylint: disable=protected-access
           logits, labels, fac, ignore_index, backward).mean()
@@ -186,13 +189,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
   p.add_argument("--size", type=int, default=512, help="label size; logits are size/4")
   p.add_argument("--classes", type=int, default=150)
   p.add_argument("--runs", type=int, default=10)
-  p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument("--variants", default=None,
+                 help="comma-separated (default all; on a CPU all but pallas, which runs "
+                 "there in Pallas' interpreter: minutes at these sizes)")
   p.add_argument("--json", help="also write the rows to this file")
   p.add_argument("--deviceless", nargs="?", const="benchmarks/gpu_specs/h200.txtpb",
                  metavar="TARGET_CONFIG", help="compile each variant for this GPU (default "
                  "an H200) without one and print hlo_traffic.py's floor instead of timing")
   a = p.parse_args(argv)
-  variants = a.variants.split(",")
+  if a.variants:
+    variants = a.variants.split(",")
+  else:
+    on_cpu = not a.deviceless and jax.default_backend() == "cpu"
+    variants = [v for v in VARIANTS if not (on_cpu and v == "pallas")]
   for variant in variants:
     if variant not in VARIANTS:
       raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")

@@ -73,7 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.ohem_min_kept = config_dict.placeholder(int)
   # How the row-blocked up-sampled CE is differentiated: 'remat' (each block's forward
   # again), 'custom_vjp' (a hand-written backward), 'auto' = remat on CPU, custom_vjp
-  # elsewhere (the faster of the two on each, measured; same numbers).
+  # elsewhere (the faster of the two on each, measured; same numbers); 'pallas': forward
+  # and backward as fused Triton kernels on GPUs (semask_jax/pallas_ce.py; not yet timed
+  # on a device, so not the default).
   c.loss.ce_backward = 'auto'
 
   c.optimizer = ml_collections.ConfigDict()

@@ -161,7 +161,7 @@ def parse_overrides(items: list[str], flag: str = "--override") -> dict[str, Any
     if not sep or not key:
       raise cli.UserError(f"{flag} wants KEY=VALUE, got {item!r}")
     if "." in key:  # ml_collections refuses it with an error about allow_dotted_keys
-      raise cli.UserError(f"{flag} takes the model config's own keys (attention_impl=cudnn, "
+      raise cli.UserError(f"{flag} takes its config section's own keys (attention_impl=cudnn, "
                           f"not model.attention_impl=cudnn), got {key!r}")
     try:
       out[key] = ast.literal_eval(value)
@@ -170,9 +170,16 @@ def parse_overrides(items: list[str], flag: str = "--override") -> dict[str, Any
   return out
 
 
-def load_model_config(config: str | None, variant: str, num_classes: int):
-  """config 'path/to/file.py[:ARG]' -> get_config(ARG).model; else default_model_config."""
+def load_model_config(config: str | None, variant: str, num_classes: int,
+                      loss_overrides: dict[str, Any] | None = None):
+  """config 'path/to/file.py[:ARG]' -> get_config(ARG).model; else default_model_config.
+
+  loss_overrides: values for keys of the config's `loss` section (e.g. ce_backward), which
+  make_loss then uses; only with a config file."""
   if not config:
+    if loss_overrides:
+      raise cli.UserError("--loss_override needs --config (the loss settings of an "
+                          "experiment)")
     return default_model_config(variant, num_classes)
   path, _, arg = config.partition(":")
   spec = importlib.util.spec_from_file_location("_bench_config", path)
@@ -182,6 +189,10 @@ def load_model_config(config: str | None, variant: str, num_classes: int):
     sys.path.insert(0, root)
   spec.loader.exec_module(module)
   cfg = module.get_config(arg or None)
+  for key, value in (loss_overrides or {}).items():
+    if "loss" not in cfg or key not in cfg.loss:
+      raise cli.UserError(f"--loss_override: {config} has no config.loss.{key}")
+    cfg.loss[key] = value
   if "model" not in cfg:
     return cfg
   # The experiment's loss (the Mask2Former criterion's settings) rides along with the model.
@@ -345,8 +356,8 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
               remat: str = "none", warmup: int = 1, runs: int = 5,
               matmul_n: int | None = None, model_overrides: dict | None = None,
               profile_dir: str | None = None, cache_dir: str | None = None,
-              xla_gpu_fast_compile: str = "train", xla_cpu_ynn_fusions: str = "tuned"
-              ) -> dict[str, Any]:
+              xla_gpu_fast_compile: str = "train", xla_cpu_ynn_fusions: str = "tuned",
+              loss_overrides: dict | None = None) -> dict[str, Any]:
   """The measurements of the module docstring, as a dict (the --json file).
 
   xla_gpu_fast_compile: as the training config's (sharding.compiler_options): 'train'
@@ -355,6 +366,7 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
   sharding.compiler_options) or 'xla' (XLA's defaults).
   cache_dir: persistent compilation cache directory; None for a fresh temporary one
   (so that compile_s is a cold compile).
+  loss_overrides: keys of the config file's `loss` section (load_model_config).
   """
   if cache_dir is None:
     with tempfile.TemporaryDirectory(prefix="semask_bench_cache_") as tmp:
@@ -363,7 +375,7 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
                        runs=runs, matmul_n=matmul_n, model_overrides=model_overrides,
                        profile_dir=profile_dir, cache_dir=tmp,
                        xla_gpu_fast_compile=xla_gpu_fast_compile,
-                       xla_cpu_ynn_fusions=xla_cpu_ynn_fusions)
+                       xla_cpu_ynn_fusions=xla_cpu_ynn_fusions, loss_overrides=loss_overrides)
   previous_cache = jax.config.jax_compilation_cache_dir
   previous_threefry = jax.config.jax_threefry_gpu_kernel_lowering
   compile_cache.enable(cache_dir)
@@ -375,7 +387,7 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
                       batch=batch, size=size, dtype=dtype, remat=remat, warmup=warmup,
                       runs=runs, matmul_n=matmul_n, model_overrides=model_overrides,
                       profile_dir=profile_dir, xla_gpu_fast_compile=xla_gpu_fast_compile,
-                      xla_cpu_ynn_fusions=xla_cpu_ynn_fusions)
+                      xla_cpu_ynn_fusions=xla_cpu_ynn_fusions, loss_overrides=loss_overrides)
   finally:
     jax.config.update("jax_threefry_gpu_kernel_lowering", previous_threefry)
     if previous_cache:
@@ -409,11 +421,11 @@ def _timed_compile(lower: Callable[[], Any]) -> tuple[Any, float, float]:
 
 def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat, warmup,
                runs, matmul_n, model_overrides, profile_dir, xla_gpu_fast_compile,
-               xla_cpu_ynn_fusions) -> dict[str, Any]:
+               xla_cpu_ynn_fusions, loss_overrides) -> dict[str, Any]:
   global _cache_hits
   if _cache_hits is None:
     _cache_hits = _CacheHits()
-  cfg = load_model_config(config, variant, num_classes)
+  cfg = load_model_config(config, variant, num_classes, loss_overrides)
   cfg.dtype = dtype
   cfg.remat = remat not in ("none", "", None, False)
   if cfg.remat:
@@ -535,6 +547,7 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
       num_classes=k, embed_dim=int(cfg.embed_dim), window_size=int(cfg.window_size),
       mode=mode, batch=batch, size=size, dtype=dtype, remat=str(remat),
       attention_impl=cfg.get("attention_impl", "einsum"),
+      loss_overrides={k: str(v) for k, v in (loss_overrides or {}).items()},
       xla_gpu_fast_compile=xla_gpu_fast_compile, xla_cpu_ynn_fusions=xla_cpu_ynn_fusions,
       compiler_options=options,
       threefry_gpu_kernel_lowering=bool(jax.config.jax_threefry_gpu_kernel_lowering),
@@ -599,6 +612,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  help="side of the reference matmul (default 2048 on CPU, 8192 elsewhere)")
   p.add_argument("--override", action="append", default=[],
                  help="model config override KEY=VALUE (Python literal), e.g. fpn_channels=128")
+  p.add_argument("--loss_override", action="append", default=[],
+                 help="loss config override KEY=VALUE (needs --config), e.g. "
+                 "ce_backward=pallas")
   p.add_argument("--json", default=None, help="write the result here")
   p.add_argument("--profile", default=None, metavar="DIR",
                  help="write a jax.profiler trace of --runs more steps (after the timed ones) to DIR")
@@ -625,7 +641,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   warmup=a.warmup, runs=a.runs, matmul_n=a.matmul_n, model_overrides=overrides,
                   profile_dir=a.profile, cache_dir=a.compile_cache,
                   xla_gpu_fast_compile=a.xla_gpu_fast_compile,
-                  xla_cpu_ynn_fusions=a.xla_cpu_ynn_fusions)
+                  xla_cpu_ynn_fusions=a.xla_cpu_ynn_fusions,
+                  loss_overrides=parse_overrides(a.loss_override, "--loss_override"))
   g = 1e9
   print(f"{res['config']} {a.mode} batch={a.batch} size={a.size} {a.dtype} remat={a.remat} "
         f"on {res['device']}")

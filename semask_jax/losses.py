@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from semask_jax import pallas_ce
 from semask_jax.cli import ConfigError
 from semask_jax.models.resize import phase_rows, phase_taps, resize_bilinear
 
@@ -65,12 +66,15 @@ def row_blocks(logits: jax.Array, labels: jax.Array, r: int, factor: int
   return rows, above, below, lab
 
 
-CE_BACKWARDS = ("auto", "remat", "custom_vjp")
+CE_BACKWARDS = ("auto", "remat", "custom_vjp", "pallas")
 
 
 def check_ce_backward(backward: str) -> str:
   """backward, if it is one of CE_BACKWARDS ('auto': remat when lowered for the CPU,
-  custom_vjp for any other platform; lax.platform_dependent picks at lowering).
+  custom_vjp for any other platform; lax.platform_dependent picks at lowering; 'pallas':
+  the forward and the backward as fused Triton kernels, pallas_ce.py, on GPUs; lowered
+  for the CPU, the same kernels in Pallas' interpreter (slow: for tests); for a TPU, or
+  where the shapes do not fit the kernels, custom_vjp).
 
   On an H200 (PERF_NOTES, "fourth lease") the hand-written backward made the up-sampled
   CE of a [16, 128, 128, 150] map 18 % faster (10.06 -> 8.20 ms for value and gradient):
@@ -177,10 +181,19 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, *, ignore_index: i
 
   backward: of the row-blocked up-sampled CE (check_ce_backward); the same numbers."""
   check_ce_backward(backward)
-  logits = logits.astype(jnp.float32)
   h, big_h = logits.shape[1], labels.shape[1]
   factor = big_h // h
   valid = labels != ignore_index
+  if backward == "pallas":
+    if pallas_ce.fits(logits.shape, labels.shape):
+      return jax.lax.platform_dependent(
+          logits, labels,
+          cpu=lambda x, y: pallas_ce.upsampled_ce(x, y, factor, ignore_index, interpret=True),
+          tpu=lambda x, y: _chunked_upsampled_ce(x.astype(jnp.float32), y, factor,
+                                                 ignore_index, "custom_vjp"),
+          default=lambda x, y: pallas_ce.upsampled_ce(x, y, factor, ignore_index)), valid
+    backward = "custom_vjp"
+  logits = logits.astype(jnp.float32)
   if h > 2 and factor > 1 and factor * h == big_h and factor & (factor - 1) == 0:
     return _chunked_upsampled_ce(logits, labels, factor, ignore_index, backward), valid
   z = resize_bilinear(logits, labels.shape[1:3])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from semask_jax import bench, sharding
+from semask_jax import bench, cli, sharding
 from semask_jax.models import layers
 
 TINY = ["--override", "embed_dim=16", "--override", "depths=(1,1,1,1)",
@@ -50,6 +50,17 @@ def test_cli_writes_the_json_keys(tmp_path):
   # The training config's defaults: no GPU options on the CPU; the tuned YNNPACK fusions.
   assert res["xla_gpu_fast_compile"] == "train" and res["xla_cpu_ynn_fusions"] == "tuned"
   assert res["compiler_options"] == {sharding._YNN_FUSIONS: sharding._YNN_TUNED["eval"]}
+
+
+def test_loss_override_edits_the_config_loss_and_refuses_what_it_cannot():
+  cfg = bench.load_model_config("configs/ade20k_semask_fpn.py:T", "T", 150,
+                                {"ce_backward": "pallas"})
+  assert bench._EXPERIMENT_LOSS[id(cfg)].loss.ce_backward == "pallas"
+  with pytest.raises(cli.UserError, match="has no config.loss.ce_backwards"):
+    bench.load_model_config("configs/ade20k_semask_fpn.py:T", "T", 150,
+                            {"ce_backwards": "pallas"})
+  with pytest.raises(cli.UserError, match="--loss_override needs --config"):
+    bench.load_model_config(None, "T", 5, {"ce_backward": "pallas"})
 
 
 def test_linear_flops_by_hand():

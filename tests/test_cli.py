@@ -73,7 +73,8 @@ def test_main_bad_values_and_flags(tmp_path):
     ('--config.xla_cpu_ynn_fusions=lean',
      "error: config.xla_cpu_ynn_fusions must be one of ('tuned', 'xla'), got 'lean'"),
     ('--config.loss.ce_backward=checkpoint',
-     "error: config.loss.ce_backward must be one of ('auto', 'remat', 'custom_vjp'), got "
+     "error: config.loss.ce_backward must be one of ('auto', 'remat', 'custom_vjp', 'pallas'), "
+     "got "
      "'checkpoint'"),
 ])
 def test_main_bad_compile_and_loss_choices_fail_before_any_work(tmp_path, flag, message):

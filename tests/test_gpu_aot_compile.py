@@ -21,6 +21,7 @@ def _aot(load_benchmark):
 def _args(aot, **changes):
   args = dict(config="configs/ade20k_semask_fpn.py:T", variant="T", num_classes=150,
               mode="train", part="step", dtype="bfloat16", batch=2, size=32, override=TINY,
+              loss_override=[],
               target_config=aot.DEFAULT_TARGET)
   return aot.argparse.Namespace(**{**args, **changes})
 

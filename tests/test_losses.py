@@ -1,5 +1,5 @@
-"""The two backward forms of the row-blocked up-sampled CE give the same loss and
-gradients, and 'auto' picks the one measured faster on each platform."""
+"""The backward forms of the row-blocked up-sampled CE (and the Pallas kernels) give the
+same loss and gradients, and 'auto' picks the one measured faster on each platform."""
 
 import jax
 import jax.numpy as jnp
@@ -19,17 +19,20 @@ def _case(b=2, h=8, k=5, factor=4, seed=0):
   return logits, jnp.asarray(labels)
 
 
-@pytest.mark.parametrize("reduction", ["reference", "valid"])
-def test_custom_vjp_gives_the_remat_loss_and_gradients(reduction):
+@pytest.mark.parametrize("backward, reduction, ohem", [
+    ("custom_vjp", "reference", None), ("custom_vjp", "valid", None),
+    # The Pallas kernels (on a CPU: the interpreter), both CEs, OHEM's zero weights.
+    ("pallas", "reference", 100), ("pallas", "valid", None)])
+def test_each_backward_gives_the_remat_loss_and_gradients(backward, reduction, ohem):
   logits, labels = _case()
   outs = {"seg_logits": logits, "cls_logits": 0.5 * logits[..., ::-1]}
 
   def loss(o, backward):
     return losses.segmentation_loss(o, labels, ignore_index=255, reduction=reduction,
-                                    ce_backward=backward)[0]
+                                    ohem_min_kept=ohem, ce_backward=backward)[0]
 
   v_remat, g_remat = jax.value_and_grad(loss)(outs, "remat")
-  v_vjp, g_vjp = jax.value_and_grad(loss)(outs, "custom_vjp")
+  v_vjp, g_vjp = jax.value_and_grad(loss)(outs, backward)
   np.testing.assert_allclose(v_vjp, v_remat, rtol=1e-6)
   for name in outs:
     scale = float(jnp.abs(g_remat[name]).max())
