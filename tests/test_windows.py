@@ -1,6 +1,8 @@
 """Window partition/reverse, relative index and shift mask against plain NumPy references."""
 import itertools
+import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -69,3 +71,12 @@ def test_shift_mask_against_regions(hp, wp, m, s):
   # only window along an axis.
   assert mask[-1].min() == -100.0
   assert bool(mask[0].any()) == (hp == m or wp == m)
+
+
+def test_shift_mask_is_built_in_the_graph_from_small_constants():
+  """No [nW, N, N] constant in the program (XLA:TPU compiles constants into its code: 10 MB
+  for SeMask-T's first stage), only the two axes' region ids."""
+  text = jax.jit(lambda: shift_mask(133, 133, 7, 3)).lower().as_text()
+  sizes = [int(np.prod([int(d) for d in dims.split("x")]))
+           for dims in re.findall(r"constant dense<[^>]*> : tensor<([0-9x]+)x\w+>", text)]
+  assert sizes and max(sizes) <= 133, sizes

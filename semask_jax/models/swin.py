@@ -73,11 +73,11 @@ class WindowAttention(nnx.Module):
     bias = self.relative_position_bias_table[...][idx].reshape(n, n, self.num_heads)
     return bias.transpose(2, 0, 1)
 
-  def __call__(self, x: jax.Array, mask: np.ndarray | None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     """x: [B, nW, N, C]; mask: [nW, N, N] or None."""
     return self.proj(self.attend(self.qkv(x), mask))
 
-  def attend(self, qkv: jax.Array, mask: np.ndarray | None) -> jax.Array:
+  def attend(self, qkv: jax.Array, mask: jax.Array | None) -> jax.Array:
     """The attention proper, between the qkv and proj Linears.
 
     qkv: [B, nW, N, 3C] -> [B, nW, N, C] (heads concatenated, before proj).
@@ -97,7 +97,7 @@ class WindowAttention(nnx.Module):
     attn = checkpoint_name(attn, "attn")
     return jnp.einsum("bwhqk,bwkhd->bwqhd", attn, v).reshape(b, nw, n, c)
 
-  def _fused(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: np.ndarray | None,
+  def _fused(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
              even_tokens: bool | None = None) -> jax.Array:
     """jax.nn.dot_product_attention with the windows as heads: q, k, v [B, nW, N, h, d]
     -> [B, N, nW * h, d].

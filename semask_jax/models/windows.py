@@ -1,7 +1,8 @@
 """Window partitioning, padding, relative-position index and shift mask.
 
-The index table and the masks are NumPy constants, computed once per static
-shape (cached) at trace time, never inside the compiled step.
+The index table and the shift mask's per-axis region ids are NumPy constants, computed
+once per static shape (cached) at trace time; the mask itself is a few comparisons of
+them in the graph (shift_mask).
 """
 from __future__ import annotations
 
@@ -51,14 +52,28 @@ def relative_position_index(m: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def shift_mask(hp: int, wp: int, m: int, s: int) -> np.ndarray:
-  """[nW, m*m, m*m] additive mask (0 or -100) of a shifted block on the padded map."""
-  img = np.zeros((hp, wp), np.int32)
-  cnt = 0
-  for hs in (slice(0, -m), slice(-m, -s), slice(-s, None)):
-    for ws in (slice(0, -m), slice(-m, -s), slice(-s, None)):
-      img[hs, ws] = cnt
-      cnt += 1
-  win = img.reshape(hp // m, m, wp // m, m).transpose(0, 2, 1, 3).reshape(-1, m * m)
-  diff = win[:, None, :] - win[:, :, None]
-  return np.where(diff != 0, -100.0, 0.0).astype(np.float32)
+def shift_regions(n: int, m: int, s: int) -> np.ndarray:
+  """[n // m, m] int32: the region (0, 1 or 2) of each position of a padded axis of length
+  n in a block shifted by s, by window and position in the window. The regions are those
+  of the rolled map: the last window of an axis holds positions from both sides of the
+  wrap, which must not attend to each other."""
+  pos = np.arange(n)
+  region = np.where(pos < n - m, 0, np.where(pos < n - s, 1, 2))
+  return region.reshape(n // m, m).astype(np.int32)
+
+
+def shift_mask(hp: int, wp: int, m: int, s: int) -> jax.Array:
+  """[nW, m*m, m*m] float32 additive mask of a shifted block on the padded map: -100
+  between two tokens of a window whose regions differ along either axis, else 0.
+
+  Built in the graph from the two axes' region ids (hp + wp int32 constants), not held
+  as an [nW, N, N] constant: XLA:TPU compiles constants into the program, and that one
+  was 10 MB of code for each shifted block of SeMask-T's first stage at 512x512; the
+  comparisons fuse into the scores' addition instead."""
+  nh, nw = hp // m, wp // m
+  rows = jnp.broadcast_to(jnp.asarray(shift_regions(hp, m, s))[:, None, :, None],
+                          (nh, nw, m, m)).reshape(nh * nw, m * m)  # [nW, N]: token's row region
+  cols = jnp.broadcast_to(jnp.asarray(shift_regions(wp, m, s))[None, :, None, :],
+                          (nh, nw, m, m)).reshape(nh * nw, m * m)
+  differ = (rows[:, :, None] != rows[:, None, :]) | (cols[:, :, None] != cols[:, None, :])
+  return jnp.where(differ, jnp.float32(-100.0), jnp.float32(0.0))
