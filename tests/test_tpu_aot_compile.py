@@ -1,0 +1,57 @@
+"""benchmarks/tpu_aot_compile.py: its own logic without libtpu (which CI does not install):
+a clear refusal, the collective count, the config it compiles. With libtpu (pip install
+-e '.[tpu-aot]'), a small SeMask step compiles for a TPU slice and fits its chips."""
+
+import importlib.util
+
+import pytest
+
+from semask_jax import cli
+
+HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
+TINY = ["--override", "embed_dim=16", "--override", "depths=(2,2,2,2)",
+        "--override", "num_heads=(1,1,2,2)", "--override", "fpn_channels=16"]
+
+
+@pytest.fixture(name="tpu_aot")
+def _tpu_aot(load_benchmark):
+  return load_benchmark("tpu_aot_compile")
+
+
+@pytest.mark.skipif(HAVE_LIBTPU, reason="libtpu is installed here")
+def test_without_libtpu_the_script_says_how_to_get_it(tpu_aot):
+  with pytest.raises(cli.UserError, match=r"no libtpu here: .*\[tpu-aot\]"):
+    tpu_aot.main(["--config", "configs/ade20k_semask_fpn.py:T"])
+
+
+def test_missing_config_is_refused(tpu_aot):
+  with pytest.raises(cli.UserError, match="config file 'configs/nope.py' not found"):
+    tpu_aot.main(["--config", "configs/nope.py:T"])
+
+
+def test_collectives_are_counted_by_kind(tpu_aot):
+  hlo = ("%a = f32[4] all-reduce(%x), replica_groups={}\n"
+         "%b = f32[4] all-reduce-start(%y)\n%c = f32[8] all-gather(%z), dimensions={0}\n"
+         "%d = f32[4] add(%a, %c)  // an all-reduce in a comment is not an op\n")
+  assert tpu_aot.collectives(hlo) == {"all-reduce": 2, "all-gather": 1}
+
+
+def test_config_overrides_batch_and_size(tpu_aot):
+  args = tpu_aot.argparse.Namespace(
+      config="configs/ade20k_semask_fpn.py:T", loss_override=["ce_backward=remat"],
+      override=["embed_dim=16"], dtype="bfloat16", batch=8, size=256)
+  config = tpu_aot.load_config(args)
+  assert config.batch_size == 8 and config.grad_accum_steps == 1
+  assert tuple(config.data.crop_size) == (256, 256)
+  assert config.model.embed_dim == 16 and config.model.dtype == "bfloat16"
+  assert config.model.block_loop == "unroll" and config.loss.ce_backward == "remat"
+
+
+@pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu: pip install -e '.[tpu-aot]'")
+def test_a_tiny_training_step_compiles_for_a_v5e_slice(tpu_aot):
+  out = tpu_aot.main(["--config", "configs/ade20k_semask_fpn.py:T", "--topology", "v5e:2x2",
+                      "--batch", "4", "--size", "64", *TINY])
+  assert out["chips"] == 4 and out["device_kind"] == "TPU v5 lite"
+  assert out["fits"] and 0 < out["peak_per_chip_bytes"] < 2**30
+  # Data parallel: the gradients are summed over the chips.
+  assert out["collectives"].get("all-reduce", 0) >= 1
