@@ -14,13 +14,14 @@ same config file and overrides as training; the model is built abstractly (no we
   # SeMask-B FPN, the paper's 16 images a step over a v5e slice of 4 chips
   .venv/bin/python benchmarks/tpu_aot_compile.py --config configs/ade20k_semask_fpn.py:B \\
       --topology v5e:2x2
-  # SeMask-L at its 640x640 crops, 8 chips of a v4 pod slice, 2 images each
+  # SeMask-L at its 640x640 crops over 8 v5e chips, 2 images each
   .venv/bin/python benchmarks/tpu_aot_compile.py --config configs/ade20k_semask_fpn.py:L \\
-      --topology v4:2x2x2 --batch 16
+      --topology v5e:2x4
 
 Prints one JSON line: the topology and chip kind, compile wall / CPU seconds, XLA's
-per-chip memory (arguments, outputs, temporaries, generated code, and their sum less
-what donation aliases), the chip's HBM, and the collectives of the optimised program.
+memory per device (arguments, outputs, temporaries, generated code, and their sum less
+what donation aliases), a device's HBM (a chip's, or half of it for a v4 chip whose two
+TensorCores are two devices), and the collectives of the optimised program.
 `--topology` takes libtpu's names: v4:2x2x1, v5e:2x2, v5p:2x2x1, v6e:2x2, ...
 """
 from __future__ import annotations
@@ -45,8 +46,18 @@ from semask_jax import bench, cli, optim, sharding, train  # noqa: E402
 from semask_jax.models import build_model  # noqa: E402
 from semask_jax.state import TrainState, merge_model, split_model  # noqa: E402
 
-# HBM per chip (GiB) by libtpu's device_kind.
+# HBM per chip (GiB) by libtpu's device_kind; a chip whose TensorCores are separate
+# devices (v4 without megacore) shares it between them (hbm_per_device).
 HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
+
+
+def hbm_per_device(devices: list[jax.Device]) -> float | None:
+  """GiB of HBM one device of the slice has: its chip's, divided among the devices on it."""
+  chip = HBM_GIB.get(devices[0].device_kind)
+  if chip is None:
+    return None
+  chips = {tuple(getattr(d, "coords", (d.id,))) for d in devices}
+  return chip * len(chips) / len(devices)
 
 
 def tpu_devices(topology: str) -> list[jax.Device]:
@@ -168,26 +179,26 @@ def main(argv: list[str] | None = None) -> dict:
   t2, c2 = time.perf_counter(), time.process_time()
   mem = compiled.memory_analysis()
   field = lambda name: int(getattr(mem, name, 0) or 0)  # noqa: E731
-  per_chip = {k: field(f"{k}_size_in_bytes")
+  per_device = {k: field(f"{k}_size_in_bytes")
               for k in ("argument", "output", "alias", "temp", "generated_code")}
-  peak = (per_chip["argument"] + per_chip["output"] - per_chip["alias"] + per_chip["temp"]
-          + per_chip["generated_code"])
+  peak = (per_device["argument"] + per_device["output"] - per_device["alias"] + per_device["temp"]
+          + per_device["generated_code"])
   text = compiled.as_text()
   if args.hlo_out:
     with open(args.hlo_out, "w") as f:
       f.write(text)
   device = mesh.devices.flat[0]
-  hbm = HBM_GIB.get(device.device_kind)
+  hbm = hbm_per_device(list(mesh.devices.flat))
   out = {"config": args.config, "mode": args.mode, "part": args.part,
          "topology": args.topology,
-         "chips": int(mesh.devices.size), "device_kind": device.device_kind,
+         "devices": int(mesh.devices.size), "device_kind": device.device_kind,
          "dtype": args.dtype, "global_batch": train.micro_batch_size(config),
          "crop": list(config.data.crop_size), "overrides": args.override,
          "loss_overrides": args.loss_override,
          "trace_lower_s": t1 - t0, "trace_lower_cpu_s": c1 - c0,
          "compile_s": t2 - t1, "compile_cpu_s": c2 - c1,
-         "memory_per_chip_bytes": per_chip, "peak_per_chip_bytes": peak,
-         "hbm_per_chip_gib": hbm,
+         "memory_per_device_bytes": per_device, "peak_per_device_bytes": peak,
+         "hbm_per_device_gib": hbm,
          "fits": None if hbm is None else peak <= hbm * 2**30,
          "collectives": collectives(text), "jax_version": jax.__version__}
   print(json.dumps(out), flush=True)

@@ -36,6 +36,17 @@ def test_collectives_are_counted_by_kind(tpu_aot):
   assert tpu_aot.collectives(hlo) == {"all-reduce": 2, "all-gather": 1}
 
 
+def test_hbm_per_device_shares_a_chip_between_its_devices(tpu_aot):
+  class Dev:  # the attributes libtpu's compile-only devices have
+    def __init__(self, kind, coords, core):
+      self.device_kind, self.coords, self.core_on_chip, self.id = kind, coords, core, 0
+  v5e = [Dev("TPU v5 lite", (x, y, 0), 0) for x in range(2) for y in range(2)]
+  v4 = [Dev("TPU v4", (x, 0, 0), c) for x in range(2) for c in range(2)]
+  assert tpu_aot.hbm_per_device(v5e) == 16
+  assert tpu_aot.hbm_per_device(v4) == 16  # 32 GiB per chip, two TensorCores as devices
+  assert tpu_aot.hbm_per_device([Dev("TPU v9", (0, 0, 0), 0)]) is None
+
+
 def test_config_overrides_batch_and_size(tpu_aot):
   args = tpu_aot.argparse.Namespace(
       config="configs/ade20k_semask_fpn.py:T", loss_override=["ce_backward=remat"],
@@ -51,7 +62,8 @@ def test_config_overrides_batch_and_size(tpu_aot):
 def test_a_tiny_training_step_compiles_for_a_v5e_slice(tpu_aot):
   out = tpu_aot.main(["--config", "configs/ade20k_semask_fpn.py:T", "--topology", "v5e:2x2",
                       "--batch", "4", "--size", "64", *TINY])
-  assert out["chips"] == 4 and out["device_kind"] == "TPU v5 lite"
-  assert out["fits"] and 0 < out["peak_per_chip_bytes"] < 2**30
+  assert out["devices"] == 4 and out["device_kind"] == "TPU v5 lite"
+  assert out["hbm_per_device_gib"] == 16
+  assert out["fits"] and 0 < out["peak_per_device_bytes"] < 2**30
   # Data parallel: the gradients are summed over the chips.
   assert out["collectives"].get("all-reduce", 0) >= 1
