@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.cate_w = 0.4  # alpha
   c.loss.reduction = 'reference'  # mean over all pixels (mmseg); 'valid': non-ignored only
   c.loss.ohem_min_kept = config_dict.placeholder(int)
+  # OHEM's selection per group of this many consecutive images of the batch: the reference's
+  # sampler sees one GPU's 2 images (samples_per_gpu); 0 = the whole (micro) batch.
+  c.loss.ohem_group_size = 2
   # How the row-blocked up-sampled CE is differentiated: 'remat' (each block's forward
   # again), 'custom_vjp' (a hand-written backward), 'auto' = remat on CPU, custom_vjp
   # elsewhere (the faster of the two on each, measured; same numbers); 'pallas': forward

@@ -200,13 +200,28 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, *, ignore_index: i
   return _ce_from_logits(z, labels, ignore_index), valid
 
 
-def ohem_weights(ce: jax.Array, valid: jax.Array, min_kept: int) -> jax.Array:
-  """1 for the B * min_kept valid pixels with the highest CE, 0 elsewhere."""
-  kept = ce.shape[0] * min_kept
-  flat = jnp.where(valid, jax.lax.stop_gradient(ce), -jnp.inf).reshape(-1)
-  if kept >= flat.size:
+def ohem_weights(ce: jax.Array, valid: jax.Array, min_kept: int, group_size: int = 0
+                 ) -> jax.Array:
+  """1 for the G * min_kept valid pixels with the highest CE of each group of G consecutive
+  images (group_size; 0: the whole batch is one group), 0 elsewhere.
+
+  mmseg's sampler sees one GPU's batch (the reference trains 2 images per GPU), so its
+  selection is per group of 2 images, not over the global batch. Per group, the sort stays
+  on the devices that hold the group's images: over the whole batch it was an all-gather
+  of every pixel's CE to every device and one sort of all of them on each (SeMask-L at 640,
+  16 images: 6.5M floats; PERF_NOTES, "Compiling for TPU slices").
+  """
+  b = ce.shape[0]
+  g = group_size or b
+  if b % g:
+    raise ConfigError(f"config.loss.ohem_group_size={group_size} does not divide the "
+                      f"(micro) batch of {b} images")
+  kept = g * min_kept
+  flat = jnp.where(valid, jax.lax.stop_gradient(ce), -jnp.inf).reshape(b // g, -1)
+  if kept >= flat.shape[1]:
     return valid.astype(jnp.float32)
-  threshold = jnp.sort(flat)[flat.size - kept]  # kept-th largest
+  threshold = jnp.sort(flat, axis=1)[:, flat.shape[1] - kept]  # each group's kept-th largest
+  threshold = jnp.repeat(threshold, g).reshape((b,) + (1,) * (ce.ndim - 1))
   return (valid & (jax.lax.stop_gradient(ce) >= threshold)).astype(jnp.float32)
 
 
@@ -220,17 +235,18 @@ def _reduce(loss: jax.Array, valid: jax.Array, reduction: str) -> jax.Array:
 
 def segmentation_loss(outputs: Mapping[str, Any], labels: jax.Array, *, ignore_index: int,
                       cate_w: float = 0.4, reduction: str = "reference",
-                      ohem_min_kept: int | None = None, ce_backward: str = "auto"
-                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                      ohem_min_kept: int | None = None, ohem_group_size: int = 0,
+                      ce_backward: str = "auto") -> tuple[jax.Array, dict[str, jax.Array]]:
   """total = L1 + cate_w * L2; returns (total, {'loss_ce': L1, 'loss_cate': cate_w * L2}).
 
   ignore_index: the label value of unlabelled pixels (config.data.ignore_index).
+  ohem_group_size: the images of one OHEM selection (ohem_weights; 0: the whole batch).
   ce_backward: how the up-sampled CE is differentiated (check_ce_backward).
   """
   ce, valid = pixel_cross_entropy(outputs["seg_logits"], labels, ignore_index=ignore_index,
                                   backward=ce_backward)
   if ohem_min_kept:
-    ce = ce * ohem_weights(ce, valid, ohem_min_kept)
+    ce = ce * ohem_weights(ce, valid, ohem_min_kept, ohem_group_size)
   loss_ce = _reduce(ce, valid, reduction)
   aux = {"loss_ce": loss_ce}
   total = loss_ce

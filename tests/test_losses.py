@@ -74,3 +74,19 @@ def test_unknown_backward_is_refused():
   logits, labels = _case(b=1)
   with pytest.raises(ValueError, match="ce_backward must be one of .*'checkpoint'"):
     losses.pixel_cross_entropy(logits, labels, ignore_index=255, backward="checkpoint")
+
+
+def test_ohem_selects_per_group_of_images():
+  """Groups of 2 images (the reference's per-GPU batch) pick each pair's own hardest
+  pixels, exactly as ohem_weights on each pair alone; 0 pools the whole batch."""
+  rng = np.random.default_rng(0)
+  ce = jnp.asarray(rng.random((4, 6, 6)) * np.array([1, 1, 5, 5])[:, None, None], jnp.float32)
+  valid = jnp.asarray(rng.random((4, 6, 6)) > 0.2)
+  grouped = np.asarray(losses.ohem_weights(ce, valid, 10, group_size=2))
+  for pair in (slice(0, 2), slice(2, 4)):
+    np.testing.assert_array_equal(grouped[pair], losses.ohem_weights(ce[pair], valid[pair], 10))
+    assert grouped[pair].sum() == 20
+  pooled = np.asarray(losses.ohem_weights(ce, valid, 10, group_size=0))
+  assert pooled.sum() == 40 and pooled[:2].sum() < 20  # the harder pair takes more
+  with pytest.raises(ValueError, match="ohem_group_size=3 does not divide .* 4 images"):
+    losses.ohem_weights(ce, valid, 10, group_size=3)
