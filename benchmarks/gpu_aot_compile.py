@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
     with open(args.hlo_out, "w") as f:
       f.write(compiled.as_text())
   row = {"config": args.config, "mode": args.mode, "part": args.part, "dtype": args.dtype,
-         "batch": args.batch, "size": args.size, "overrides": args.override, "loss_overrides": args.loss_override,
+         "batch": args.batch, "size": args.size, "overrides": args.override,
+         "loss_overrides": args.loss_override,
          "xla_gpu_fast_compile": args.xla_gpu_fast_compile, "compiler_options": options,
          "target": device.device_kind,
          "target_config": os.path.relpath(args.target_config),

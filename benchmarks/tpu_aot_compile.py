@@ -27,6 +27,7 @@ TensorCores are two devices), and the collectives of the optimised program.
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib.util
 import json
 import os
@@ -74,10 +75,8 @@ def tpu_devices(topology: str) -> list[jax.Device]:
 
 def load_config(args):
   """The experiment config with the overrides, its model built as on an accelerator."""
-  cfg = bench.load_model_config(args.config, "T", 150,
-                                bench.parse_overrides(args.loss_override, "--loss_override"))
-  full = bench._EXPERIMENT_LOSS[id(cfg)]  # pylint: disable=protected-access
-  full.model = cfg
+  full = bench.load_experiment_config(
+      args.config, bench.parse_overrides(args.loss_override, "--loss_override"))
   full.model.dtype = args.dtype
   full.model.block_loop = "unroll"  # 'auto' on a TPU (the CPU here would pick the scan)
   for k, v in bench.parse_overrides(args.override).items():
@@ -140,12 +139,9 @@ def build(args):
 
 def collectives(hlo: str) -> dict[str, int]:
   """Collective ops of an optimised HLO module, by kind (all-reduce, all-gather, ...)."""
-  kinds = re.findall(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|"
-                     r"collective-permute)(?:-start)?\(", hlo)
-  out: dict[str, int] = {}
-  for k in kinds:
-    out[k] = out.get(k, 0) + 1
-  return out
+  return dict(collections.Counter(re.findall(
+      r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(",
+      hlo)))
 
 
 def main(argv: list[str] | None = None) -> dict:

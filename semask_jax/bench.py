@@ -170,17 +170,10 @@ def parse_overrides(items: list[str], flag: str = "--override") -> dict[str, Any
   return out
 
 
-def load_model_config(config: str | None, variant: str, num_classes: int,
-                      loss_overrides: dict[str, Any] | None = None):
-  """config 'path/to/file.py[:ARG]' -> get_config(ARG).model; else default_model_config.
+def load_experiment_config(config: str, loss_overrides: dict[str, Any] | None = None):
+  """config 'path/to/file.py[:ARG]' -> get_config(ARG), the whole experiment config.
 
-  loss_overrides: values for keys of the config's `loss` section (e.g. ce_backward), which
-  make_loss then uses; only with a config file."""
-  if not config:
-    if loss_overrides:
-      raise cli.UserError("--loss_override needs --config (the loss settings of an "
-                          "experiment)")
-    return default_model_config(variant, num_classes)
+  loss_overrides: values for keys of the config's `loss` section (e.g. ce_backward)."""
   path, _, arg = config.partition(":")
   spec = importlib.util.spec_from_file_location("_bench_config", path)
   module = importlib.util.module_from_spec(spec)
@@ -193,6 +186,21 @@ def load_model_config(config: str | None, variant: str, num_classes: int,
     if "loss" not in cfg or key not in cfg.loss:
       raise cli.UserError(f"--loss_override: {config} has no config.loss.{key}")
     cfg.loss[key] = value
+  return cfg
+
+
+def load_model_config(config: str | None, variant: str, num_classes: int,
+                      loss_overrides: dict[str, Any] | None = None):
+  """config 'path/to/file.py[:ARG]' -> get_config(ARG).model; else default_model_config.
+
+  loss_overrides: values for keys of the config's `loss` section (e.g. ce_backward), which
+  make_loss then uses; only with a config file."""
+  if not config:
+    if loss_overrides:
+      raise cli.UserError("--loss_override needs --config (the loss settings of an "
+                          "experiment)")
+    return default_model_config(variant, num_classes)
+  cfg = load_experiment_config(config, loss_overrides)
   if "model" not in cfg:
     return cfg
   # The experiment's loss (the Mask2Former criterion's settings) rides along with the model.

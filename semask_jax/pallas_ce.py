@@ -88,7 +88,8 @@ def _from_phase_layout(x: jax.Array) -> jax.Array:
 
 def _padded_logits(logits: jax.Array, width: int, kp: int) -> jax.Array:
   """A: logits edge-padded by _PAD rows above and below and columns to `width`, classes
-  to kp (a multiple of the class chunk) with _NEG (in the logits' dtype: bfloat16 logits are read at half the bytes)."""
+  to kp (a multiple of the class chunk) with _NEG; in the logits' dtype (bfloat16 logits
+  are read at half the bytes)."""
   _, h, w, k = logits.shape
   a = jnp.pad(logits, ((0, 0), (_PAD, _PAD), (_PAD, width - w - _PAD), (0, 0)), mode="edge")
   return _spare_border(
