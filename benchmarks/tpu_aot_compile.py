@@ -6,8 +6,9 @@ on the host CPU anyway, so this measures what a TPU VM's host spends before the 
 step (on a bigger CPU there), and XLA:TPU's own memory analysis says what each chip
 holds: whether a variant and a batch per chip fit a chip's HBM, before renting the
 slice. The step is `train.make_train_step` under `train.jit_train_step` (state
-replicated, batch split over a 1-D data mesh of the slice's chips, state donated), the
-same config file and overrides as training; the model is built abstractly (no weights).
+replicated, or split over the chips with `--state_sharding fsdp`; batch split over a 1-D
+data mesh of the slice's chips, state donated), the same config file and overrides as
+training; the model is built abstractly (no weights).
 
   # once: libtpu beside the project (~210 MB; no TPU needed)
   .venv/bin/pip install -e '.[tpu-aot]'
@@ -17,6 +18,9 @@ same config file and overrides as training; the model is built abstractly (no we
   # SeMask-L at its 640x640 crops over 8 v5e chips, 2 images each
   .venv/bin/python benchmarks/tpu_aot_compile.py --config configs/ade20k_semask_fpn.py:L \\
       --topology v5e:2x4
+  # the same over 4 chips, the parameters and AdamW's moments split over them
+  .venv/bin/python benchmarks/tpu_aot_compile.py --config configs/ade20k_semask_fpn.py:L \
+      --topology v5e:2x2 --state_sharding fsdp
 
 Prints one JSON line: the topology and chip kind, compile wall / CPU seconds, XLA's
 memory per device (arguments, outputs, temporaries, generated code, and their sum less
@@ -83,6 +87,10 @@ def load_config(args):
     full.model[k] = v
   if args.size:
     full.data.crop_size = (args.size, args.size)
+  if args.state_sharding:
+    full.state_sharding = args.state_sharding
+  if args.fsdp_min_size is not None:
+    full.fsdp_min_size = args.fsdp_min_size
   if args.batch:
     full.batch_size = args.batch
     full.grad_accum_steps = 1
@@ -125,23 +133,33 @@ def build(args):
         return loss_fn(out, y, jax.random.wrap_key_data(k)) if args.part == "loss" else out
     return jax.jit(fn), (p_, bs_, images, labels, key), config, mesh
   tx, schedule = optim.create_optimizer(config, params)
-  state = TrainState(step=sds((), jnp.int32, rep), params=on(params, rep),
-                     batch_stats=on(batch_stats, rep),
-                     opt_state=on(jax.eval_shape(tx.init, params), rep),
+  state = TrainState(step=sds((), jnp.int32, rep), params=params, batch_stats=batch_stats,
+                     opt_state=jax.eval_shape(tx.init, params),
                      rng=sds((2,), jnp.uint32, rep), nonfinite=sds((), jnp.int32, rep))
+  # As state.init_train_state places it: replicated, or split (config.state_sharding).
+  state_sharding = sharding.state_shardings(state, mesh, *sharding.check_state_sharding(config))
+  state = jax.tree.map(lambda x, s: sds(x.shape, x.dtype, s), state, state_sharding)
   batch = {"image": images, "label": labels}
-  state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  step = train.jit_train_step(train.make_train_step(graphdef, rest, tx, schedule, config),
+  step = train.jit_train_step(train.make_train_step(graphdef, rest, tx, schedule, config,
+                                                    state_sharding.params),
                               state_sharding, mesh,
                               sharding.compiler_options(config, "train", backend="tpu"))
   return step, (state, batch), config, mesh
 
 
 def collectives(hlo: str) -> dict[str, int]:
-  """Collective ops of an optimised HLO module, by kind (all-reduce, all-gather, ...)."""
-  return dict(collections.Counter(re.findall(
+  """Collective ops of an optimised HLO module, by kind (all-reduce, all-gather, ...).
+
+  XLA:TPU writes a reduce-scatter as an `all-reduce-scatter` fusion around one all-reduce
+  whose result each chip slices: counted as a reduce-scatter, its all-reduce not."""
+  counts = collections.Counter(re.findall(
       r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(",
-      hlo)))
+      hlo))
+  fused = len(re.findall(r"calls=%all-reduce-scatter\b", hlo))
+  if fused:
+    counts["reduce-scatter"] += fused
+    counts["all-reduce"] -= fused
+  return {k: n for k, n in counts.items() if n}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -162,6 +180,11 @@ def main(argv: list[str] | None = None) -> dict:
                  help="model config override, as in the bench")
   p.add_argument("--loss_override", action="append", default=[], metavar="KEY=VALUE",
                  help="the config's loss section, as in the bench")
+  p.add_argument("--state_sharding", choices=sharding.STATE_SHARDINGS, default=None,
+                 help="config.state_sharding: the train state replicated, or split over "
+                 "the chips (fsdp) (default: the config's)")
+  p.add_argument("--fsdp_min_size", type=int, default=None,
+                 help="config.fsdp_min_size: fsdp leaves smaller arrays whole (elements)")
   p.add_argument("--hlo_out", help="write the optimised HLO text here")
   p.add_argument("--json", help="also write the result here")
   args = p.parse_args(argv)
@@ -191,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
          "dtype": args.dtype, "global_batch": train.micro_batch_size(config),
          "crop": list(config.data.crop_size), "overrides": args.override,
          "loss_overrides": args.loss_override,
+         "state_sharding": config.get("state_sharding", "replicated"),
          "trace_lower_s": t1 - t0, "trace_lower_cpu_s": c1 - c0,
          "compile_s": t2 - t1, "compile_cpu_s": c2 - c1,
          "memory_per_device_bytes": per_device, "peak_per_device_bytes": peak,

@@ -66,6 +66,12 @@ def base_config() -> ml_collections.ConfigDict:
   # ($SEMASK_JAX_COMPILATION_CACHE or ~/.cache/semask_jax/xla), a path, or 'off'.
   c.compilation_cache_dir = ''
   c.max_nonfinite_steps = 20  # stop once more micro steps than this had a NaN/inf loss
+  # The train state on the devices (semask_jax/sharding.py): 'replicated' (plain data
+  # parallelism) or 'fsdp': each array of at least fsdp_min_size elements (parameters,
+  # AdamW's moments) split over the devices along one axis, gathered whole in the step;
+  # the state's memory per device divided by the device count, for more collectives.
+  c.state_sharding = 'replicated'
+  c.fsdp_min_size = 2 ** 16
 
   c.loss = ml_collections.ConfigDict()
   c.loss.cate_w = 0.4  # alpha

@@ -43,15 +43,18 @@ def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
     raise ConfigError(f'config.model.num_classes={num_classes} but data set '
                      f'{config.data.name!r} has {len(names)} classes')
 
+  replicated = sharding_lib.replicated(mesh)
+
   def model_fn_from_state(params_and_stats):
-    params, batch_stats = params_and_stats
+    # Whole on every device: a training state split over them (config.state_sharding)
+    # is gathered once per call; a replicated one passes as is.
+    params, batch_stats = jax.lax.with_sharding_constraint(params_and_stats, replicated)
     model = merge_model(graphdef, params, batch_stats, rest)
     return model.segment
 
   step = evaluate_lib.make_eval_step(
       model_fn_from_state, num_classes, config.eval, ignore_index=config.data.ignore_index,
       probabilities=model_class(config.model).SCORES_ARE_PROBABILITIES)
-  replicated = sharding_lib.replicated(mesh)
   jitted = jax.jit(step, out_shardings=replicated, donate_argnums=(0,),
                    compiler_options=sharding_lib.compiler_options(config, 'eval'))
   to_global = lambda b: input_pipeline.make_global_batch(b, mesh)  # noqa: E731
@@ -157,6 +160,7 @@ def make_summary_images_fn(config: ml_collections.ConfigDict, graphdef: Any, res
   @functools.partial(jax.jit, out_shardings=replicated,
                      compiler_options=sharding_lib.compiler_options(config, 'eval'))
   def predict_fn(params, batch_stats, batch):
+    params, batch_stats = jax.lax.with_sharding_constraint((params, batch_stats), replicated)
     model = merge_model(graphdef, params, batch_stats, rest)
     scores = evaluate_lib.inference(
         model.segment, batch['image'], batch['image_hw'], batch['label_hw'],

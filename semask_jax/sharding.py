@@ -1,9 +1,11 @@
 """Device mesh and shardings: data parallelism over every device of every process.
 
-Parameters, optimizer state and batch-norm statistics are replicated; batches
-are split along the leading axis over the 'data' mesh axis. The axis is of type
-Auto (GSPMD propagation): under Explicit axes, the default of `jax.make_mesh`,
-the model's window reshapes of a sharded batch do not type-check.
+Batches are split along the leading axis over the 'data' mesh axis. The train state
+(parameters, optimizer state, batch-norm statistics) is replicated by default;
+`config.state_sharding='fsdp'` splits its large arrays over the same axis instead
+(`state_shardings`). The axis is of type Auto (GSPMD propagation): under Explicit
+axes, the default of `jax.make_mesh`, the model's window reshapes of a sharded batch
+do not type-check.
 """
 from __future__ import annotations
 
@@ -42,13 +44,67 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places a host pytree (identical on every process) replicated on the mesh."""
-  sharding = replicated(mesh)
+  return place(tree, state_shardings(tree, mesh))
 
-  def put(x: Any) -> jax.Array:
+
+STATE_SHARDINGS = ('replicated', 'fsdp')
+
+
+def check_state_sharding(config: ml_collections.ConfigDict) -> tuple[str, int]:
+  """(config.state_sharding, config.fsdp_min_size), checked."""
+  mode = config.get('state_sharding', 'replicated')
+  if mode not in STATE_SHARDINGS:
+    raise ConfigError(f'config.state_sharding must be one of {STATE_SHARDINGS}, got {mode!r}')
+  min_size = config.get('fsdp_min_size', 0)
+  if not isinstance(min_size, int) or min_size < 0:
+    raise ConfigError(f'config.fsdp_min_size must be an integer >= 0, got {min_size!r}')
+  return mode, min_size
+
+
+def fsdp_spec(shape: tuple[int, ...], num_devices: int, min_size: int) -> P:
+  """The FSDP split of an array of `shape`: its largest axis that the devices divide,
+  over the data axis (the first such axis on a tie); P() (replicated) for an array of
+  fewer than `min_size` elements or with no such axis."""
+  if num_devices == 1 or int(np.prod(shape, dtype=np.int64)) < max(min_size, 1):
+    return P()
+  axes = [a for a in range(len(shape)) if shape[a] % num_devices == 0]
+  if not axes:
+    return P()
+  axis = max(axes, key=lambda a: (shape[a], -a))
+  return P(*([None] * axis + [DATA_AXIS]))
+
+
+def state_shardings(tree: Any, mesh: Mesh, mode: str = 'replicated', min_size: int = 0) -> Any:
+  """A NamedSharding per leaf of a train-state tree (arrays or ShapeDtypeStructs).
+
+  'replicated': every leaf whole on every device. 'fsdp' (ZeRO-3 / big_vision's fsdp
+  rule): each leaf of at least `min_size` elements split along one axis (fsdp_spec), so
+  a device holds 1/n of the parameters and of AdamW's two moments (the moments have the
+  parameters' shapes and get the same splits). In the training step GSPMD gathers each
+  weight where it is used and the gradients are reduce-scattered to the splits
+  (train.make_train_step): more collectives, and the state's memory per device divided
+  by n. Arrays under `min_size` elements stay whole: splitting them saves little and
+  costs a collective each.
+  """
+  if mode not in STATE_SHARDINGS:
+    raise ValueError(f'mode must be one of {STATE_SHARDINGS}, got {mode!r}')
+  if mode == 'replicated':
+    return jax.tree_util.tree_map(lambda _: replicated(mesh), tree)
+  return jax.tree_util.tree_map(
+      lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), mesh.size, min_size)), tree)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """Places a host pytree (identical on every process) on the mesh with per-leaf shardings."""
+  def put(x: Any, sharding: NamedSharding) -> jax.Array:
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-  return jax.tree_util.tree_map(put, tree)
+  return jax.tree_util.tree_map(put, tree, shardings)
+
+
+def is_replicated(shardings: Any) -> bool:
+  return all(s.is_fully_replicated for s in jax.tree_util.tree_leaves(shardings))
 
 
 _barrier_ids = itertools.count()

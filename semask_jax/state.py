@@ -59,7 +59,10 @@ def merge_model(graphdef: Any, params: dict, batch_stats: dict, rest: Any) -> nn
 
 def init_train_state(config: ml_collections.ConfigDict, model: nnx.Module, mesh: jax.sharding.Mesh
                      ) -> tuple[TrainState, Any, Any, optax.GradientTransformation, optax.Schedule]:
-  """Replicated initial state + (graphdef, rest, tx, schedule)."""
+  """Initial state on the mesh + (graphdef, rest, tx, schedule).
+
+  The state is replicated, or split over the devices where config.state_sharding is
+  'fsdp' (sharding.state_shardings)."""
   graphdef, params, batch_stats, rest = split_model(model)
   tx, schedule = optim.create_optimizer(config, params)
   host = TrainState(step=np.int32(0), params=params, batch_stats=batch_stats,
@@ -67,7 +70,9 @@ def init_train_state(config: ml_collections.ConfigDict, model: nnx.Module, mesh:
                     rng=np.asarray(jax.random.key_data(jax.random.key(config.seed + 1)), np.uint32),
                     nonfinite=np.int32(0))
   host = jax.tree_util.tree_map(np.asarray, host)
-  return sharding_lib.replicate(host, mesh), graphdef, rest, tx, schedule
+  mode, min_size = sharding_lib.check_state_sharding(config)
+  shardings = sharding_lib.state_shardings(host, mesh, mode, min_size)
+  return sharding_lib.place(host, shardings), graphdef, rest, tx, schedule
 
 
 @flax.struct.dataclass

@@ -273,3 +273,36 @@ def test_checkpoint_without_data_iterator_state(tmp_path):
                          jax.device_get(state.params))
   with pytest.raises(FileNotFoundError, match='no .data_iter. item'):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_fsdp_run_stopped_and_resumed_matches_the_replicated_run(tmp_path, run_loop):
+  """config.state_sharding='fsdp': a run stopped after update 1 and restarted (its state
+  restored split over the devices) gives the uninterrupted run's losses and weights, and
+  the replicated run's up to float32 summation order; its checkpoints restore under
+  either setting, and the training loop's evaluation takes the split state."""
+  rep_config = loop_config(eval_every_steps=3)
+  fsdp_config = loop_config(eval_every_steps=3, checkpoint_every_steps=100,
+                            state_sharding='fsdp', fsdp_min_size=0)
+  rep_dir, fsdp_dir, whole_run_dir = tmp_path / 'replicated', tmp_path / 'fsdp', tmp_path / 'once'
+  want_eval = run_loop(rep_config, rep_dir)
+  run_loop(fsdp_config, whole_run_dir)  # uninterrupted
+  run_loop(fsdp_config, fsdp_dir, stop_after=1)
+  assert sorted(losses(fsdp_dir)) == [1]
+  got_eval = run_loop(fsdp_config, fsdp_dir)
+  # Resumed exactly: the uninterrupted split run's losses and state.
+  np.testing.assert_allclose([losses(fsdp_dir)[s] for s in (1, 2, 3)],
+                             [losses(whole_run_dir)[s] for s in (1, 2, 3)], rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9),
+                         restore(fsdp_config, fsdp_dir, 3), restore(fsdp_config, whole_run_dir, 3))
+  # The replicated run's, up to the order of float32 sums (tests/test_fsdp.py).
+  np.testing.assert_allclose([losses(fsdp_dir)[s] for s in (1, 2, 3)],
+                             [losses(rep_dir)[s] for s in (1, 2, 3)], rtol=1e-5)
+  assert got_eval['mIoU'] == pytest.approx(want_eval['mIoU'], abs=1e-9)
+  want = restore(rep_config, rep_dir, 3)
+  split = restore(fsdp_config, fsdp_dir, 3)
+  whole = restore(rep_config, fsdp_dir, 3)  # the split checkpoint restored whole: the same
+  jax.tree_util.tree_map(np.testing.assert_array_equal, whole, split)
+  diffs = np.concatenate([np.abs(a - b).ravel() for a, b in zip(
+      jax.tree_util.tree_leaves((split.params, split.opt_state)),
+      jax.tree_util.tree_leaves((want.params, want.opt_state)))])
+  assert np.mean(diffs <= 1e-6) > 0.999, np.quantile(diffs, [0.5, 0.999, 1.0])
