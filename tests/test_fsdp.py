@@ -17,10 +17,10 @@ from semask_jax.cli import ConfigError
 from semask_jax.eval_and_predict import make_eval_fn
 
 
-def test_fsdp_spec_splits_the_largest_axis_the_devices_divide():
-  assert sharding_lib.fsdp_spec((96, 384), 8, 0) == P(None, 'data')
+def test_fsdp_spec_splits_the_first_axis_the_devices_divide():
+  assert sharding_lib.fsdp_spec((96, 384), 8, 0) == P('data')  # a kernel's input axis
   assert sharding_lib.fsdp_spec((384, 96), 8, 0) == P('data')
-  assert sharding_lib.fsdp_spec((3, 3, 96, 96), 8, 0) == P(None, None, 'data')  # the first on a tie
+  assert sharding_lib.fsdp_spec((3, 3, 96, 192), 8, 0) == P(None, None, 'data')
   assert sharding_lib.fsdp_spec((169, 6), 8, 0) == P()  # no axis divisible by 8
   assert sharding_lib.fsdp_spec((169, 6), 2, 0) == P(None, 'data')
   assert sharding_lib.fsdp_spec((), 8, 0) == P()  # scalars: the step, counters
