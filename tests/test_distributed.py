@@ -7,6 +7,7 @@ import subprocess
 import jax
 import numpy as np
 import portpicker
+import pytest
 
 from configs import tiny
 from semask_jax import eval_and_predict
@@ -16,11 +17,15 @@ from semask_jax.sharding import make_mesh
 from test_resume import ROOT, cpu_env, losses, main_cmd
 
 
-def test_two_processes_train_and_agree(tmp_path):
+@pytest.mark.parametrize('state_sharding', ['replicated', 'fsdp'])
+def test_two_processes_train_and_agree(tmp_path, state_sharding):
+  """fsdp: the state split over the 4 devices of both processes (each process places and
+  checkpoints its own pieces)."""
   workdir = tmp_path / 'run'
   port = portpicker.pick_unused_port()
   env = cpu_env(tmp_path, devices=2)
-  steps = ['--config.total_steps=3', '--config.eval_every_steps=3', '--config.eval.batch_size=4']
+  steps = ['--config.total_steps=3', '--config.eval_every_steps=3', '--config.eval.batch_size=4',
+           f'--config.state_sharding={state_sharding}', '--config.fsdp_min_size=0']
   procs = [subprocess.Popen(
       main_cmd(workdir, *steps, f'--coordinator_address=localhost:{port}', '--num_processes=2',
                f'--process_id={i}'),
