@@ -68,9 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_nonfinite_steps = 20  # stop once more micro steps than this had a NaN/inf loss
   # The train state on the devices (semask_jax/sharding.py): 'replicated' (plain data
   # parallelism) or 'fsdp': each array of at least fsdp_min_size elements (parameters,
-  # AdamW's moments) split over the devices along one axis, each weight gathered where
-  # the step uses it: the state's memory per device divided by the device count, for
-  # more collectives (SeMask-L on TPU v5e: 0.9-1.4 GiB less a chip; README).
+  # AdamW's moments) split over the devices along one axis, each weight gathered whole
+  # in the step, in the compute dtype. The state's memory per device is divided by the
+  # device count, for more collectives (SeMask-L on TPU v5e: 0.8-1.3 GiB less a chip; README).
   c.state_sharding = 'replicated'
   c.fsdp_min_size = 2 ** 16
 

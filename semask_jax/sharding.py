@@ -84,10 +84,10 @@ def state_shardings(tree: Any, mesh: Mesh, mode: str = 'replicated', min_size: i
   'replicated': every leaf whole on every device. 'fsdp' (ZeRO-3 / big_vision's fsdp
   rule): each leaf of at least `min_size` elements split along one axis (fsdp_spec), so
   a device holds 1/n of the parameters and of AdamW's two moments (the moments have the
-  parameters' shapes and get the same splits). In the training step GSPMD gathers each
-  weight where it is used and the gradients are reduce-scattered to the splits
-  (train.make_train_step): more collectives, and the state's memory per device divided
-  by n. Arrays under `min_size` elements stay whole: splitting them saves little and
+  parameters' shapes and get the same splits). In the training step each weight is
+  gathered whole after its cast to the compute dtype and the gradients are
+  reduce-scattered to the splits (train.make_train_step): more collectives, and the
+  state's memory per device divided by n. Arrays under `min_size` elements stay whole: splitting them saves little and
   costs a collective each.
   """
   if mode not in STATE_SHARDINGS:

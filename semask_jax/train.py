@@ -40,7 +40,7 @@ from semask_jax.cli import ConfigError
 from semask_jax.eval_and_predict import make_eval_fn, make_summary_images_fn, write_eval_results
 from semask_jax import mask2former_loss
 from semask_jax.losses import check_ce_backward, segmentation_loss
-from semask_jax.models import SeMaskMask2Former, model_class
+from semask_jax.models import SeMaskMask2Former, layers, model_class
 from semask_jax.state import TrainState, create_model, init_train_state, merge_model
 
 
@@ -141,12 +141,13 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation,
   """One micro step: forward/backward on a global batch, (accumulated) AdamW update, guard.
 
   param_shardings: the state's parameter shardings, where they split the parameters
-  (config.state_sharding='fsdp'): the gradients are then constrained to the parameters'
-  splits (XLA reduce-scatters them), so that the optimizer updates each device's part
-  alone. The parameters themselves are left to GSPMD, which gathers each weight where
-  it is used, after its cast to the compute dtype: gathering them whole in float32 up
-  front instead held a float32 copy of the model through the step (SeMask-T on a v5e-4:
-  3.59 against 3.26 GiB per chip; PERF_NOTES).
+  (config.state_sharding='fsdp'): each matmul and convolution weight is then gathered
+  whole after its cast to the compute dtype (layers.gathered_weights), and the gradients
+  are constrained to the parameters' splits (XLA reduce-scatters them), so that the
+  optimizer updates each device's part alone. Gathering the float32 parameters whole up
+  front held a float32 copy of the model through the step (SeMask-T on a v5e-4: 3.59
+  against 3.29 GiB per chip); leaving the weights to GSPMD let their splits reach the
+  activations (PERF_NOTES).
 
   The guard: a micro step whose loss or gradient norm is not finite changes nothing but
   the step and `nonfinite` counters (its micro batch is dropped; the run stops after
@@ -156,10 +157,13 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation,
   """
   grad_fn = make_grad_fn(graphdef, rest, config)
   split = param_shardings is not None and not sharding_lib.is_replicated(param_shardings)
+  whole = (sharding_lib.replicated(jax.tree_util.tree_leaves(param_shardings)[0].mesh)
+           if split else None)
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, (aux, new_bs)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
+    with layers.gathered_weights(whole):
+      (loss, (aux, new_bs)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
     if split:
       grads = jax.lax.with_sharding_constraint(grads, param_shardings)
     grad_norm = optax.tree.norm(grads)

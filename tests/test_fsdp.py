@@ -4,6 +4,7 @@ Run on the 8 fake CPU devices of tests/conftest.py with the tiny SeMask, whose a
 small: fsdp_min_size=0 splits every array that has an axis the devices divide.
 """
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -132,3 +133,23 @@ def test_evaluation_of_a_split_state_equals_the_replicated_one(runs):
   assert results['fsdp']['num_batches'] == results['replicated']['num_batches'] > 0
   for k in ('mIoU', 'aAcc', 'mAcc'):
     assert results['fsdp'][k] == pytest.approx(results['replicated'][k], abs=1e-9), k
+
+
+def test_weights_are_gathered_after_their_cast_only_within_the_context():
+  """layers.weight: the cast alone outside gathered_weights (the replicated state's step,
+  evaluation), the cast then a sharding constraint to the given sharding within."""
+  from semask_jax.models import layers
+  mesh = sharding_lib.make_mesh()
+  kernel = jax.ShapeDtypeStruct((16, 32), np.float32)
+
+  def ops(fn):
+    return [str(e.primitive) for e in jax.make_jaxpr(fn)(kernel).eqns]
+
+  assert ops(lambda k: layers.weight(k, jnp.bfloat16)) == ['convert_element_type']
+
+  def gathered(k):
+    with layers.gathered_weights(sharding_lib.replicated(mesh)):
+      return layers.weight(k, jnp.bfloat16)
+
+  assert ops(gathered) == ['convert_element_type', 'sharding_constraint']
+  assert ops(lambda k: layers.weight(k, jnp.bfloat16)) == ['convert_element_type']  # reset

@@ -6,13 +6,44 @@ Norms, softmaxes and the loss run in float32 whatever the compute dtype.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+# Set while a training step with a split train state (config.state_sharding='fsdp') is
+# traced: the sharding that matmul and convolution weights are gathered to after their
+# cast to the compute dtype (weight() below).
+_WEIGHT_SHARDING: contextvars.ContextVar[Any] = contextvars.ContextVar("weight_sharding",
+                                                                        default=None)
+
+
+@contextlib.contextmanager
+def gathered_weights(sharding: Any) -> Iterator[None]:
+  """Within: weight() gathers each weight to `sharding` (replicated over the mesh).
+
+  With the train state split over the devices, GSPMD otherwise chooses where each
+  weight is gathered, and may instead carry a weight's split into the activations
+  (window attention's, on the tiny model over 8 CPU devices: "involuntary full
+  rematerialization" warnings). Gathering after the cast moves compute-dtype bytes."""
+  token = _WEIGHT_SHARDING.set(sharding)
+  try:
+    yield
+  finally:
+    _WEIGHT_SHARDING.reset(token)
+
+
+def weight(w: jax.Array, dtype) -> jax.Array:
+  """A matmul / convolution weight as used: cast to the compute dtype, and gathered whole
+  where gathered_weights is active."""
+  w = w.astype(dtype)
+  sharding = _WEIGHT_SHARDING.get()
+  return w if sharding is None else jax.lax.with_sharding_constraint(w, sharding)
 
 def _draw(rngs: nnx.Rngs, shape: tuple[int, ...], kind: str, scale: float) -> jax.Array:
   """Initial values drawn on the host from the next 'params' key of `rngs`.
@@ -89,7 +120,7 @@ class Linear(nnx.Module):
 
 def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
   """Linear.__call__ on plain arrays (for jax transforms that take arrays, not modules)."""
-  y = jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype))
+  y = jnp.einsum("...i,io->...o", x.astype(dtype), weight(kernel, dtype))
   if bias is not None:
     y = y + bias.astype(dtype)
   return y
@@ -185,7 +216,7 @@ class Conv2d(nnx.Module):
                     self.dtype)
     p = self.padding
     y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+        x.astype(self.dtype), weight(self.kernel[...], self.dtype),
         window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if self.bias is not None:

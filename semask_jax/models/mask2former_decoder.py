@@ -67,7 +67,7 @@ class MultiheadAttention(nnx.Module):
     b, nq, c = query.shape
     h = self.num_heads
     d = c // h
-    w = self.in_proj_weight[...].astype(self.dtype)                     # [C, 3C]
+    w = layers.weight(self.in_proj_weight[...], self.dtype)             # [C, 3C]
     bias = self.in_proj_bias[...].astype(self.dtype)                    # [3C]
 
     def proj(x: jax.Array, i: int) -> jax.Array:                        # [B, N, C] -> [B, N, h, d]
