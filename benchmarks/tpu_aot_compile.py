@@ -19,7 +19,7 @@ training; the model is built abstractly (no weights).
   .venv/bin/python benchmarks/tpu_aot_compile.py --config configs/ade20k_semask_fpn.py:L \\
       --topology v5e:2x4
   # the same over 4 chips, the parameters and AdamW's moments split over them
-  .venv/bin/python benchmarks/tpu_aot_compile.py --config configs/ade20k_semask_fpn.py:L \
+  .venv/bin/python benchmarks/tpu_aot_compile.py --config configs/ade20k_semask_fpn.py:L \\
       --topology v5e:2x2 --state_sharding fsdp
 
 Prints one JSON line: the topology and chip kind, compile wall / CPU seconds, XLA's

@@ -87,8 +87,8 @@ def state_shardings(tree: Any, mesh: Mesh, mode: str = 'replicated', min_size: i
   parameters' shapes and get the same splits). In the training step each weight is
   gathered whole after its cast to the compute dtype and the gradients are
   reduce-scattered to the splits (train.make_train_step): more collectives, and the
-  state's memory per device divided by n. Arrays under `min_size` elements stay whole: splitting them saves little and
-  costs a collective each.
+  state's memory per device divided by n. Arrays under `min_size` elements stay whole:
+  splitting them saves little and costs a collective each.
   """
   if mode not in STATE_SHARDINGS:
     raise ValueError(f'mode must be one of {STATE_SHARDINGS}, got {mode!r}')
