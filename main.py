@@ -158,8 +158,8 @@ def main(argv: list[str]) -> None:
   _maybe_initialize_distributed()
   # pylint: disable=g-import-not-at-top  (after distributed init)
   from semask_jax import compile_cache
-  from semask_jax import eval_and_predict
-  from semask_jax import predict
+  from semask_jax.train import modes
+  from semask_jax.evaluation import predict
   from semask_jax import train
   config, workdir = FLAGS.config, FLAGS.workdir
   if FLAGS.mode == 'predict':
@@ -170,15 +170,15 @@ def main(argv: list[str]) -> None:
   if FLAGS.mode == 'train':
     results = train.train_and_evaluate(config, workdir)
     if config.get('demo_predictions'):
-      eval_and_predict.demo_predictions(config, workdir)
+      modes.demo_predictions(config, workdir)
     if results:
       print(f'Final eval: mIoU {results["mIoU"]:.4f}  aAcc {results["aAcc"]:.4f}  '
             f'mAcc {results["mAcc"]:.4f}  (workdir {os.path.abspath(workdir)})', flush=True)
   elif FLAGS.mode == 'eval':
-    results = eval_and_predict.evaluate_only(config, workdir)
+    results = modes.evaluate_only(config, workdir)
     print(f'Eval: mIoU {results["mIoU"]:.4f}  aAcc {results["aAcc"]:.4f}', flush=True)
   else:
-    written = eval_and_predict.predict_only(config, workdir, FLAGS.input, FLAGS.output)
+    written = modes.predict_only(config, workdir, FLAGS.input, FLAGS.output)
     print(f'Wrote {len(written)} images', flush=True)
 
 

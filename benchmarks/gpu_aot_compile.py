@@ -49,7 +49,9 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
-from semask_jax import bench, cli, sharding  # noqa: E402
+from semask_jax import bench
+from semask_jax import cli
+from semask_jax import sharding  # noqa: E402
 from semask_jax.models import build_model  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -62,7 +62,7 @@ import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from semask_jax import losses  # noqa: E402
+from semask_jax.losses import segmentation as losses  # noqa: E402
 from semask_jax.models import resize  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_aot_compile, --deviceless

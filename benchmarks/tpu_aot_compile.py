@@ -47,9 +47,13 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
-from semask_jax import bench, cli, optim, sharding, train  # noqa: E402
+from semask_jax import bench
+from semask_jax import cli
+from semask_jax.train import optim
+from semask_jax import sharding
+from semask_jax.train import loop as train  # noqa: E402
 from semask_jax.models import build_model  # noqa: E402
-from semask_jax.state import TrainState, merge_model, split_model  # noqa: E402
+from semask_jax.train.state import TrainState, merge_model, split_model  # noqa: E402
 
 # HBM per chip (GiB) by libtpu's device_kind; a chip whose TensorCores are separate
 # devices (v4 without megacore) shares it between them (hbm_per_device).

@@ -69,10 +69,12 @@ import optax
 from flax import nnx
 
 from input_pipeline.info import IGNORE_INDEX
-from semask_jax import cli, compile_cache, sharding
+from semask_jax import cli
+from semask_jax import compile_cache
+from semask_jax import sharding
 from semask_jax.bench_host import (LABEL_CLASSES, peak_rss_since_reset, process_peak_rss,  # noqa: F401
                                    reset_peak_rss, synthetic_labels)
-from semask_jax.losses import segmentation_loss
+from semask_jax.losses.segmentation import segmentation_loss
 from semask_jax.models import VARIANTS, build_model, default_model_config
 from semask_jax.models.config import resolve_block_loop
 
@@ -225,7 +227,7 @@ def make_loss(model_cfg) -> Callable[..., Any]:
   from a config file (train.make_loss: FPN or Mask2Former), else the SeMask-FPN loss."""
   full = _EXPERIMENT_LOSS.get(id(model_cfg))
   if full is not None:
-    from semask_jax import train  # pylint: disable=g-import-not-at-top
+    from semask_jax.train import loop as train  # pylint: disable=g-import-not-at-top
     full = full.copy_and_resolve_references()
     full.model = model_cfg
     return train.make_loss(full)

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from semask_jax import bench, cli, sharding
+from semask_jax import bench
+from semask_jax import cli
+from semask_jax import sharding
 from semask_jax.models import layers
 
 TINY = ["--override", "embed_dim=16", "--override", "depths=(1,1,1,1)",
@@ -164,7 +166,7 @@ def test_scanned_stages_equal_the_unrolled_blocks():
   """Swin blocks under lax.scan: the same loss and gradients as the loop over blocks,
   with drop path on (the draws follow the step key) and under remat; odd depths too."""
   from semask_jax.models import build_model
-  from semask_jax.losses import segmentation_loss
+  from semask_jax.losses.segmentation import segmentation_loss
   cfg = bench.load_model_config(None, "T", 5)
   for kv in TINY[1::2]:
     k, v = kv.split("=")

@@ -4,7 +4,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from semask_jax import checkpointing
+from semask_jax.train import checkpointing
 from semask_jax import sharding as sharding_lib
 
 

@@ -5,7 +5,7 @@ from flax import nnx
 
 from configs import (ade20k_semask_mask2former, cityscapes_semask_mask2former, common,
                      swin_fpn)
-from semask_jax import optim
+from semask_jax.train import optim
 from semask_jax.models import ModelConfig, build_model
 
 

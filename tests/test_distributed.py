@@ -10,8 +10,8 @@ import portpicker
 import pytest
 
 from configs import tiny
-from semask_jax import eval_and_predict
-from semask_jax import state as state_lib
+from semask_jax.evaluation import evaluator as eval_and_predict
+from semask_jax.train import state as state_lib
 from semask_jax.sharding import make_mesh
 
 from test_resume import ROOT, cpu_env, losses, main_cmd

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semask_jax import evaluate
+from semask_jax.evaluation import inference as evaluate
 from semask_jax.models.resize import resize_bilinear
 
 
@@ -119,7 +119,7 @@ import cv2  # noqa: E402
 
 from input_pipeline import pipeline  # noqa: E402
 from input_pipeline import transforms as T  # noqa: E402
-from semask_jax import metrics  # noqa: E402
+from semask_jax.evaluation import metrics  # noqa: E402
 
 K = 3
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
@@ -337,9 +337,10 @@ def test_mode_eval_with_a_tiny_semask_equals_per_image_reference(tmp_path, monke
   the mIoU of running the model on each image alone (batch 1, its own size) and the
   mmseg test steps written out here."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from semask_jax import compile_cache, eval_and_predict  # pylint: disable=g-import-not-at-top
+  from semask_jax import compile_cache
+  from semask_jax.evaluation import evaluator as eval_and_predict  # pylint: disable=g-import-not-at-top
   from semask_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from semask_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  from semask_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   import input_pipeline  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.data.synthetic.num_eval = 3

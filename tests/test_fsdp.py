@@ -12,10 +12,10 @@ from jax.sharding import PartitionSpec as P
 import input_pipeline
 from configs import tiny
 from semask_jax import sharding as sharding_lib
-from semask_jax import state as state_lib
-from semask_jax import train
+from semask_jax.train import state as state_lib
+from semask_jax.train import loop as train
 from semask_jax.cli import ConfigError
-from semask_jax.eval_and_predict import make_eval_fn
+from semask_jax.evaluation.evaluator import make_eval_fn
 
 
 def test_fsdp_spec_splits_the_first_axis_the_devices_divide():

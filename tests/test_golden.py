@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from convert_weights import convert_semask
-from semask_jax.losses import segmentation_loss
+from semask_jax.losses.segmentation import segmentation_loss
 from semask_jax.models import model_config_from_dict
 from tests.golden_utils import golden_files, jit_forward, load_vector
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from convert_weights import convert_semask_mask2former
 from convert_weights.__main__ import main as cli_main
-from semask_jax import mask2former_loss as ml
+from semask_jax.losses import mask2former as ml
 from semask_jax.models import model_config_from_dict
 from tests.golden_utils import jit_forward, load_vector, m2f_golden_files
 from tests.test_mask2former_loss import _case as loss_case

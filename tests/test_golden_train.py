@@ -22,8 +22,8 @@ import input_pipeline
 from configs import common
 from convert_weights import convert_semask, names
 from semask_jax import sharding as sharding_lib
-from semask_jax import state as state_lib
-from semask_jax import train
+from semask_jax.train import state as state_lib
+from semask_jax.train import loop as train
 from semask_jax.models import layers, model_config_from_dict
 from semask_jax.models.config import REMAT_POLICIES
 from tests.golden_utils import GOLDEN_DIR, load_vector

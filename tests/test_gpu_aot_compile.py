@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from semask_jax import bench, cli
+from semask_jax import bench
+from semask_jax import cli
 
 TINY = ["embed_dim=16", "depths=(1,1,1,1)", "num_heads=(1,1,2,2)", "fpn_channels=16",
         "window_size=4", "sem_window_size=4"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import export
 
-from semask_jax import losses
+from semask_jax.losses import segmentation as losses
 
 
 def _case(b=2, h=8, k=5, factor=4, seed=0):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from semask_jax import mask2former_loss as ml
+from semask_jax.losses import mask2former as ml
 from semask_jax.models.sampling import bilinear_sample
 from tests.golden_utils import m2f_golden_files
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from semask_jax.matching import assignment_cost, linear_sum_assignment
+from semask_jax.losses.matching import assignment_cost, linear_sum_assignment
 
 _batched = jax.jit(jax.vmap(linear_sum_assignment))
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semask_jax import metrics, summary
+from semask_jax.evaluation import metrics
+from semask_jax.train import summary
 
 
 def numpy_confusion(pred, label, k, ignore=255):
@@ -135,7 +136,7 @@ def test_event_file_scalars_images_and_jsonl(tmp_path):
 
 
 def test_metric_writer_imports_neither_torch_nor_tensorflow(tmp_path):
-  code = ('import sys; from semask_jax import summary; w = summary.MetricWriter(sys.argv[1]); '
+  code = ('import sys; from semask_jax.train import summary; w = summary.MetricWriter(sys.argv[1]); '
           'w.write_scalars(1, {"a": 1.0}); w.close(); '
           'print(sorted(m for m in ("torch", "tensorflow") if m in sys.modules))')
   out = subprocess.run([sys.executable, '-c', code, str(tmp_path)], capture_output=True, text=True,
@@ -149,9 +150,10 @@ def test_summary_images_show_input_label_and_the_evaluated_prediction():
   from configs import tiny  # pylint: disable=import-outside-toplevel
   import input_pipeline  # pylint: disable=import-outside-toplevel
   from input_pipeline import synthetic  # pylint: disable=import-outside-toplevel
-  from semask_jax import eval_and_predict, predict  # pylint: disable=import-outside-toplevel
+  from semask_jax.evaluation import evaluator as eval_and_predict
+  from semask_jax.evaluation import predict  # pylint: disable=import-outside-toplevel
   from semask_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
-  from semask_jax.state import create_model, init_train_state  # pylint: disable=import-outside-toplevel
+  from semask_jax.train.state import create_model, init_train_state  # pylint: disable=import-outside-toplevel
   config = tiny.get_config()
   config.data.synthetic.num_eval = 2  # the images show the whole eval split
   config.eval.num_summary_images = 3

@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from convert_weights import convert_semask
-from semask_jax.losses import ohem_weights, segmentation_loss
+from semask_jax.losses.segmentation import ohem_weights, segmentation_loss
 from semask_jax.models import (build_model, default_model_config, model_config_from_dict,
                                resolve_sem_global)
 from semask_jax.models.layers import BatchNorm, Conv2d, KeyChain, gelu
@@ -454,7 +454,7 @@ def test_pixel_cross_entropy_matches_torch(small, big):
   """Both loss paths (row-blocked x2^k up-sampling, generic resize) against torch."""
   import torch
   import torch.nn.functional as F
-  from semask_jax.losses import pixel_cross_entropy
+  from semask_jax.losses.segmentation import pixel_cross_entropy
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(2, *small, 6)).astype(np.float32) * 3
   labels = rng.integers(0, 6, size=(2, *big)).astype(np.int32)

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from semask_jax import optim
+from semask_jax.train import optim
 
 
 def mmcv_poly_warmup_lr(it, base_lr, max_iters, power, min_lr, warmup_iters, warmup_ratio):

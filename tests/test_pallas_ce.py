@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from semask_jax import losses, pallas_ce
+from semask_jax.losses import segmentation as losses
+from semask_jax.losses import pallas_ce
 
 
 @pytest.fixture(autouse=True)

@@ -6,9 +6,10 @@ from PIL import Image
 
 import input_pipeline
 from configs import tiny
-from semask_jax import predict
+from semask_jax.evaluation import inference as evaluate_lib
+from semask_jax.evaluation import predict
 from semask_jax import sharding as sharding_lib
-from semask_jax import state as state_lib
+from semask_jax.train import state as state_lib
 
 
 def test_colorize_and_overlay():
@@ -55,7 +56,7 @@ def test_predict_folder_writes_images_of_the_original_size(tmp_path):
 def test_predict_computes_the_class_map_of_the_evaluation(tmp_path):
   """The written mask is the evaluation's prediction (eval_and_predict's per-image
   inference, its confusion-matrix path): a label made from the mask scores 100 %."""
-  from semask_jax import eval_and_predict  # pylint: disable=g-import-not-at-top
+  from semask_jax.evaluation import evaluator as eval_and_predict  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.eval.flip = True
   rng = np.random.default_rng(1)
@@ -71,7 +72,7 @@ def test_predict_computes_the_class_map_of_the_evaluation(tmp_path):
   palette = np.asarray(input_pipeline.dataset_info(config.data.name).palette, np.uint8)
   label = (mask[:, :, None, :] == palette[None, None]).all(-1).argmax(-1).astype(np.uint8)
   assert (palette[label] == mask).all()
-  inference = eval_and_predict.make_per_image_inference(config, graphdef, rest, state.params,
+  inference = evaluate_lib.make_per_image_inference(config, graphdef, rest, state.params,
                                                         state.batch_stats)
   cm = np.asarray(inference.update_confusion(inference.zeros_cm(),
                                              predict.scale_images(image, config), label))

@@ -13,11 +13,11 @@ import pytest
 
 import input_pipeline
 from configs import tiny
-from semask_jax import checkpointing
-from semask_jax import optim
-from semask_jax import state as state_lib
+from semask_jax.train import checkpointing
+from semask_jax.train import optim
+from semask_jax.train import state as state_lib
 from semask_jax import sharding as sharding_lib
-from semask_jax import train
+from semask_jax.train import loop as train
 from semask_jax.sharding import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,10 +8,10 @@ import pytest
 
 import input_pipeline
 from configs import tiny
-from semask_jax import optim
+from semask_jax.train import optim
 from semask_jax import sharding as sharding_lib
-from semask_jax import state as state_lib
-from semask_jax import train
+from semask_jax.train import state as state_lib
+from semask_jax.train import loop as train
 
 
 @pytest.fixture(scope='module')

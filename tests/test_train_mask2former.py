@@ -6,8 +6,8 @@ import numpy as np
 import input_pipeline
 from configs import demo_mask2former
 from semask_jax import sharding as sharding_lib
-from semask_jax import state as state_lib
-from semask_jax import train
+from semask_jax.train import state as state_lib
+from semask_jax.train import loop as train
 
 
 def tiny_config():

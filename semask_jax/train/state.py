@@ -18,10 +18,11 @@ import optax
 from absl import logging
 from flax import nnx
 
-from semask_jax import checkpointing
-from semask_jax import optim
+from semask_jax.train import checkpointing
+from semask_jax.train import optim
 from semask_jax import sharding as sharding_lib
 from semask_jax.models import build_model
+from semask_jax.models.functional import merge_model, split_model  # noqa: F401  (re-exported)
 
 
 @flax.struct.dataclass
@@ -45,16 +46,6 @@ def create_model(config: ml_collections.ConfigDict) -> nnx.Module:
     report = load_into_model(model, path)
     logging.info('Initialised from %s: %s', path, report)
   return model
-
-
-def split_model(model: nnx.Module) -> tuple[Any, dict, dict, Any]:
-  """(graphdef, params, batch_stats, rest) with params/batch_stats as pure dicts."""
-  graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats), rest
-
-
-def merge_model(graphdef: Any, params: dict, batch_stats: dict, rest: Any) -> nnx.Module:
-  return nnx.merge(graphdef, params, batch_stats, rest, copy=True)
 
 
 def init_train_state(config: ml_collections.ConfigDict, model: nnx.Module, mesh: jax.sharding.Mesh

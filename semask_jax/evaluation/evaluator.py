@@ -1,17 +1,17 @@
-"""The eval and predict modes of main.py, and the evaluation used during training.
+"""Evaluation of a model state: the reference-exact per-image mIoU, the periodic
+evaluation during training, and the summary images.
 
-`--mode=eval` restores the latest checkpoint of a workdir (or config.init_from)
-and computes mIoU over the eval split as the reference does (each image alone at
-its own size: evaluate.PerImageInference); the periodic evaluation during training
-(make_eval_fn) pads a batch to one canvas instead, faster but approximate; `--mode=predict` writes colour masks
-for image files; the demo writes and predicts a few generated scenes.
+`evaluate_per_image` computes mIoU over the eval split as the reference does (each
+image alone at its own size: inference.PerImageInference); the periodic evaluation
+during training (make_eval_fn) pads a batch to one canvas instead, faster but
+approximate. train.modes restores a checkpoint and calls these for `--mode=eval`.
 """
 from __future__ import annotations
 
 import functools
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -23,18 +23,23 @@ import input_pipeline
 from input_pipeline import pipeline
 from input_pipeline import transforms as T
 from semask_jax import compile_cache
-from semask_jax import evaluate as evaluate_lib
+from semask_jax.evaluation import inference as evaluate_lib
 from semask_jax.cli import ConfigError
-from semask_jax import predict
+from semask_jax.evaluation import predict
 from semask_jax import sharding as sharding_lib
-from semask_jax.metrics import format_table
+from semask_jax.evaluation.metrics import format_table
 from semask_jax.models import model_class
-from semask_jax.models.semask_mask2former import SeMaskMask2Former
-from semask_jax.state import InferenceState, TrainState, merge_model, restore_for_inference
+from semask_jax.models.functional import merge_model
+
+
+class ParamsAndStats(Protocol):
+  """What evaluation needs of a model state (a train state, or one restored for inference)."""
+  params: Any
+  batch_stats: Any
 
 
 def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
-                 mesh: jax.sharding.Mesh) -> Callable[[TrainState | InferenceState], dict[str, Any]]:
+                 mesh: jax.sharding.Mesh) -> Callable[[ParamsAndStats], dict[str, Any]]:
   """state -> metrics dict over the whole eval split (confusion matrix on device)."""
   info = input_pipeline.dataset_info(config.data.name)
   num_classes = config.model.num_classes
@@ -70,7 +75,7 @@ def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
       compiled[key] = sharding_lib.compile_ahead(jitted, 'eval_step', cm, state, batch)
     return compiled[key](cm, state, batch)
 
-  def run(state: TrainState | InferenceState) -> dict[str, Any]:
+  def run(state: ParamsAndStats) -> dict[str, Any]:
     batches = input_pipeline.create_eval_iterator(config.data,
                                                   global_batch_size=config.eval.batch_size)
     return evaluate_lib.evaluate(eval_step, (state.params, state.batch_stats), batches,
@@ -79,31 +84,8 @@ def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
   return run
 
 
-def test_size_divisibility(config: ml_collections.ConfigDict) -> int:
-  """The model's own test-time pad: detectron2 pads SeMask-Mask2Former's normalised input
-  with zeros to MODEL.MASK_FORMER.SIZE_DIVISIBILITY (32) and crops the scores back; mmseg
-  runs the FPN model on the image as it is. config.eval.size_divisibility overrides."""
-  if config.eval.get('size_divisibility') is not None:
-    return int(config.eval.size_divisibility)
-  return 32 if issubclass(model_class(config.model), SeMaskMask2Former) else 0
-
-
-def make_per_image_inference(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
-                             params: Any, batch_stats: Any) -> evaluate_lib.PerImageInference:
-  """The reference-exact per-image inference (evaluate.PerImageInference) of a model."""
-  def model_fn_from_params(params_and_stats):
-    p, b = params_and_stats
-    return merge_model(graphdef, p, b, rest).segment
-
-  return evaluate_lib.PerImageInference(
-      model_fn_from_params, (params, batch_stats), config.eval, config.model.num_classes,
-      ignore_index=config.data.ignore_index,
-      probabilities=model_class(config.model).SCORES_ARE_PROBABILITIES,
-      pad_multiple=test_size_divisibility(config))
-
-
 def evaluate_per_image(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
-                       state: TrainState | InferenceState) -> dict[str, Any]:
+                       state: ParamsAndStats) -> dict[str, Any]:
   """mIoU as the reference computes it: each eval image alone at its own size (see
   evaluate.PerImageInference); every input shape compiled once, ahead of time
   (config.eval.precompile, default on), through the persistent compilation cache."""
@@ -114,7 +96,7 @@ def evaluate_per_image(config: ml_collections.ConfigDict, graphdef: Any, rest: A
   if len(names) != config.model.num_classes:
     raise ConfigError(f'config.model.num_classes={config.model.num_classes} but data set '
                       f'{config.data.name!r} has {len(names)} classes')
-  inference = make_per_image_inference(config, graphdef, rest, state.params, state.batch_stats)
+  inference = evaluate_lib.make_per_image_inference(config, graphdef, rest, state.params, state.batch_stats)
   ratios = tuple(float(r) for r in config.eval.scales)
   tta = pipeline.is_tta(ratios, config.eval.flip)
   items = None
@@ -142,7 +124,7 @@ def summary_image(image: np.ndarray, image_hw: np.ndarray, label: np.ndarray,
 
 def make_summary_images_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
                            mesh: jax.sharding.Mesh
-                           ) -> Callable[[TrainState], dict[str, np.ndarray]] | None:
+                           ) -> Callable[[ParamsAndStats], dict[str, np.ndarray]] | None:
   """state -> {'eval/example_<i>': summary_image} for TensorBoard, or None when turned off.
 
   The first `config.eval.num_summary_images` examples of the eval split, read once and
@@ -202,46 +184,3 @@ def write_eval_results(workdir: str, step: int, results: dict[str, Any]) -> str:
     with open(p, 'w') as f:
       json.dump(results, f, indent=1)
   return path
-
-
-def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """--mode eval: the latest checkpoint of workdir (or init_from) on the eval split."""
-  mesh = sharding_lib.make_mesh()
-  state, graphdef, rest, step = restore_for_inference(config, workdir, mesh)
-  results = evaluate_per_image(config, graphdef, rest, state)
-  path = write_eval_results(workdir, step, results)
-  if jax.process_index() == 0:
-    logging.info('Eval of step %d (%s):\n%s', step, path, format_table(results))
-  return results
-
-
-def predict_only(config: ml_collections.ConfigDict, workdir: str, inputs: str,
-                 output_dir: str | None = None) -> list[str]:
-  """--mode predict: colour masks and overlays for an image or a folder of images."""
-  if not jax.config.jax_compilation_cache_dir:
-    compile_cache.enable(None)
-  mesh = sharding_lib.make_mesh()
-  state, graphdef, rest, _ = restore_for_inference(config, workdir, mesh)
-  output_dir = output_dir or os.path.join(workdir, 'predictions')
-  return predict.predict_paths(config, graphdef, rest, state.params, state.batch_stats,
-                               inputs, output_dir)
-
-
-
-def demo_predictions(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-  """Writes `config.demo_predictions` fresh synthetic scenes as PNGs and predicts them (demo only)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
-  s = config.data.synthetic
-  in_dir = os.path.join(os.path.abspath(workdir), 'demo_inputs')
-  if jax.process_index() == 0:
-    os.makedirs(in_dir, exist_ok=True)
-    for i in range(config.demo_predictions):
-      image, _ = synthetic.generate_scene(s.seed, 'test', s.num_eval + i, height=s.height,
-                                          width=s.width, num_classes=config.data.num_classes,
-                                          max_objects=s.max_objects)
-      Image.fromarray(image).save(os.path.join(in_dir, f'scene_{i}.png'))
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices('demo_inputs_written')
-  return predict_only(config, workdir, in_dir)

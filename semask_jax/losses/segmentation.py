@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from semask_jax import pallas_ce
+from semask_jax.losses import pallas_ce
 from semask_jax.cli import ConfigError
 from semask_jax.models.resize import phase_rows, phase_taps, resize_bilinear
 

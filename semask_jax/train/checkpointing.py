@@ -23,7 +23,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from semask_jax import cli, optim
+from semask_jax import cli
+from semask_jax.train import optim
 
 STATE = 'state'
 DATA = 'data_iter'

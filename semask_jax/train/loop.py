@@ -32,16 +32,16 @@ from absl import logging
 from flax import nnx
 
 import input_pipeline
-from semask_jax import checkpointing
-from semask_jax import optim
+from semask_jax.train import checkpointing
+from semask_jax.train import optim
 from semask_jax import sharding as sharding_lib
-from semask_jax import summary
+from semask_jax.train import summary
 from semask_jax.cli import ConfigError
-from semask_jax.eval_and_predict import make_eval_fn, make_summary_images_fn, write_eval_results
-from semask_jax import mask2former_loss
-from semask_jax.losses import check_ce_backward, segmentation_loss
+from semask_jax.evaluation.evaluator import make_eval_fn, make_summary_images_fn, write_eval_results
+from semask_jax.losses import mask2former as mask2former_loss
+from semask_jax.losses.segmentation import check_ce_backward, segmentation_loss
 from semask_jax.models import SeMaskMask2Former, layers, model_class
-from semask_jax.state import TrainState, create_model, init_train_state, merge_model
+from semask_jax.train.state import TrainState, create_model, init_train_state, merge_model
 
 
 class NonFiniteLossError(RuntimeError):

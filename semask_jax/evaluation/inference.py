@@ -34,8 +34,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from semask_jax import metrics as metrics_lib
+from semask_jax.evaluation import metrics as metrics_lib
+from semask_jax.models import model_class
+from semask_jax.models.functional import merge_model
 from semask_jax.models.resize import resize_bilinear
+from semask_jax.models.semask_mask2former import SeMaskMask2Former
 
 ModelFn = Callable[[jax.Array], jax.Array]  # images [B, H, W, 3] -> seg logits [B, h/4, w/4, K]
 
@@ -512,3 +515,26 @@ def evaluate_per_image(inference: PerImageInference, examples: Iterable[Mapping[
                result['num_images'], result['num_shapes'], result['compile_seconds'],
                precompile_wall, result['seconds'])
   return result
+
+
+def test_size_divisibility(config: ml_collections.ConfigDict) -> int:
+  """The model's own test-time pad: detectron2 pads SeMask-Mask2Former's normalised input
+  with zeros to MODEL.MASK_FORMER.SIZE_DIVISIBILITY (32) and crops the scores back; mmseg
+  runs the FPN model on the image as it is. config.eval.size_divisibility overrides."""
+  if config.eval.get('size_divisibility') is not None:
+    return int(config.eval.size_divisibility)
+  return 32 if issubclass(model_class(config.model), SeMaskMask2Former) else 0
+
+
+def make_per_image_inference(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
+                             params: Any, batch_stats: Any) -> PerImageInference:
+  """The reference-exact per-image inference (PerImageInference) of a model."""
+  def model_fn_from_params(params_and_stats):
+    p, b = params_and_stats
+    return merge_model(graphdef, p, b, rest).segment
+
+  return PerImageInference(
+      model_fn_from_params, (params, batch_stats), config.eval, config.model.num_classes,
+      ignore_index=config.data.ignore_index,
+      probabilities=model_class(config.model).SCORES_ARE_PROBABILITIES,
+      pad_multiple=test_size_divisibility(config))

@@ -2,7 +2,7 @@
 
 Per prediction (the final one and every auxiliary one) the targets of each
 image are matched to queries by an exact in-graph Hungarian matching
-(semask_jax.matching) on Mask2Former's cost; the matched pairs then give the
+(semask_jax.losses.matching) on Mask2Former's cost; the matched pairs then give the
 class, mask (BCE) and dice losses on importance-sampled points; the semantic
 head adds loss_cate for the final prediction.
 
@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from semask_jax.cli import ConfigError
-from semask_jax.matching import linear_sum_assignment
+from semask_jax.losses.matching import linear_sum_assignment
 from semask_jax.models.sampling import bilinear_sample, corner_taps
 
 IGNORE_INDEX = 255

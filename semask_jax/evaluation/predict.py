@@ -20,6 +20,7 @@ import input_pipeline
 from input_pipeline import pipeline
 from input_pipeline import transforms as T
 from semask_jax.cli import InputError
+from semask_jax.evaluation import inference as inference_lib
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -85,14 +86,13 @@ def scale_images(image: np.ndarray, config: ml_collections.ConfigDict) -> list[n
 def predict_paths(config: ml_collections.ConfigDict, graphdef: Any, rest: Any, params: Any,
                   batch_stats: Any, inputs: str, output_dir: str) -> list[str]:
   """Writes <name>_mask.png (palette colours) and <name>_overlay.png per input; returns the paths."""
-  from semask_jax import eval_and_predict  # pylint: disable=g-import-not-at-top  (imports this module)
   files = list_images(inputs)
   written = []
   if jax.process_index() != 0:  # process 0 predicts and writes every file
     return written
   palette = input_pipeline.dataset_info(config.data.name).palette
-  inference = eval_and_predict.make_per_image_inference(config, graphdef, rest, params,
-                                                        batch_stats)
+  inference = inference_lib.make_per_image_inference(config, graphdef, rest, params,
+                                                     batch_stats)
   os.makedirs(output_dir, exist_ok=True)
   for path in files:
     image = load_rgb(path, config.data.get('recipe', 'mmseg'))
