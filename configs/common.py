@@ -163,6 +163,10 @@ MASK2FORMER_RECIPES = {
     'ade20k': dict(crop=(512, 512), crop_l=(640, 640), steps=160_000),
     'cityscapes': dict(crop=(512, 1024), crop_l=(512, 1024), steps=90_000),
 }
+# MODEL.SEM_WINDOW_SIZE: the ADE20K yamls set it to the Swin window; the Cityscapes ones
+# leave detectron2's default of 7 (for L too, whose Swin window is 12).
+MASK2FORMER_DEFAULT_SEM_WINDOW = 7
+MASK2FORMER_SEM_WINDOW_IS_SWIN_WINDOW = {'ade20k': True, 'cityscapes': False}
 MASK2FORMER_INPUT = {
     ('ade20k', 512): dict(base=512, max_size=2048, size_divisibility=512,
                           test_short_edge=512, test_max_size=2048, test_aug_max_size=3584),
@@ -208,6 +212,8 @@ def semask_mask2former_config(dataset: str, variant: str) -> ml_collections.Conf
   c.data = default_data_config(dataset)
   c.model = default_model_config(variant, c.data.num_classes, num_sem_blocks=1,
                                  name=SEMASK_MASK2FORMER)
+  if not MASK2FORMER_SEM_WINDOW_IS_SWIN_WINDOW[dataset]:
+    c.model.sem_window_size = MASK2FORMER_DEFAULT_SEM_WINDOW
   c.init_from = PRETRAINED[variant]
   c.batch_size = 16
   c.total_steps = r['steps']

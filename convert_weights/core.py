@@ -292,7 +292,10 @@ def infer_mask2former_config(sd: StateDict, *, source: str = "state dict"):
                           f"semantic blocks in every stage, found {sorted(nsb)}")
   cfg.update(bb)
   cfg.num_sem_blocks = nsb.pop()
-  cfg.sem_window_size = cfg.window_size
+  # Not in the shapes (the windowed semantic attention has no position table): the
+  # released ADE20K (150-class) models set SEM_WINDOW_SIZE to the Swin window, the others
+  # (Cityscapes) keep detectron2's default, 7.
+  cfg.sem_window_size = cfg.window_size if num_classes == 150 else 7
   cfg.conv_dim = int(get(pd + "input_proj.0.0.weight").shape[0])
   cfg.mask_dim = int(get(pd + "mask_features.weight").shape[0])
   # sampling_offsets: heads x 3 levels x 4 points x 2 coordinates outputs.

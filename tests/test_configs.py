@@ -48,6 +48,11 @@ def test_mask2former_recipe(module, classes, global_stage3):
     o = c.optimizer
     assert (o.learning_rate, o.weight_decay, o.poly_power, o.warmup_steps) == (1e-4, 0.05, 0.9, 0)
     assert (o.backbone_lr_mult, o.grad_clip_norm, c.batch_size) == (0.1, 0.01, 16)
+    # SEM_WINDOW_SIZE: the ADE20K yamls set the Swin window; the Cityscapes ones keep
+    # detectron2's default 7 (L's Swin window is 12).
+    want = c.model.window_size if classes == 150 else 7
+    assert m.backbone.sem_window_size == want, (variant, m.backbone.sem_window_size)
+  assert cityscapes_semask_mask2former.get_config("L").model.window_size == 12
   assert ade20k_semask_mask2former.get_config("L").data.crop_size == (640, 640)
   assert ade20k_semask_mask2former.get_config("T").total_steps == 160_000
 

@@ -167,3 +167,20 @@ def test_swin_conversion_loads_only_the_backbone_into_another_head(tmp_path):
     save_conversion(convert_swin_imagenet(sd, cfg), out)
   with pytest.raises(FileNotFoundError, match="conversion.json"):
     load_into_model(model, pathlib.Path(tmp_path))
+
+
+@pytest.mark.parametrize("num_classes,want", [(150, 12), (19, 7)])
+def test_mask2former_semantic_window_follows_the_released_yamls(num_classes, want):
+  """The semantic window is not in the shapes: 150 classes (ADE20K) take the Swin window,
+  other class counts (Cityscapes) detectron2's default SEM_WINDOW_SIZE of 7."""
+  from convert_weights import infer_mask2former_config  # pylint: disable=g-import-not-at-top
+  cfg = default_model_config("T", num_classes, num_sem_blocks=1, name="semask_mask2former")
+  cfg.update(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=12,
+             sem_window_size=12, conv_dim=32, mask_dim=32, hidden_dim=32, dim_feedforward=64,
+             enc_layers=1, enc_dim_feedforward=64, dec_layers=1, num_queries=4, nheads=2)
+  model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
+  sd = {names.torch_key(p): np.zeros(names.to_torch_layout(p, np.zeros(v.shape)).shape,
+                                      np.float32)
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  inferred = infer_mask2former_config(sd)
+  assert inferred.window_size == 12 and inferred.sem_window_size == want
