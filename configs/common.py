@@ -78,9 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.cate_w = 0.4  # alpha
   c.loss.reduction = 'reference'  # mean over all pixels (mmseg); 'valid': non-ignored only
   c.loss.ohem_min_kept = config_dict.placeholder(int)
-  # OHEM's selection per group of this many consecutive images of the batch: the reference's
-  # sampler sees one GPU's 2 images (samples_per_gpu); 0 = the whole (micro) batch.
-  c.loss.ohem_group_size = 2
+  # The images of one OHEM selection: groups of this many consecutive images of the batch,
+  # as the reference's sampler sees one GPU's 2 images (samples_per_gpu); 0 = the whole
+  # (micro) batch. Must divide the micro batch.
+  c.loss.group_size = REFERENCE_IMAGES_PER_GPU
   # How the row-blocked up-sampled CE is differentiated: 'remat' (each block's forward
   # again), 'custom_vjp' (a hand-written backward), 'auto' = remat on CPU, custom_vjp
   # elsewhere (the faster of the two on each, measured; same numbers); 'pallas': forward
@@ -159,6 +160,10 @@ def semask_fpn_config(dataset: str, variant: str, *, semask: bool = True
 # x = 5..20, MAX_SIZE_TRAIN, SIZE_DIVISIBILITY (mapper pad; -1 none), MIN/MAX_SIZE_TEST,
 # TEST.AUG.MAX_SIZE (multi-scale / flip test). ADE20K scales all of them with the crop
 # (512: 512/2048/3584, 640: 640/2560/4480).
+# Both reference code bases train on 8 GPUs with 2 images each: the losses' per-GPU means
+# (and OHEM's per-GPU selection) see groups of 2 images.
+REFERENCE_IMAGES_PER_GPU = 2
+
 MASK2FORMER_RECIPES = {
     'ade20k': dict(crop=(512, 512), crop_l=(640, 640), steps=160_000),
     'cityscapes': dict(crop=(512, 1024), crop_l=(512, 1024), steps=90_000),
@@ -200,6 +205,10 @@ def mask2former_loss_config() -> ml_collections.ConfigDict:
   # The mask losses run over the slots in chunks of this many; a chunk with no target in
   # any image of the batch is skipped (ADE20K crops fill 10-30 of the 64 slots).
   loss.slot_chunk = 8
+  # loss_ce and loss_cate are means per GPU (IMS_PER_BATCH 16 over 8 GPUs: 2 images) that
+  # DDP averages: here means per group of this many consecutive images, averaged over the
+  # groups; 0 = the whole (micro) batch. Must divide the micro batch.
+  loss.group_size = REFERENCE_IMAGES_PER_GPU
   return loss
 
 

@@ -72,8 +72,8 @@ def test_main_bad_values_and_flags(tmp_path):
      "error: config.xla_gpu_fast_compile must be one of ('train', 'all', 'none'), got 'fast'"),
     ('--config.xla_cpu_ynn_fusions=lean',
      "error: config.xla_cpu_ynn_fusions must be one of ('tuned', 'xla'), got 'lean'"),
-    ('--config.loss.ohem_group_size=-1',
-     "error: config.loss.ohem_group_size must be an integer >= 0 (0: the whole batch), got -1"),
+    ('--config.loss.group_size=-1',
+     "error: config.loss.group_size must be an integer >= 0 (0: the whole batch), got -1"),
     ('--config.loss.ce_backward=checkpoint',
      "error: config.loss.ce_backward must be one of ('auto', 'remat', 'custom_vjp', 'pallas'), "
      "got "

@@ -52,6 +52,7 @@ def train_config(meta: dict, *, remat: bool = False, policy: str = "full"
   c.loss.cate_w = float(mc["cate_w"])
   c.loss.reduction = "reference"
   c.loss.ohem_min_kept = mc.get("ohem_min_kept")
+  c.loss.group_size = 0  # the vector is one GPU's batch: the reference selected over all of it
   o = c.optimizer
   o.learning_rate = float(mc["lr"])
   o.weight_decay = float(mc["weight_decay"])

@@ -88,5 +88,5 @@ def test_ohem_selects_per_group_of_images():
     assert grouped[pair].sum() == 20
   pooled = np.asarray(losses.ohem_weights(ce, valid, 10, group_size=0))
   assert pooled.sum() == 40 and pooled[:2].sum() < 20  # the harder pair takes more
-  with pytest.raises(ValueError, match="ohem_group_size=3 does not divide .* 4 images"):
+  with pytest.raises(ValueError, match="group_size=3 does not divide .* 4 images"):
     losses.ohem_weights(ce, valid, 10, group_size=3)

@@ -270,3 +270,42 @@ def test_batch_sharded(path):
                                                                      draws=draws)
     np.testing.assert_allclose(float(total), float(vec["loss_total"]), rtol=1e-4)
     assert float(aux["num_masks"]) == n_targets
+
+
+def test_loss_ce_and_cate_are_per_group_means_as_the_reference_per_gpu():
+  """group_size=2 over 4 images = the mean of the two pairs' own losses (the reference's
+  per-GPU means averaged by DDP); the cate term checked against torch's cross_entropy."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  n_pred, b, q, k, h, w = 2, 4, 5, 6, 16, 16
+  rng = np.random.default_rng(3)
+  label = rng.integers(0, k, (b, h, w)).astype(np.int32)
+  label[0, :12] = 255       # unequal ignored counts: a pooled mean would differ
+  label[2, :, :3] = 255
+  label[3] = np.where(label[3] > 2, 255, label[3])  # fewer classes in one image
+  outputs = {"pred_logits": jnp.asarray(rng.normal(size=(n_pred, b, q, k + 1)), jnp.float32),
+             "pred_masks": jnp.asarray(rng.normal(size=(n_pred, b, q, h // 4, w // 4)),
+                                       jnp.float32),
+             "sem_pred": jnp.asarray(rng.normal(size=(b, h, w, k)), jnp.float32)}
+  base = ml.CriterionConfig(num_classes=k, max_targets=k, train_num_points=32)
+  draws = ml.draw_points(jax.random.key(0), n_pred, b, base)
+
+  def run(cfg, idx):
+    sub = {name: (v[idx] if name == "sem_pred" else v[:, idx]) for name, v in outputs.items()}
+    d = ml.CriterionDraws(*(x[:, idx] for x in draws))
+    _, aux = ml.set_criterion(sub, jnp.asarray(label[idx]), cfg, draws=d)
+    return {name: np.asarray(aux[name]) for name in ("loss_ce", "loss_cate")}
+
+  grouped = run(dataclasses.replace(base, group_size=2), np.arange(4))
+  pairs = [run(base, np.arange(2 * i, 2 * i + 2)) for i in range(2)]
+  pooled = run(base, np.arange(4))
+  for name in ("loss_ce", "loss_cate"):
+    np.testing.assert_allclose(grouped[name], (pairs[0][name] + pairs[1][name]) / 2, rtol=1e-6)
+    assert not np.allclose(grouped[name][-1], pooled[name][-1], rtol=1e-4), name
+  sem = torch.tensor(np.asarray(outputs["sem_pred"])).permute(0, 3, 1, 2)
+  lab = torch.from_numpy(label).long()
+  want = np.mean([F.cross_entropy(sem[i:i + 2], lab[i:i + 2], ignore_index=255).item()
+                  for i in (0, 2)])
+  np.testing.assert_allclose(grouped["loss_cate"][-1], want, rtol=1e-5)
+  with pytest.raises(ValueError, match="group_size=3 does not divide"):
+    run(dataclasses.replace(base, group_size=3), np.arange(4))

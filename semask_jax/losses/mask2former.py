@@ -23,10 +23,12 @@ test replays the reference's draws this way. Differences from the reference: a l
 gives loss_cate 0 (torch: NaN); an image with more classes than max_targets
 keeps its max_targets smallest classes and reports the rest in
 aux['num_dropped_targets'] (make_targets raises when called outside jit).
-Under data parallelism the sums run over the global batch: num_masks is the
-reference's all-reduced count, and loss_ce is the weighted mean over all
-images' queries (the reference averages per-device means; equal when every
-device holds the same number of no-object queries).
+Under data parallelism num_masks is the reference's all-reduced count (so the mask
+losses are sums over the global batch divided by it, as the reference's DDP average
+of per-device losses works out). loss_ce (a weighted mean over queries) and loss_cate
+(a mean over non-ignored pixels) are means per group of `group_size` consecutive
+images, averaged over the groups: the reference computes them per GPU (2 images) and
+DDP averages the GPUs. group_size 0 takes the whole batch as one group.
 
 Memory and work: the matching costs and the point-sampled losses are computed one
 prediction at a time (lax.map); the assignments of all predictions and images
@@ -69,11 +71,15 @@ class CriterionConfig:
   cate_weight: float = 0.4               # SeMask's semantic-head weight
   no_object_weight: float = 0.1          # NO_OBJECT_WEIGHT
   ignore_index: int = IGNORE_INDEX
+  group_size: int = 0                    # images per loss_ce / loss_cate mean (0: all)
 
   def __post_init__(self):
     for name in ("max_targets", "slot_chunk"):
       if getattr(self, name) < 1:
         raise ConfigError(f"config.loss.{name} must be >= 1, got {getattr(self, name)}")
+    if not isinstance(self.group_size, int) or self.group_size < 0:
+      raise ConfigError("config.loss.group_size must be an integer >= 0 (0: the whole "
+                        f"batch), got {self.group_size!r}")
 
   @property
   def num_oversampled(self) -> int:
@@ -86,6 +92,19 @@ class CriterionConfig:
   @property
   def num_random(self) -> int:
     return self.train_num_points - self.num_uncertain
+
+
+def group_mean(num: jax.Array, den: jax.Array, group_size: int) -> jax.Array:
+  """Per-image numerators and denominators [B] -> the mean over groups of `group_size`
+  consecutive images of sum(num) / sum(den) in the group (0: one group; a group whose
+  denominator is 0 counts 0). The reference's per-GPU mean, averaged by DDP."""
+  b = num.shape[0]
+  g = group_size or b
+  if b % g:
+    raise ConfigError(f"config.loss.group_size={group_size} does not divide the "
+                      f"(micro) batch of {b} images")
+  num, den = num.reshape(b // g, g).sum(1), den.reshape(b // g, g).sum(1)
+  return jnp.mean(jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0))
 
 
 class CriterionDraws(NamedTuple):
@@ -271,7 +290,7 @@ def _prediction_losses(pred_logits: jax.Array, pred_masks: jax.Array, query: jax
   onehot = (target_class[..., None] == jnp.arange(k + 1)).astype(jnp.float32)
   nll = jax.nn.logsumexp(logits, -1) - jnp.sum(logits * onehot, -1)    # [B, Q]
   weight = jnp.where(target_class == k, cfg.no_object_weight, 1.0)
-  loss_ce = jnp.sum(weight * nll) / jnp.sum(weight)
+  loss_ce = group_mean(jnp.sum(weight * nll, -1), jnp.sum(weight, -1), cfg.group_size)
 
   # Masks: chunks of `s` slots; a chunk with no pair in the whole batch is skipped. The
   # matched masks are gathered once and scanned over (a closed-over pred_masks would
@@ -319,17 +338,19 @@ def _prediction_losses(pred_logits: jax.Array, pred_masks: jax.Array, query: jax
   return loss_ce, sums[0] / num_masks, sums[1] / num_masks
 
 
-def semantic_ce(sem_pred: jax.Array, label: jax.Array, ignore_index: int = IGNORE_INDEX
-                ) -> jax.Array:
+def semantic_ce(sem_pred: jax.Array, label: jax.Array, ignore_index: int = IGNORE_INDEX,
+                group_size: int = 0) -> jax.Array:
   """F.cross_entropy(sem_pred, label, ignore_index): sem_pred [B, H, W, K] at the label's
-  size -> mean over the non-ignored pixels (0 when there is none)."""
+  size -> mean over the non-ignored pixels (0 when there is none) of each group of
+  `group_size` images (0: the whole batch), averaged over the groups."""
   assert sem_pred.shape[1:3] == label.shape[1:3], (sem_pred.shape, label.shape)
   z = sem_pred.astype(jnp.float32)
   valid = label != ignore_index
   safe = jnp.where(valid, label, 0).astype(jnp.int32)
   onehot = (safe[..., None] == jnp.arange(z.shape[-1], dtype=jnp.int32)).astype(z.dtype)
   ce = jax.nn.logsumexp(z, axis=-1) - jnp.sum(z * onehot, axis=-1)
-  return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+  return group_mean(jnp.sum(jnp.where(valid, ce, 0.0), (1, 2)),
+                    valid.sum((1, 2)).astype(jnp.float32), group_size)
 
 
 def set_criterion(outputs: Mapping[str, Any], label: jax.Array, cfg: CriterionConfig, *,
@@ -366,7 +387,7 @@ def set_criterion(outputs: Mapping[str, Any], label: jax.Array, cfg: CriterionCo
   loss_ce, loss_mask, loss_dice = jax.lax.map(
       lambda a: _prediction_losses(*a, label, classes, num_masks, cfg),
       (pred_logits, pred_masks, matches, slot_draws))
-  cate = semantic_ce(outputs["sem_pred"], label, cfg.ignore_index)
+  cate = semantic_ce(outputs["sem_pred"], label, cfg.ignore_index, cfg.group_size)
   loss_cate = jnp.zeros((n_pred,), jnp.float32).at[-1].set(cate)
   total = jnp.sum(cfg.class_weight * loss_ce + cfg.mask_weight * loss_mask
                   + cfg.dice_weight * loss_dice + cfg.cate_weight * loss_cate)

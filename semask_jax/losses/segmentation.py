@@ -214,7 +214,7 @@ def ohem_weights(ce: jax.Array, valid: jax.Array, min_kept: int, group_size: int
   b = ce.shape[0]
   g = group_size or b
   if b % g:
-    raise ConfigError(f"config.loss.ohem_group_size={group_size} does not divide the "
+    raise ConfigError(f"config.loss.group_size={group_size} does not divide the "
                       f"(micro) batch of {b} images")
   kept = g * min_kept
   flat = jnp.where(valid, jax.lax.stop_gradient(ce), -jnp.inf).reshape(b // g, -1)

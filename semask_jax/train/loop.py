@@ -95,9 +95,9 @@ def make_loss(config: ml_collections.ConfigDict) -> LossFn:
     return m2f_loss
   loss_cfg = config.loss
   check_ce_backward(loss_cfg.ce_backward)
-  group = loss_cfg.get('ohem_group_size', 0)
+  group = loss_cfg.group_size
   if not isinstance(group, int) or group < 0:
-    raise ConfigError(f'config.loss.ohem_group_size must be an integer >= 0 (0: the whole '
+    raise ConfigError(f'config.loss.group_size must be an integer >= 0 (0: the whole '
                       f'batch), got {group!r}')
 
   @jax.named_scope("loss")
@@ -106,7 +106,7 @@ def make_loss(config: ml_collections.ConfigDict) -> LossFn:
     return segmentation_loss(out, labels, ignore_index=config.data.ignore_index,
                              cate_w=loss_cfg.cate_w, reduction=loss_cfg.reduction,
                              ohem_min_kept=loss_cfg.ohem_min_kept,
-                             ohem_group_size=loss_cfg.get('ohem_group_size', 0),
+                             ohem_group_size=group,
                              ce_backward=loss_cfg.ce_backward)
 
   return fpn_loss
