@@ -201,7 +201,9 @@ def mask2former_loss_config() -> ml_collections.ConfigDict:
   loss.train_num_points = 12544
   loss.oversample_ratio = 3.0
   loss.importance_sample_ratio = 0.75
-  loss.max_targets = 64  # static target slots per image (ADE20K crops have <= ~40 classes)
+  # Static target slots per image (ADE20K crops have <= ~40 classes). The reference has no
+  # cap: a training crop with more classes stops the run with an error naming its image.
+  loss.max_targets = 64
   # The mask losses run over the slots in chunks of this many; a chunk with no target in
   # any image of the batch is skipped (ADE20K crops fill 10-30 of the 64 slots).
   loss.slot_chunk = 8

@@ -100,7 +100,8 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 def create_train_iterator(data_cfg: ml_collections.ConfigDict, *, seed: int,
                           global_batch_size: int, process_index: int | None = None,
-                          process_count: int | None = None) -> grain.DataLoaderIterator:
+                          process_count: int | None = None,
+                          max_targets: int | None = None) -> grain.DataLoaderIterator:
   """Infinite train batches for this process.
 
   Yields {'image': float32 [b, crop_h, crop_w, 3] normalised, 'label': int32
@@ -109,6 +110,8 @@ def create_train_iterator(data_cfg: ml_collections.ConfigDict, *, seed: int,
   per-image targets are made from 'label' in the train step, not here.
   b = global_batch_size // process_count. process_index/count default to
   jax's; they are arguments only so that tests can emulate several hosts.
+  max_targets: a crop with more classes is an error naming its image (the Mask2Former
+  family's static target slots).
   """
   p, n = _process_layout(process_index, process_count)
   b = _local_batch_size(global_batch_size, n)
@@ -116,7 +119,7 @@ def create_train_iterator(data_cfg: ml_collections.ConfigDict, *, seed: int,
   shard = grain.sharding.ShardOptions(shard_index=p, shard_count=n, drop_remainder=False)
   sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard,
                                         shuffle=True, num_epochs=None, seed=int(seed))
-  ops = T.train_transforms(data_cfg) + [grain.transforms.Batch(b, drop_remainder=True)]
+  ops = T.train_transforms(data_cfg, max_targets) + [grain.transforms.Batch(b, drop_remainder=True)]
   return iter(make_loader(source, sampler, ops, data_cfg, shard))
 
 

@@ -508,7 +508,28 @@ class Decode(grain.transforms.Map):
     label = decode_label(ex['label'], f'label of {name}')
     if image.shape[:2] != label.shape[:2]:
       raise ValueError(f'{name}: image {image.shape[:2]} vs label {label.shape[:2]}')
-    return {'image': image, 'label': label, 'index': np.int32(ex.get('index', -1))}
+    # file_name rides along (for errors that name the image) until the last op drops it.
+    return {'image': image, 'label': label, 'index': np.int32(ex.get('index', -1)),
+            'file_name': name}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckTargetSlots(grain.transforms.Map):
+  """Refuses a training crop with more classes than the Mask2Former criterion's static
+  target slots (config.loss.max_targets), naming its image: the reference has no cap, so
+  dropping the extra classes would train a different loss."""
+  max_targets: int
+  ignore_index: int = IGNORE_INDEX
+
+  def map(self, ex: Example) -> Example:
+    counts = np.bincount(np.asarray(ex['label']).ravel(), minlength=256)
+    counts[self.ignore_index] = 0
+    n = int(np.count_nonzero(counts))
+    if n > self.max_targets:
+      raise ValueError(f"{ex.get('file_name', '?')} (record {int(ex.get('index', -1))}): a "
+                       f'training crop has {n} classes, more than config.loss.max_targets='
+                       f'{self.max_targets} target slots; raise config.loss.max_targets')
+    return ex
 
 
 @dataclasses.dataclass(frozen=True)
@@ -694,7 +715,8 @@ def d2_train_out_hw(cfg) -> tuple[int, int]:
   return (sd, sd) if sd > 0 else tuple(cfg.crop_size)
 
 
-def detectron2_train_transforms(cfg) -> list[grain.transforms.Map | grain.transforms.RandomMap]:
+def detectron2_train_transforms(cfg, max_targets: int | None = None
+                                ) -> list[grain.transforms.Map | grain.transforms.RandomMap]:
   """MaskFormerSemanticDatasetMapper (train) as grain ops: read_image, ResizeShortestEdge,
   RandomCrop_CategoryAreaConstraint, ColorAugSSD, RandomFlip, pad; then the model's
   normalisation. Per-image targets (classes + masks) are built in the train step
@@ -703,6 +725,8 @@ def detectron2_train_transforms(cfg) -> list[grain.transforms.Map | grain.transf
   ops = [Decode('pil'),
          ResizeShortestEdge(tuple(int(v) for v in cfg.short_edge_choices), int(cfg.max_size)),
          D2RandomCrop(tuple(cfg.crop_size), float(cfg.cat_max_ratio), int(cfg.ignore_index))]
+  if max_targets is not None:
+    ops.append(CheckTargetSlots(int(max_targets), int(cfg.ignore_index)))
   if cfg.photometric:
     ops.append(ColorAugSSD(_photometric_params(cfg)))
   ops.append(RandomFlip(float(cfg.flip_prob)))
@@ -712,19 +736,23 @@ def detectron2_train_transforms(cfg) -> list[grain.transforms.Map | grain.transf
   return ops
 
 
-def train_transforms(cfg) -> list[grain.transforms.Map | grain.transforms.RandomMap]:
+def train_transforms(cfg, max_targets: int | None = None
+                     ) -> list[grain.transforms.Map | grain.transforms.RandomMap]:
   """The train pipeline (after loading) as grain ops, from a data config: mmseg's
-  (recipe 'mmseg') or Mask2Former's (recipe 'detectron2')."""
+  (recipe 'mmseg') or Mask2Former's (recipe 'detectron2'). max_targets: refuse a crop
+  with more classes (the Mask2Former family's target slots)."""
   if cfg.recipe == 'detectron2':
-    return detectron2_train_transforms(cfg)
+    return detectron2_train_transforms(cfg, max_targets)
   if cfg.recipe != 'mmseg':
     raise ValueError(f"data.recipe must be 'mmseg' or 'detectron2', got {cfg.recipe!r}")
   ops = [Decode(),
          RandomResize(tuple(cfg.img_scale),
                       tuple(cfg.ratio_list) if cfg.ratio_list else None,
                       tuple(cfg.ratio_range) if cfg.ratio_range else None),
-         RandomCrop(tuple(cfg.crop_size), float(cfg.cat_max_ratio), int(cfg.ignore_index)),
-         RandomFlip(float(cfg.flip_prob))]
+         RandomCrop(tuple(cfg.crop_size), float(cfg.cat_max_ratio), int(cfg.ignore_index))]
+  if max_targets is not None:
+    ops.append(CheckTargetSlots(int(max_targets), int(cfg.ignore_index)))
+  ops.append(RandomFlip(float(cfg.flip_prob)))
   if cfg.photometric:
     ops.append(PhotometricDistortion(_photometric_params(cfg)))
   ops.append(NormalizeAndPad(tuple(cfg.crop_size), tuple(cfg.mean), tuple(cfg.std),

@@ -591,3 +591,28 @@ def test_loaders_with_the_detectron2_recipe():
   assert ev['image'].shape == (4, 64, 64, 3)  # test size 40x48 rounded up to 32
   np.testing.assert_array_equal(ev['image_hw'][:3], [[40, 48]] * 3)
   assert ev['valid'].tolist() == [True, True, True, False]
+
+
+def test_a_crop_with_more_classes_than_target_slots_is_refused_naming_its_image():
+  label = np.full((6, 6), 255, np.uint8)
+  label[0, :3] = [1, 4, 7]
+  ex = {'image': np.zeros((6, 6, 3), np.uint8), 'label': label, 'index': np.int32(5),
+        'file_name': 'ADE_train_00000006.jpg'}
+  assert T.CheckTargetSlots(3).map(ex) is ex  # three classes, three slots; 255 not a class
+  with pytest.raises(ValueError, match=r'ADE_train_00000006\.jpg \(record 5\): a training crop '
+                                       r'has 3 classes, more than config.loss.max_targets=2'):
+    T.CheckTargetSlots(2).map(ex)
+  # In the loader: the synthetic scenes hold several classes a crop; one slot is too few.
+  cfg = default_data_config('synthetic')
+  use_detectron2_recipe(cfg, base=40, max_size=160, size_divisibility=32, test_short_edge=40,
+                        test_max_size=160, test_aug_max_size=224)
+  cfg.synthetic.num_train, cfg.synthetic.height, cfg.synthetic.width = 4, 40, 48
+  cfg.crop_size = (32, 32)
+  cfg.worker_count = 0
+  ok = pipeline.create_train_iterator(cfg, seed=0, global_batch_size=2, process_index=0,
+                                      process_count=1, max_targets=cfg.num_classes)
+  assert next(ok)['label'].shape == (2, 32, 32)
+  bad = pipeline.create_train_iterator(cfg, seed=0, global_batch_size=2, process_index=0,
+                                       process_count=1, max_targets=1)
+  with pytest.raises(Exception, match=r'synthetic/train/\d+ \(record \d+\): a training crop'):
+    next(bad)

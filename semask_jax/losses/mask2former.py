@@ -20,9 +20,11 @@ Randomness: every point draw comes from a JAX key (set_criterion's `key`: the
 matcher's points at once, the mask losses' per computed chunk of slots), or the
 caller passes the draws (`CriterionDraws`, e.g. from `draw_points`) -- the golden
 test replays the reference's draws this way. Differences from the reference: a label with no valid pixel
-gives loss_cate 0 (torch: NaN); an image with more classes than max_targets
-keeps its max_targets smallest classes and reports the rest in
-aux['num_dropped_targets'] (make_targets raises when called outside jit).
+gives loss_cate 0 (torch: NaN). The reference has no cap on targets: training's
+input pipeline refuses a crop with more classes than max_targets, naming its image
+(transforms.CheckTargetSlots); were one to reach the criterion, it would keep its
+max_targets smallest classes and count the rest in aux['num_dropped_targets']
+(make_targets raises when called outside jit).
 Under data parallelism num_masks is the reference's all-reduced count (so the mask
 losses are sums over the global batch divided by it, as the reference's DDP average
 of per-device losses works out). loss_ce (a weighted mean over queries) and loss_cate

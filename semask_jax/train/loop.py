@@ -261,8 +261,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                dict(mesh.shape), jax.process_count(), micro_bs, k)
 
   # The data first: a data set that is not prepared fails before the model is built.
+  slots = config.loss.max_targets if model_class(config.model) is SeMaskMask2Former else None
   train_iter = input_pipeline.create_train_iterator(config.data, seed=config.seed,
-                                                    global_batch_size=micro_bs)
+                                                    global_batch_size=micro_bs,
+                                                    max_targets=slots)
   model = create_model(config)
   state, graphdef, rest, tx, schedule = init_train_state(config, model, mesh)
   del model
