@@ -236,18 +236,24 @@ def scale_images(image: np.ndarray, data_cfg: ml_collections.ConfigDict,
   mmseg MultiScaleFlipAug: ratio r keep-ratio resizes the original to
   (int(long * r), int(short * r)) of test_scale (r = 1.0: test_scale itself),
   cv2 bilinear, mmcv normalisation. The detectron2 recipe (data.recipe, Mask2Former)
-  uses its own test resize and normalisation: short side int(test_short_edge * r), long
-  side at most test_max_size, or under test-time augmentation (`tta`; default: several
-  ratios or one other than 1.0; pass is_tta(ratios, flip) when flipping) at most
-  test_aug_max_size for every ratio, as detectron2's DatasetMapperTTA.
+  uses its own test resize and normalisation: short side test_short_edge, long side at
+  most test_max_size. Under test-time augmentation (`tta`; default: several ratios or one
+  other than 1.0; pass is_tta(ratios, flip) when flipping) it is detectron2's
+  DatasetMapperTTA, which resizes the test loader's image, already resized so, again:
+  short side int(test_short_edge * r), long side at most test_aug_max_size, both resizes
+  PIL bilinear on uint8.
   """
   ratios = tuple(ratios)
+  if data_cfg.get('recipe', 'mmseg') == 'detectron2':
+    if tta is None:
+      tta = is_tta(ratios, False)
+    if not tta:
+      return [np.asarray(T.test_preprocess(image, data_cfg)[0], np.float32)]
+    loaded = T.resize_pil_bilinear(image, T.test_size(image.shape[:2], data_cfg))
+    return [T.d2_normalize(T.resize_pil_bilinear(loaded, hw), data_cfg.mean, data_cfg.std)
+            for hw in scale_sizes(image.shape[:2], data_cfg, ratios, tta=True)]
   out = []
   for r in ratios:
-    if data_cfg.get('recipe', 'mmseg') == 'detectron2':
-      out.append(np.asarray(T.test_preprocess(image, _d2_scaled(data_cfg, r, ratios, tta))[0],
-                            np.float32))
-      continue
     hw = scale_sizes(image.shape[:2], data_cfg, (r,))[0]
     out.append(T.normalize(T.resize_bilinear(image, hw), tuple(data_cfg.mean),
                            tuple(data_cfg.std)))
@@ -274,6 +280,10 @@ def scale_sizes(hw: tuple[int, int], data_cfg: ml_collections.ConfigDict,
   """The (h, w) of scale_images' outputs for an original of size hw (no decoding)."""
   ratios = tuple(ratios)
   if data_cfg.get('recipe', 'mmseg') == 'detectron2':
+    if tta is None:
+      tta = is_tta(ratios, False)
+    if tta:  # DatasetMapperTTA resizes the test loader's (already resized) image
+      hw = T.test_size(tuple(hw), data_cfg)
     return [tuple(T.test_size(tuple(hw), _d2_scaled(data_cfg, r, ratios, tta))) for r in ratios]
   return [T.rescale_size(tuple(hw), (int(data_cfg.test_scale[0] * r), int(data_cfg.test_scale[1] * r)))
           for r in ratios]

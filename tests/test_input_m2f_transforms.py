@@ -552,24 +552,39 @@ def test_configs_carry_the_mask2former_input_recipe():
 
 
 def test_multi_scale_test_sizes_are_mask2formers_tta():
-  # detectron2's DatasetMapperTTA: ResizeShortestEdge(min_size, TEST.AUG.MAX_SIZE) for each
-  # of TEST.AUG.MIN_SIZES (= int(MIN_SIZE_TEST * r)), the max size fixed for every ratio
-  # (1.0 included), flip or not. A single pass keeps MAX_SIZE_TEST. Only images whose long
-  # side reaches a cap tell the two apart: a 10:1 panorama here.
+  # detectron2's DatasetMapperTTA resizes the test loader's image, which DatasetMapper has
+  # already resized with ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST), again with
+  # ResizeShortestEdge(min_size, TEST.AUG.MAX_SIZE) for each of TEST.AUG.MIN_SIZES
+  # (= int(MIN_SIZE_TEST * r)), the max size fixed for every ratio (1.0 included), flip or
+  # not; both PIL bilinear on uint8. A single pass keeps the one resize. A 10:1 panorama
+  # reaches both caps, and the double resize lands 1 px away from a direct one.
   from configs import ade20k_semask_mask2former as ade  # pylint: disable=import-outside-toplevel
   d = ade.get_config('T').data
   hw = (100, 1000)
   ratios = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
   mins = [256, 384, 512, 640, 768, 896]  # Base-ADE20K-SemanticSegmentation.yaml TEST.AUG
-  want = [d2_get_output_shape(*hw, m, 3584) for m in mins]
+  loaded = d2_get_output_shape(*hw, 512, 2048)
+  assert loaded == (205, 2048)
+  want = [d2_get_output_shape(*loaded, m, 3584) for m in mins]
   assert pipeline.scale_sizes(hw, d, ratios) == want
   assert pipeline.scale_sizes(hw, d, ratios, tta=pipeline.is_tta(ratios, False)) == want
-  assert want[2] == (358, 3584)  # not (512, 2048 * 1.0 = 2048)-capped
-  assert pipeline.scale_sizes(hw, d, (1.0,)) == [d2_get_output_shape(*hw, 512, 2048)]
+  assert want[2] == (359, 3584) != d2_get_output_shape(*hw, 512, 3584)  # (358, 3584)
+  assert pipeline.scale_sizes(hw, d, (1.0,)) == [loaded]
   assert pipeline.scale_sizes(hw, d, (1.0,), tta=pipeline.is_tta((1.0,), True)) == [
-      d2_get_output_shape(*hw, 512, 3584)]
-  image = np.zeros(hw + (3,), np.uint8)
-  assert [im.shape[:2] for im in pipeline.scale_images(image, d, (0.5, 1.0))] == [want[0], want[2]]
+      d2_get_output_shape(*loaded, 512, 3584)]
+  # The pixels: PIL twice, then the model's normalisation.
+  image = np.random.default_rng(0).integers(0, 256, hw + (3,), dtype=np.uint8)
+  first = Image.fromarray(image).resize(loaded[::-1], Image.Resampling.BILINEAR)
+  got = pipeline.scale_images(image, d, (0.5, 1.0))
+  for im, size in zip(got, (want[0], want[2])):
+    ref = np.asarray(first.resize(size[::-1], Image.Resampling.BILINEAR), np.float32)
+    ref = (ref - np.asarray(d.mean, np.float32)) / np.asarray(d.std, np.float32)
+    np.testing.assert_allclose(im, ref, rtol=0, atol=1e-5)
+  single = pipeline.scale_images(image, d, (1.0,))[0]  # no TTA: one resize
+  ref = np.asarray(Image.fromarray(image).resize(loaded[::-1], Image.Resampling.BILINEAR),
+                   np.float32)
+  np.testing.assert_allclose(single, (ref - np.asarray(d.mean, np.float32))
+                             / np.asarray(d.std, np.float32), rtol=0, atol=1e-5)
 
 
 def test_loaders_with_the_detectron2_recipe():
