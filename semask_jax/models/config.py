@@ -5,7 +5,7 @@ Experiment files hold the model config as a flat ml_collections ConfigDict
 (`config.model`, overridable as `--config.model.embed_dim=...`);
 `ModelConfig.from_config` validates it once (unknown keys get a suggestion)
 and turns it into frozen dataclasses: a `BackboneConfig` shared by every head,
-and the head's own (`FPNHeadConfig` or `Mask2FormerHeadConfig`).
+and the head's own (`FPNHeadConfig`, `Mask2FormerHeadConfig` or `MaskFormerHeadConfig`).
 """
 from __future__ import annotations
 
@@ -250,7 +250,8 @@ def model_config_from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
 
   Keys that are not model keys (such as cate_w) are ignored; missing ones
   take the defaults of default_model_config. A dict with Mask2Former keys
-  (dec_layers) gives a Mask2Former config.
+  (dec_layers) gives a Mask2Former config unless its `name` says otherwise (MaskFormer's
+  keys are a subset of Mask2Former's: its vectors need name='semask_maskformer').
   """
   name = d.get("name", SEMASK_MASK2FORMER if "dec_layers" in d else SEMASK_FPN)
   cfg = default_model_config("T", int(d.get("num_classes", 150)), name=name)
