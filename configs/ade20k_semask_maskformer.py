@@ -64,6 +64,8 @@ def maskformer_loss_config() -> ml_collections.ConfigDict:
   loss.no_object_weight = 0.1
   loss.max_targets = 64  # static target slots per image (ADE20K crops have <= ~40 classes)
   loss.slot_chunk = 8    # slots per step of the full-resolution focal / dice losses
+  # loss_ce / loss_cate: means per group of one reference GPU's images (16 on 8 GPUs).
+  loss.group_size = common.REFERENCE_IMAGES_PER_GPU
   return loss
 
 

@@ -22,8 +22,8 @@ from flax import nnx
 
 from convert_weights import ConversionError, convert_semask_maskformer
 from convert_weights.__main__ import main as cli_main
-from semask_jax import maskformer_loss as mfl
-from semask_jax.matching import linear_sum_assignment
+from semask_jax.losses import maskformer as mfl
+from semask_jax.losses.matching import linear_sum_assignment
 from semask_jax.models import SEMASK_MASKFORMER, model_config_from_dict
 from tests.golden_utils import GOLDEN_DIR, jit_forward, load_vector
 

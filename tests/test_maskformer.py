@@ -11,11 +11,11 @@ from flax import nnx
 
 import input_pipeline
 from configs import ade20k_semask_maskformer, demo_maskformer
-from semask_jax import maskformer_loss as mfl
-from semask_jax import optim
 from semask_jax import sharding as sharding_lib
-from semask_jax import state as state_lib
-from semask_jax import train
+from semask_jax.losses import maskformer as mfl
+from semask_jax.train import loop as train
+from semask_jax.train import optim
+from semask_jax.train import state as state_lib
 from semask_jax.models import (SEMASK_MASKFORMER, ModelConfig, SeMaskMaskFormer, build_model,
                                default_model_config, reference_sem_global)
 from semask_jax.models.maskformer_pixel_decoder import resize_nearest

@@ -39,7 +39,7 @@ from semask_jax.train import summary
 from semask_jax.cli import ConfigError
 from semask_jax.evaluation.evaluator import make_eval_fn, make_summary_images_fn, write_eval_results
 from semask_jax.losses import mask2former as mask2former_loss
-from semask_jax import maskformer_loss
+from semask_jax.losses import maskformer as maskformer_loss
 from semask_jax.losses.segmentation import check_ce_backward, segmentation_loss
 from semask_jax.models import SeMaskMask2Former, SeMaskMaskFormer, layers, model_class
 from semask_jax.train.state import TrainState, create_model, init_train_state, merge_model
@@ -284,7 +284,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                dict(mesh.shape), jax.process_count(), micro_bs, k)
 
   # The data first: a data set that is not prepared fails before the model is built.
-  slots = config.loss.max_targets if model_class(config.model) is SeMaskMask2Former else None
+  set_heads = (SeMaskMask2Former, SeMaskMaskFormer)  # a fixed number of target slots
+  slots = config.loss.max_targets if model_class(config.model) in set_heads else None
   train_iter = input_pipeline.create_train_iterator(config.data, seed=config.seed,
                                                     global_batch_size=micro_bs,
                                                     max_targets=slots)

@@ -1,9 +1,9 @@
 """The SeMask-MaskFormer set criterion (SPEC section 11), jit-able end to end.
 
-MaskFormer's criterion differs from Mask2Former's (mask2former_loss.py) in where the
+MaskFormer's criterion differs from Mask2Former's (losses/mask2former.py) in where the
 masks are compared, not in its structure, so the static layout, the targets, the
-exact in-graph Hungarian matching and loss_cate are mask2former_loss's and
-matching.py's:
+per-group means, the exact in-graph Hungarian matching and loss_cate are
+mask2former.py's and matching.py's:
   * matcher: C = 1 x (-softmax class) + 20 x focal cost + 1 x dice cost over ALL
     pixels of the H/4 x W/4 prediction, the targets read there by torch "nearest"
     (pixel (4i, 4j) of each 4x4 block), no random points;
@@ -12,13 +12,15 @@ matching.py's:
     (padded) label size; the no-object-weighted CE over all queries;
   * deep supervision over the decoder's predictions (6), loss_cate for the final one.
 
-Static layout as mask2former_loss: targets are [B, T] slots (T = max_targets) with a
+Static layout as mask2former.py: targets are [B, T] slots (T = max_targets) with a
 validity mask, the matched query of each slot in the same layout; padded slots match
 nothing and add nothing. Target masks are (label == class): ignored (255) and padded
 pixels are 0 in every target, as the reference's padded masks. num_masks counts the
 valid targets of the whole (global) batch, clamped at >= 1 (the reference's
 all-reduced average times the device count; its loss is a sum over matched pairs
-divided by it, so the global form is the same number).
+divided by it, so the global form is the same number). loss_ce and loss_cate are
+means per group of `group_size` consecutive images averaged over the groups, as the
+reference's per-GPU means averaged by DDP (0: the whole batch as one group).
 
 Memory: the full-resolution mask losses run over the target slots in chunks of
 `slot_chunk` (a lax.scan; a chunk where no image has a target is skipped by
@@ -34,9 +36,9 @@ import jax
 import jax.numpy as jnp
 
 from semask_jax.cli import ConfigError
-from semask_jax.mask2former_loss import (IGNORE_INDEX, _bce_with_logits, present_classes,
-                                         semantic_ce)
-from semask_jax.matching import linear_sum_assignment
+from semask_jax.losses.mask2former import (IGNORE_INDEX, _bce_with_logits, group_mean,
+                                           present_classes, semantic_ce)
+from semask_jax.losses.matching import linear_sum_assignment
 from semask_jax.models.maskformer_pixel_decoder import _nearest_index
 from semask_jax.models.resize import resize_bilinear
 
@@ -57,11 +59,15 @@ class MaskFormerCriterionConfig:
   focal_alpha: float = 0.25
   focal_gamma: float = 2.0
   ignore_index: int = IGNORE_INDEX
+  group_size: int = 0            # images per loss_ce / loss_cate mean (0: all)
 
   def __post_init__(self):
     for name in ("max_targets", "slot_chunk"):
       if getattr(self, name) < 1:
         raise ConfigError(f"config.loss.{name} must be >= 1, got {getattr(self, name)}")
+    if not isinstance(self.group_size, int) or self.group_size < 0:
+      raise ConfigError("config.loss.group_size must be an integer >= 0 (0: the whole "
+                        f"batch), got {self.group_size!r}")
 
 
 # ----------------------------------------------------------------------------- matcher
@@ -125,7 +131,8 @@ def class_loss(pred_logits: jax.Array, query: jax.Array, classes: jax.Array,
                cfg: MaskFormerCriterionConfig) -> jax.Array:
   """loss_ce: cross-entropy of every query [B, Q, K+1] against its matched class (query
   [B, T] per target slot, classes [B, T]) or no-object (K), weights 1 / no_object_weight,
-  weighted mean (F.cross_entropy with empty_weight)."""
+  weighted mean (F.cross_entropy with empty_weight) per group of cfg.group_size images,
+  averaged over the groups."""
   q = pred_logits.shape[1]
   k = cfg.num_classes
   paired = query >= 0                                                  # [B, T]
@@ -135,7 +142,7 @@ def class_loss(pred_logits: jax.Array, query: jax.Array, classes: jax.Array,
   onehot = (target_class[..., None] == jnp.arange(k + 1)).astype(jnp.float32)
   nll = jax.nn.logsumexp(logits, -1) - jnp.sum(logits * onehot, -1)    # [B, Q]
   weight = jnp.where(target_class == k, cfg.no_object_weight, 1.0)
-  return jnp.sum(weight * nll) / jnp.sum(weight)
+  return group_mean(jnp.sum(weight * nll, -1), jnp.sum(weight, -1), cfg.group_size)
 
 
 def _focal_dice(src: jax.Array, label: jax.Array, cls: jax.Array,
@@ -213,7 +220,7 @@ def set_criterion(outputs: Mapping[str, Any], label: jax.Array, cfg: MaskFormerC
   loss_ce = jax.vmap(lambda lg, m: class_loss(lg, m, classes, cfg))(pred_logits, matches)
   loss_mask, loss_dice = jax.lax.map(
       lambda a: mask_losses(a[0], a[1], label, classes, num_masks, cfg), (pred_masks, matches))
-  cate = semantic_ce(outputs["sem_pred"], label, cfg.ignore_index)
+  cate = semantic_ce(outputs["sem_pred"], label, cfg.ignore_index, cfg.group_size)
   loss_cate = jnp.zeros((n_pred,), jnp.float32).at[-1].set(cate)
   total = jnp.sum(cfg.class_weight * loss_ce + cfg.mask_weight * loss_mask
                   + cfg.dice_weight * loss_dice + cfg.cate_weight * loss_cate)
