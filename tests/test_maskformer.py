@@ -32,6 +32,16 @@ def test_semantic_attention_rule(classes):
   assert m.backbone.num_sem_blocks == (1, 1, 1, 1)
 
 
+def test_parameter_count_of_semask_l():
+  """SPEC 11: SeMask-L MaskFormer for ADE20K has 218,719,231 parameters (backbone
+  202.3M, head 16.4M)."""
+  cfg = default_model_config("L", 150, num_sem_blocks=1, name=SEMASK_MASKFORMER)
+  model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))  # shapes only
+  count = lambda m: sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  assert count(model) == 218_719_231
+  assert count(model.backbone) == 202_344_808
+
+
 def test_resize_nearest_is_torch_nearest():
   import torch
   x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
