@@ -32,7 +32,6 @@ MF_GOLDEN_DIR = pathlib.Path(os.environ.get("SEMASK_MASKFORMER_GOLDEN_DIR",
 FILES = sorted(MF_GOLDEN_DIR.glob("*.npz"))
 RTOL = 1e-4  # max |err| <= 1e-4 * max(1, max |ref|)
 EXTRA_SLOTS = 2  # padded target slots beyond the classes present: they must not matter
-SUB = 3  # *_sub3 maps are x[..., ::3, ::3]
 
 
 def _check(name: str, got, ref) -> float:
@@ -128,10 +127,10 @@ def test_maskformer_golden(path):
                                          vec["pred_logits"][layer])
     errs[f"pred_masks{layer}"] = _check(f"pred_masks[{layer}]", out["pred_masks"][layer],
                                         vec["pred_masks"][layer])
-  errs["sem_pred_sub3"] = _check("sem_pred_sub3", _nchw(out["sem_pred"])[..., ::SUB, ::SUB],
-                                 vec["sem_pred_sub3"])
-  errs["semseg_sub3"] = _check("semseg_sub3", _nchw(out["sem_seg"])[..., ::SUB, ::SUB],
-                               vec["semseg_sub3"])
+  sub = int(meta.get("sub", 3))  # sem_pred_sub{sub} = x[..., ::sub, ::sub]
+  for name, key in (("sem_pred", "sem_pred"), ("semseg", "sem_seg")):
+    errs[f"{name}_sub{sub}"] = _check(f"{name}_sub{sub}", _nchw(out[key])[..., ::sub, ::sub],
+                                      vec[f"{name}_sub{sub}"])
   np.testing.assert_array_equal(np.asarray(out["sem_seg"]).argmax(-1), vec["semseg_argmax"])
   worst = max(errs, key=errs.get)
   print(json.dumps({path.stem: {"worst": worst, "max_abs_err": f"{errs[worst]:.2e}"}}))
