@@ -317,7 +317,9 @@ def infer_mask2former_config(sd: StateDict, *, source: str = "state dict"):
 
 def infer_maskformer_config(sd: StateDict, *, source: str = "state dict"):
   """A SeMask-MaskFormer model config matching a detectron2 state dict's shapes: variant,
-  window, class count, queries, decoder depth and widths (SPEC section 11)."""
+  window, class count, queries, decoder depth and widths (SPEC section 11). Not in the
+  shapes: the decoder's attention heads (the reference's 8) and the semantic window (the
+  Swin window, as the one official config, ADE20K, sets it)."""
   get = _getter(sd, source, "SeMask-MaskFormer (detectron2)")
   bb = _backbone_shapes(sd, get)
   pd, pr = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
