@@ -12,6 +12,10 @@ r"""Command line: convert PyTorch checkpoints into an orbax directory for `confi
   # classes, queries and layer counts read from the shapes):
   python -m convert_weights semask_mask2former --pth semask_large_mask2former_ade20k.pth \
       --out /tmp/semask_m2f_l_ade
+  # A released SeMask-MaskFormer checkpoint (the same; the attention heads are not in the
+  # shapes: the reference's 8 unless --nheads says otherwise):
+  python -m convert_weights semask_maskformer --pth semask_large_maskformer_ade20k.pth \
+      --out /tmp/semask_mf_l_ade
   # Swin ImageNet backbone -> SeMask-L Mask2Former for ADE20K:
   python -m convert_weights swin_imagenet --pth swin_large_patch4_window12_384_22k.pth \
       --variant L --num_classes 150 --head mask2former --out /tmp/semask_m2f_l_in22k
@@ -23,9 +27,11 @@ import sys
 
 from convert_weights.checkpoint import save_conversion
 from convert_weights.core import (ConversionError, convert_semask, convert_semask_mask2former,
-                                  convert_swin_imagenet)
+                                  convert_semask_maskformer, convert_swin_imagenet,
+                                  infer_maskformer_config, read_pth, extract_state_dict)
 from semask_jax import cli
-from semask_jax.models import SEMASK_FPN, SEMASK_MASK2FORMER, VARIANTS, default_model_config
+from semask_jax.models import (SEMASK_FPN, SEMASK_MASK2FORMER, SEMASK_MASKFORMER, VARIANTS,
+                               default_model_config)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -43,9 +49,9 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--pth", required=True, help="swin_*_patch4_window*_*.pth ({'model': ...})")
   s.add_argument("--variant", required=True, choices=sorted(VARIANTS))
   s.add_argument("--num_classes", type=int, required=True)
-  s.add_argument("--head", choices=("fpn", "mask2former"), default="fpn",
-                 help="the model to build around the backbone: SeMask-FPN (default) or "
-                 "SeMask-Mask2Former")
+  s.add_argument("--head", choices=("fpn", "mask2former", "maskformer"), default="fpn",
+                 help="the model to build around the backbone: SeMask-FPN (default), "
+                 "SeMask-Mask2Former or SeMask-MaskFormer")
   s.add_argument("--num_sem_blocks", type=_ints, default=(1, 1, 1, 1),
                  help="per stage; 0,0,0,0 = the Swin-FPN baseline (default 1,1,1,1)")
   s.add_argument("--window_size", type=int, default=None,
@@ -56,7 +62,12 @@ def _parser() -> argparse.ArgumentParser:
   m = sub.add_parser("semask_mask2former",
                      help="a released SeMask-Mask2Former .pth (detectron2 {'model': ...})")
   m.add_argument("--pth", required=True, help="detectron2 checkpoint ({'model': ...})")
-  for q in (s, t, m):
+  f = sub.add_parser("semask_maskformer",
+                     help="a released SeMask-MaskFormer .pth (detectron2 {'model': ...})")
+  f.add_argument("--pth", required=True, help="detectron2 checkpoint ({'model': ...})")
+  f.add_argument("--nheads", type=int, default=None,
+                 help="decoder attention heads (not in the shapes; default the reference's 8)")
+  for q in (s, t, m, f):
     q.add_argument("--out", required=True, help="output directory (must not exist yet)")
     q.add_argument("--allow_pickle", action="store_true",
                    help="torch.load with weights_only=False (only for files you trust)")
@@ -69,12 +80,20 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   try:
     if args.kind == "swin_imagenet":
-      name = SEMASK_MASK2FORMER if args.head == "mask2former" else SEMASK_FPN
+      name = {"mask2former": SEMASK_MASK2FORMER,
+              "maskformer": SEMASK_MASKFORMER}.get(args.head, SEMASK_FPN)
       cfg = default_model_config(args.variant, args.num_classes,
                                  num_sem_blocks=args.num_sem_blocks, name=name)
       if args.window_size:
         cfg.window_size = cfg.sem_window_size = args.window_size
       conv = convert_swin_imagenet(args.pth, cfg, allow_pickle=args.allow_pickle, seed=args.seed)
+    elif args.kind == "semask_maskformer":
+      cfg = None
+      if args.nheads is not None:
+        cfg = infer_maskformer_config(extract_state_dict(
+            read_pth(args.pth, allow_pickle=args.allow_pickle), args.pth), source=args.pth)
+        cfg.nheads = args.nheads
+      conv = convert_semask_maskformer(args.pth, cfg, allow_pickle=args.allow_pickle)
     elif args.kind == "semask_mask2former":
       conv = convert_semask_mask2former(args.pth, allow_pickle=args.allow_pickle)
     else:

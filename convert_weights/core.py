@@ -8,7 +8,8 @@ Three sources (SPEC sections 5 and 10):
   * a trained SeMask-FPN / Swin-FPN checkpoint (mmcv {'state_dict': ...}):
     every parameter and batch-norm statistic; the model config (variant,
     window, class count) is read from the shapes;
-  * a released SeMask-Mask2Former checkpoint (detectron2 {'model': ...}):
+  * a released SeMask-Mask2Former or SeMask-MaskFormer checkpoint (detectron2
+    {'model': ...}):
     backbone.*, sem_seg_head.pixel_decoder.*, sem_seg_head.predictor.*; the
     buffers pixel_mean, pixel_std, criterion.empty_weight are skipped; variant,
     window, classes, queries and layer counts are read from the shapes.
@@ -30,7 +31,8 @@ from flax import nnx
 
 from convert_weights import names
 from convert_weights.bicubic import resize_bias_table
-from semask_jax.models import SEMASK_MASK2FORMER, build_model, default_model_config
+from semask_jax.models import (SEMASK_MASK2FORMER, SEMASK_MASKFORMER, build_model,
+                               default_model_config)
 
 StateDict = dict[str, np.ndarray]
 
@@ -313,6 +315,41 @@ def infer_mask2former_config(sd: StateDict, *, source: str = "state dict"):
   return cfg
 
 
+def infer_maskformer_config(sd: StateDict, *, source: str = "state dict"):
+  """A SeMask-MaskFormer model config matching a detectron2 state dict's shapes: variant,
+  window, class count, queries, decoder depth and widths (SPEC section 11). Not in the
+  shapes: the decoder's attention heads (the reference's 8) and the semantic window (the
+  Swin window, as the one official config, ADE20K, sets it)."""
+  get = _getter(sd, source, "SeMask-MaskFormer (detectron2)")
+  bb = _backbone_shapes(sd, get)
+  pd, pr = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
+  dec = pr + "transformer.decoder.layers."
+  num_classes = get(pr + "class_embed.weight").shape[0] - 1
+  cfg = default_model_config("T", int(num_classes), name=SEMASK_MASKFORMER)
+  nsb = set(bb.pop("num_sem_blocks"))
+  if len(nsb) != 1 or 0 in nsb:
+    raise ConversionError(f"{source}: SeMask-MaskFormer has the same positive number of "
+                          f"semantic blocks in every stage, found {sorted(nsb)}")
+  if any(k.startswith(pr + "transformer.encoder.") for k in sd):
+    raise ConversionError(f"{source}: a TransformerPredictor with encoder layers "
+                          "(transformer.encoder.*) is not supported (the SeMask configs use 0)")
+  cfg.update(bb)
+  cfg.num_sem_blocks = nsb.pop()
+  cfg.sem_window_size = cfg.window_size
+  cfg.conv_dim = int(get(pd + "layer_4.weight").shape[0])
+  cfg.mask_dim = int(get(pd + "mask_features.weight").shape[0])
+  cfg.hidden_dim = int(get(pr + "query_embed.weight").shape[1])
+  cfg.num_queries = int(get(pr + "query_embed.weight").shape[0])
+  cfg.dim_feedforward = int(get(dec + "0.linear1.weight").shape[0])
+  cfg.dec_layers = _count(sd, rf"{re.escape(dec)}(\d+)\.")
+  # in_channels == hidden_dim with an input_proj in the checkpoint: ENFORCE_INPUT_PROJ.
+  cfg.enforce_input_proj = (pr + "input_proj.weight" in sd
+                            and bb["embed_dim"] * 8 == cfg.hidden_dim)
+  cfg.use_gamma = any(k.endswith(".gamma") for k in sd)
+  cfg.sem_attention = "plain" if any(".mlp_q." in k for k in sd) else "semantic"
+  return cfg
+
+
 # ----------------------------------------------------------------------------
 # Entry points.
 # ----------------------------------------------------------------------------
@@ -342,6 +379,15 @@ def convert_semask_mask2former(sd_or_path, config=None, *, allow_pickle: bool = 
   """A released SeMask-Mask2Former checkpoint ({'model': state_dict}, .pth path or state
   dict) -> Conversion. With config=None the config is read from the shapes."""
   return _convert_trained(sd_or_path, config, infer_mask2former_config, allow_pickle, seed)
+
+
+def convert_semask_maskformer(sd_or_path, config=None, *, allow_pickle: bool = False,
+                              seed: int = 0) -> Conversion:
+  """A released SeMask-MaskFormer checkpoint ({'model': state_dict}, .pth path or state
+  dict) -> Conversion. With config=None the config is read from the shapes; the number
+  of attention heads is not in the shapes: nheads stays the reference's 8 (pass a
+  config for another)."""
+  return _convert_trained(sd_or_path, config, infer_maskformer_config, allow_pickle, seed)
 
 
 def convert_swin_imagenet(sd_or_path, config, *, allow_pickle: bool = False,

@@ -31,7 +31,7 @@ def _fake_state_dict(keys):
           for i, (k, shape, dtype) in enumerate(keys)}
 
 
-@pytest.mark.parametrize("head", ["semask_fpn", "semask_mask2former"])
+@pytest.mark.parametrize("head", ["semask_fpn", "semask_mask2former", "semask_maskformer"])
 @pytest.mark.parametrize("name", list(VARIANT_OF))
 def test_swin_imagenet_key_lists_are_covered(name, head):
   entry = _swin_keys()[name]

@@ -39,6 +39,7 @@ from semask_jax.models import model_class
 from semask_jax.models.functional import merge_model
 from semask_jax.models.resize import resize_bilinear
 from semask_jax.models.semask_mask2former import SeMaskMask2Former
+from semask_jax.models.semask_maskformer import SeMaskMaskFormer
 
 ModelFn = Callable[[jax.Array], jax.Array]  # images [B, H, W, 3] -> seg logits [B, h/4, w/4, K]
 
@@ -518,12 +519,14 @@ def evaluate_per_image(inference: PerImageInference, examples: Iterable[Mapping[
 
 
 def test_size_divisibility(config: ml_collections.ConfigDict) -> int:
-  """The model's own test-time pad: detectron2 pads SeMask-Mask2Former's normalised input
-  with zeros to MODEL.MASK_FORMER.SIZE_DIVISIBILITY (32) and crops the scores back; mmseg
-  runs the FPN model on the image as it is. config.eval.size_divisibility overrides."""
+  """The model's own test-time pad: detectron2 pads SeMask-Mask2Former's and
+  SeMask-MaskFormer's normalised input with zeros to MODEL.MASK_FORMER.SIZE_DIVISIBILITY
+  (32) and crops the scores back; mmseg runs the FPN model on the image as it is.
+  config.eval.size_divisibility overrides."""
   if config.eval.get('size_divisibility') is not None:
     return int(config.eval.size_divisibility)
-  return 32 if issubclass(model_class(config.model), SeMaskMask2Former) else 0
+  detectron2_heads = (SeMaskMask2Former, SeMaskMaskFormer)
+  return 32 if issubclass(model_class(config.model), detectron2_heads) else 0
 
 
 def make_per_image_inference(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,

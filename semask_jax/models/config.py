@@ -5,7 +5,7 @@ Experiment files hold the model config as a flat ml_collections ConfigDict
 (`config.model`, overridable as `--config.model.embed_dim=...`);
 `ModelConfig.from_config` validates it once (unknown keys get a suggestion)
 and turns it into frozen dataclasses: a `BackboneConfig` shared by every head,
-and the head's own (`FPNHeadConfig` or `Mask2FormerHeadConfig`).
+and the head's own (`FPNHeadConfig`, `Mask2FormerHeadConfig` or `MaskFormerHeadConfig`).
 """
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 SEMASK_FPN = "semask_fpn"
 SEMASK_MASK2FORMER = "semask_mask2former"
-MODEL_NAMES = (SEMASK_FPN, SEMASK_MASK2FORMER)
+SEMASK_MASKFORMER = "semask_maskformer"
+MODEL_NAMES = (SEMASK_FPN, SEMASK_MASK2FORMER, SEMASK_MASKFORMER)
+# Heads whose num_sem_blocks is one int for every stage (the detectron2 configs).
+_ONE_NUM_SEM_BLOCKS = (SEMASK_MASK2FORMER, SEMASK_MASKFORMER)
 # What a rematerialised Swin block keeps from its forward pass (see swin.remat_policy_fn).
 REMAT_POLICIES = ("full", "dots", "dots_no_batch", "attn")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -111,10 +114,30 @@ class Mask2FormerHeadConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MaskFormerHeadConfig:
+  """MaskFormer's FPN pixel decoder + DETR transformer predictor (SPEC section 11)."""
+  conv_dim: int = 256
+  mask_dim: int = 256
+  nheads: int = 8
+  hidden_dim: int = 256
+  num_queries: int = 100
+  dim_feedforward: int = 2048
+  enc_layers: int = 0            # ENC_LAYERS: the SeMask configs use none (only 0 is built)
+  dec_layers: int = 6
+  dec_dropout: float = 0.1       # DROPOUT of the DETR decoder (attention and FFN), training only
+  enforce_input_proj: bool = False
+
+
+HEAD_CONFIGS: dict[str, type] = {SEMASK_FPN: FPNHeadConfig,
+                                 SEMASK_MASK2FORMER: Mask2FormerHeadConfig,
+                                 SEMASK_MASKFORMER: MaskFormerHeadConfig}
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   name: str
   backbone: BackboneConfig
-  head: FPNHeadConfig | Mask2FormerHeadConfig
+  head: FPNHeadConfig | Mask2FormerHeadConfig | MaskFormerHeadConfig
 
   @property
   def num_classes(self) -> int:
@@ -127,7 +150,7 @@ class ModelConfig:
       return cfg
     validate_model_config(cfg)
     name = cfg.get("name", SEMASK_FPN)
-    head_cls = FPNHeadConfig if name == SEMASK_FPN else Mask2FormerHeadConfig
+    head_cls = HEAD_CONFIGS[name]
     backbone = BackboneConfig(
         **{f.name: _freeze(cfg[f.name]) for f in dataclasses.fields(BackboneConfig)
            if f.name not in ("num_sem_blocks", "sem_global") and f.name in cfg},
@@ -146,6 +169,7 @@ _BACKBONE_KEYS = tuple(f.name for f in dataclasses.fields(BackboneConfig))
 _HEAD_KEYS = {
     SEMASK_FPN: tuple(f.name for f in dataclasses.fields(FPNHeadConfig)),
     SEMASK_MASK2FORMER: tuple(f.name for f in dataclasses.fields(Mask2FormerHeadConfig)),
+    SEMASK_MASKFORMER: tuple(f.name for f in dataclasses.fields(MaskFormerHeadConfig)),
 }
 # Keys that configs may lack, with their meaning when absent.
 _OPTIONAL_KEYS = ("name", "remat_policy", "sem_global", "attention_impl", "block_loop")
@@ -161,8 +185,11 @@ def reference_sem_global(embed_dim: int, num_classes: int, num_stages: int = 4,
 
   SeMask-FPN: stages 2-3 for embed 96/192 with more than 19 classes, windowed
   everywhere otherwise. SeMask-Mask2Former: only the last stage, and only for
-  150 classes (SPEC section 10).
+  150 classes (SPEC section 10). SeMask-MaskFormer: the last stage, for every class
+  count (SPEC section 11).
   """
+  if name == SEMASK_MASKFORMER:
+    return tuple(i == num_stages - 1 for i in range(num_stages))
   if name == SEMASK_MASK2FORMER:
     return tuple(i == num_stages - 1 and num_classes == 150 for i in range(num_stages))
   if embed_dim in (96, 192) and num_classes > 19:
@@ -196,9 +223,9 @@ def default_model_config(variant: str = "T", num_classes: int = 150, *,
   if name not in MODEL_NAMES:
     raise ValueError(f"Unknown model name {name!r}; expected one of {MODEL_NAMES}")
   v = VARIANTS[variant]
-  if name == SEMASK_MASK2FORMER and not isinstance(num_sem_blocks, int):
+  if name in _ONE_NUM_SEM_BLOCKS and not isinstance(num_sem_blocks, int):
     if len(set(num_sem_blocks)) != 1:
-      raise ValueError(f"SeMask-Mask2Former has one num_sem_blocks for all stages, "
+      raise ValueError(f"{name} has one num_sem_blocks for all stages, "
                        f"got {tuple(num_sem_blocks)}")
     num_sem_blocks = int(num_sem_blocks[0])  # the reference's single int
   elif not isinstance(num_sem_blocks, int):
@@ -210,7 +237,7 @@ def default_model_config(variant: str = "T", num_classes: int = 150, *,
       use_gamma=True, sem_attention="semantic", sem_dropout=0.1,
       drop_path_rate=0.3, dtype="float32", remat=False, remat_policy="full",
       attention_impl="einsum", block_loop="auto"))
-  head_cls = FPNHeadConfig if name == SEMASK_FPN else Mask2FormerHeadConfig
+  head_cls = HEAD_CONFIGS[name]
   for f in dataclasses.fields(head_cls):
     cfg[f.name] = f.default
   # None means "the reference rule" (resolve_sem_global); a tuple of bools overrides it.
@@ -223,7 +250,8 @@ def model_config_from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
 
   Keys that are not model keys (such as cate_w) are ignored; missing ones
   take the defaults of default_model_config. A dict with Mask2Former keys
-  (dec_layers) gives a Mask2Former config.
+  (dec_layers) gives a Mask2Former config unless its `name` says otherwise (MaskFormer's
+  keys are a subset of Mask2Former's: its vectors need name='semask_maskformer').
   """
   name = d.get("name", SEMASK_MASK2FORMER if "dec_layers" in d else SEMASK_FPN)
   cfg = default_model_config("T", int(d.get("num_classes", 150)), name=name)
@@ -281,6 +309,16 @@ def validate_model_config(cfg: Mapping[str, Any]) -> None:
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"model config: attention_impl {impl!r} not in {ATTENTION_IMPLS}")
   resolve_block_loop(cfg.get("block_loop", "auto"), platform="cpu")  # validates
+  if name == SEMASK_MASKFORMER:
+    if cfg["hidden_dim"] % cfg["nheads"]:
+      raise ValueError(f"model config: hidden_dim={cfg['hidden_dim']} is not divisible by "
+                       f"nheads={cfg['nheads']}")
+    if cfg["conv_dim"] % 32:
+      raise ValueError(f"model config: conv_dim={cfg['conv_dim']} must be a multiple of 32 "
+                       "(GroupNorm(32) in the pixel decoder)")
+    if cfg["enc_layers"] != 0:
+      raise ValueError(f"model config: enc_layers={cfg['enc_layers']}: only the SeMask "
+                       "configs' DETR transformer without encoder layers (0) is built")
   if name == SEMASK_MASK2FORMER:
     for a, b in (("conv_dim", "nheads"), ("hidden_dim", "nheads")):
       if cfg[a] % cfg[b]:

@@ -39,8 +39,9 @@ from semask_jax.train import summary
 from semask_jax.cli import ConfigError
 from semask_jax.evaluation.evaluator import make_eval_fn, make_summary_images_fn, write_eval_results
 from semask_jax.losses import mask2former as mask2former_loss
+from semask_jax.losses import maskformer as maskformer_loss
 from semask_jax.losses.segmentation import check_ce_backward, segmentation_loss
-from semask_jax.models import SeMaskMask2Former, layers, model_class
+from semask_jax.models import SeMaskMask2Former, SeMaskMaskFormer, layers, model_class
 from semask_jax.train.state import TrainState, create_model, init_train_state, merge_model
 
 
@@ -73,12 +74,21 @@ def criterion_config(config: ml_collections.ConfigDict) -> mask2former_loss.Crit
       **{k: config.loss[k] for k in fields if k in config.loss})
 
 
+def maskformer_criterion_config(config: ml_collections.ConfigDict
+                                ) -> maskformer_loss.MaskFormerCriterionConfig:
+  """The MaskFormer criterion's settings from config.loss and config.data."""
+  fields = [f.name for f in dataclasses.fields(maskformer_loss.MaskFormerCriterionConfig)]
+  return maskformer_loss.MaskFormerCriterionConfig(
+      num_classes=config.model.num_classes, ignore_index=config.data.ignore_index,
+      **{k: config.loss[k] for k in fields if k in config.loss and k != 'num_classes'})
+
+
 def make_loss(config: ml_collections.ConfigDict) -> LossFn:
   """(model outputs, labels [B, H, W], rng) -> (loss, scalar metrics) for config.model's head.
 
   SeMask-FPN: CE on the FPN logits + cate_w * CE on the semantic decoder (SPEC 3).
-  SeMask-Mask2Former: the set criterion over all predictions (SPEC 10); the metrics
-  are the final prediction's terms.
+  SeMask-Mask2Former / SeMask-MaskFormer: the set criterion over all predictions
+  (SPEC 10 / 11); the metrics are the final prediction's terms.
   """
   if model_class(config.model) is SeMaskMask2Former:
     crit = criterion_config(config)
@@ -93,6 +103,19 @@ def make_loss(config: ml_collections.ConfigDict) -> LossFn:
       return total, metrics
 
     return m2f_loss
+  if model_class(config.model) is SeMaskMaskFormer:
+    mf_crit = maskformer_criterion_config(config)
+
+    @jax.named_scope("loss")
+    def mf_loss(out, labels, rng):
+      del rng  # the MaskFormer criterion draws nothing
+      total, aux = maskformer_loss.set_criterion(out, labels, mf_crit)
+      metrics = {f'loss_{k}': aux[f'loss_{k}'][-1] for k in ('ce', 'mask', 'dice', 'cate')}
+      metrics['num_masks'] = aux['num_masks']
+      metrics['dropped_targets'] = aux['num_dropped_targets'].sum().astype(jnp.float32)
+      return total, metrics
+
+    return mf_loss
   loss_cfg = config.loss
   check_ce_backward(loss_cfg.ce_backward)
   group = loss_cfg.group_size
@@ -261,7 +284,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                dict(mesh.shape), jax.process_count(), micro_bs, k)
 
   # The data first: a data set that is not prepared fails before the model is built.
-  slots = config.loss.max_targets if model_class(config.model) is SeMaskMask2Former else None
+  set_heads = (SeMaskMask2Former, SeMaskMaskFormer)  # a fixed number of target slots
+  slots = config.loss.max_targets if model_class(config.model) in set_heads else None
   train_iter = input_pipeline.create_train_iterator(config.data, seed=config.seed,
                                                     global_batch_size=micro_bs,
                                                     max_targets=slots)

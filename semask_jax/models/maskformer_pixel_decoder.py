@@ -1,0 +1,80 @@
+"""MaskFormer's pixel decoder (`BasePixelDecoder`): a plain top-down FPN.
+
+No transformer encoder and no deformable attention (Mask2Former's pixel
+decoder has both): res5 goes through a 3x3 conv, then res4, res3, res2 each add
+a 1x1 lateral to the torch-"nearest" upsampled coarser map and go through a 3x3
+conv; a 3x3 conv with bias gives the stride-4 mask features. Module names
+follow the checkpoint (`sem_seg_head.pixel_decoder.adapter_k`, `layer_k`,
+`mask_features`; k = 1 for res2 ... 4 for res5), so conversion is a name map.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from semask_jax.models import layers
+from semask_jax.models.pixel_decoder import ConvNorm
+
+
+@functools.lru_cache(maxsize=None)
+def _nearest_index(in_size: int, out_size: int) -> np.ndarray:
+  """torch F.interpolate(mode='nearest') source indices: floor(dst * in / out) in float32
+  (the legacy rule, not the half-pixel one of jax.image.resize), clamped to in - 1."""
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int32)
+  return np.minimum(src, in_size - 1)
+
+
+def resize_nearest(x: jax.Array, size: tuple[int, int], axes: tuple[int, int] = (1, 2)
+                   ) -> jax.Array:
+  """torch 'nearest' resize of the two spatial `axes` of x to `size`. An exact integer
+  upscale is a broadcast (no gather, so no scatter in the backward pass)."""
+  for axis, out in zip(axes, size):
+    n = x.shape[axis]
+    if n == out:
+      continue
+    if out % n == 0:  # floor(dst / f) = dst // f: repeat each row f times
+      x = jnp.repeat(x, out // n, axis=axis)
+    else:
+      x = jnp.take(x, _nearest_index(n, out), axis=axis)
+  return x
+
+
+class BasePixelDecoder(nnx.Module):
+  """res2..res5 [B, h_i, w_i, C_i] -> (mask_features [B, H/4, W/4, mask_dim], the
+  top-down outputs [B, h_i, w_i, conv_dim], coarsest first).
+
+  Every conv is detectron2's Conv2d with c2_xavier_fill (U(+-sqrt(3 / fan_in)), zero
+  bias); the norms are GroupNorm(32) in float32; matmuls at `dtype`.
+  """
+
+  def __init__(self, in_channels: tuple[int, int, int, int], conv_dim: int, mask_dim: int, *,
+               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    if len(in_channels) != 4:
+      raise ValueError(f"expected the channels of res2..res5, got {in_channels}")
+    # The reference builds them in res2 .. res5 order (adapter_1, layer_1, adapter_2, ...).
+    for k, ch in enumerate(in_channels[:-1], start=1):
+      setattr(self, f"adapter_{k}", ConvNorm(ch, conv_dim, 1, relu=False, dtype=dtype, rngs=rngs))
+      setattr(self, f"layer_{k}", ConvNorm(conv_dim, conv_dim, 3, relu=True, dtype=dtype,
+                                           rngs=rngs))
+    self.layer_4 = ConvNorm(in_channels[-1], conv_dim, 3, relu=True, dtype=dtype, rngs=rngs)
+    self.mask_features = layers.Conv2d(conv_dim, mask_dim, 3, padding=1, dtype=dtype, rngs=rngs)
+    self.mask_features.kernel = nnx.Param(layers.uniform_init(
+        rngs, (3, 3, conv_dim, mask_dim), math.sqrt(3.0 / (9 * conv_dim))))
+    self.mask_features.bias = nnx.Param(jnp.zeros((mask_dim,), jnp.float32))
+
+  def __call__(self, feats: list[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
+    """feats: res2..res5 as NHWC maps."""
+    y = self.layer_4(feats[3])                                           # [B, H/32, W/32, D]
+    outs = [y]
+    for k in (3, 2, 1):
+      lateral = getattr(self, f"adapter_{k}")(feats[k - 1])              # [B, h_k, w_k, D]
+      y = lateral + resize_nearest(y, lateral.shape[1:3]).astype(lateral.dtype)
+      y = getattr(self, f"layer_{k}")(y)
+      outs.append(y)
+    return self.mask_features(y), outs

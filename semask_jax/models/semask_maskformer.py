@@ -1,0 +1,90 @@
+"""SeMask-MaskFormer: the SeMask Swin backbone with MaskFormer's head (SPEC section 11).
+
+Attribute names follow the official detectron2 checkpoint (`backbone.*`,
+`sem_seg_head.pixel_decoder.*`, `sem_seg_head.predictor.*`), so conversion is
+a name map. The backbone is the other heads', with MaskFormer's rule for global
+semantic attention (stage 3, every class count; resolved in ModelConfig); the
+semantic head and semantic inference are Mask2Former's.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from semask_jax.models import layers
+from semask_jax.models.config import MaskFormerHeadConfig, ModelConfig
+from semask_jax.models.maskformer_decoder import TransformerPredictor
+from semask_jax.models.maskformer_pixel_decoder import BasePixelDecoder
+from semask_jax.models.semantic_head import semantic_head, semantic_inference
+from semask_jax.models.swin import SeMaskSwin
+
+
+class SemSegHead(nnx.Module):
+  """`sem_seg_head` of the checkpoint: FPN pixel decoder + DETR predictor over res5."""
+
+  def __init__(self, in_channels: tuple[int, ...], num_classes: int,
+               config: MaskFormerHeadConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    c = config
+    self.pixel_decoder = BasePixelDecoder(tuple(in_channels), c.conv_dim, c.mask_dim,
+                                          dtype=dtype, rngs=rngs)
+    # TRANSFORMER_IN_FEATURE 'res5': the predictor reads the backbone's res5, not the FPN.
+    self.predictor = TransformerPredictor(
+        in_channels[-1], num_classes, c.hidden_dim, c.num_queries, c.nheads,
+        c.dim_feedforward, c.dec_layers, c.mask_dim, dropout=c.dec_dropout,
+        enforce_input_project=c.enforce_input_proj, dtype=dtype, rngs=rngs)
+
+
+class SeMaskMaskFormer(nnx.Module):
+  """images [B, H, W, 3] -> MaskFormer predictions + the SeMask semantic prior."""
+
+  # segment() returns class-times-mask scores in [0, 1], averaged as they are over
+  # scales and flips (detectron2's test-time augmentation), not through a softmax.
+  SCORES_ARE_PROBABILITIES = True
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    if not isinstance(config.head, MaskFormerHeadConfig):
+      raise ValueError("SeMaskMaskFormer needs a MaskFormer head config, got "
+                       f"{type(config.head).__name__}")
+    bb = config.backbone
+    if not bb.has_semantic:
+      raise ValueError("SeMask-MaskFormer needs semantic layers (num_sem_blocks > 0): its "
+                       "semantic head sums the four prior maps")
+    self.config = config
+    self.dtype = jnp.dtype(bb.dtype)
+    self.backbone = SeMaskSwin(bb, rngs=rngs)
+    self.sem_seg_head = SemSegHead(bb.widths, bb.num_classes, config.head, dtype=self.dtype,
+                                   rngs=rngs)
+
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               rng: jax.Array | None = None) -> dict[str, Any]:
+    """images: [B, H, W, 3] normalised, H and W multiples of 32 (the reference pads to
+    its size divisibility), as the semantic head predicts at 4x the stride-4 map.
+
+    Returns pred_logits [L, B, Q, K+1] and pred_masks [L, B, Q, H/4, W/4] (index l =
+    after decoder layer l + 1; -1 the final one), sem_pred [B, H, W, K], sem_seg
+    [B, H, W, K] (eval only: semantic inference of the final prediction, scores in
+    [0, 1]), and the intermediates (feats, sems, mask_features, transformer_in,
+    transformer_pos, decoder_hs). `rng` drives drop path and dropout when train=True.
+    """
+    keys = layers.KeyChain(rng if train else None)
+    with jax.named_scope("backbone"):  # scopes named as the parameters: profiles by part
+      feats, sems = self.backbone(images.astype(self.dtype), keys)
+    with jax.named_scope("sem_seg_head/pixel_decoder"):
+      mask_features, _ = self.sem_seg_head.pixel_decoder(feats)
+    with jax.named_scope("sem_seg_head/predictor"):
+      out = dict(self.sem_seg_head.predictor(feats[-1], mask_features, keys))
+    size = tuple(images.shape[1:3])
+    with jax.named_scope("semantic_head"):
+      out["sem_pred"] = semantic_head([s.astype(jnp.float32) for s in sems], size)
+    if not train:  # the criterion does not read it; its [B, H, W, K] map costs memory
+      out["sem_seg"] = semantic_inference(out["pred_logits"][-1], out["pred_masks"][-1],
+                                          size, size, size)
+    out.update(feats=feats, sems=sems, mask_features=mask_features)
+    return out
+
+  def segment(self, images: jax.Array) -> jax.Array:
+    """Eval-mode per-class scores at the input size [B, H, W, K] (semantic inference)."""
+    return self(images, train=False)["sem_seg"]
