@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.error("--part is for --mode train")
 
   # As training sets them on a GPU (this process's own backend is the CPU).
-  compile_cfg = ml_collections.ConfigDict({"xla_gpu_fast_compile": args.xla_gpu_fast_compile})
+  compile_cfg = ml_collections.ConfigDict({"xla_gpu_fast_compile": args.xla_gpu_fast_compile,
+                                          "xla_cpu_ynn_fusions": "xla"})
   sharding.set_jax_compile_flags(compile_cfg, backend="gpu")
   program = "train" if args.mode == "train" else "eval"
   options = {**(sharding.compiler_options(compile_cfg, program, backend="gpu") or {}),

@@ -52,10 +52,10 @@ STATE_SHARDINGS = ('replicated', 'fsdp')
 
 def check_state_sharding(config: ml_collections.ConfigDict) -> tuple[str, int]:
   """(config.state_sharding, config.fsdp_min_size), checked."""
-  mode = config.get('state_sharding', 'replicated')
+  mode = config.state_sharding
   if mode not in STATE_SHARDINGS:
     raise ConfigError(f'config.state_sharding must be one of {STATE_SHARDINGS}, got {mode!r}')
-  min_size = config.get('fsdp_min_size', 0)
+  min_size = config.fsdp_min_size
   if not isinstance(min_size, int) or min_size < 0:
     raise ConfigError(f'config.fsdp_min_size must be an integer >= 0, got {min_size!r}')
   return mode, min_size
@@ -192,7 +192,7 @@ def gpu_fast_compile(config: ml_collections.ConfigDict, program: str) -> bool:
   gets the fast-compile XLA:GPU options under config.xla_gpu_fast_compile."""
   if program not in PROGRAMS:
     raise ValueError(f'program must be one of {PROGRAMS}, got {program!r}')
-  mode = config.get('xla_gpu_fast_compile', 'none')
+  mode = config.xla_gpu_fast_compile
   if mode not in GPU_FAST_COMPILE:
     raise ConfigError(f'config.xla_gpu_fast_compile must be one of {GPU_FAST_COMPILE}, '
                       f'got {mode!r}')
@@ -200,8 +200,8 @@ def gpu_fast_compile(config: ml_collections.ConfigDict, program: str) -> bool:
 
 
 def cpu_ynn_fusions(config: ml_collections.ConfigDict) -> str:
-  """config.xla_cpu_ynn_fusions, checked ('xla' where the config has no such key)."""
-  ynn = config.get('xla_cpu_ynn_fusions', 'xla')
+  """config.xla_cpu_ynn_fusions, checked."""
+  ynn = config.xla_cpu_ynn_fusions
   if ynn not in CPU_YNN_FUSIONS:
     raise ConfigError(f'config.xla_cpu_ynn_fusions must be one of {CPU_YNN_FUSIONS}, '
                       f'got {ynn!r}')
@@ -229,7 +229,7 @@ def compiler_options(config: ml_collections.ConfigDict, program: str = 'train',
   ynn = cpu_ynn_fusions(config)
   if backend == 'cpu':
     options = {}
-    if config.get('xla_cpu_fast_compile'):
+    if config.xla_cpu_fast_compile:
       options.update(_FAST_COMPILE_CPU)
     if ynn == 'tuned':
       options[_YNN_FUSIONS] = _YNN_TUNED[program]

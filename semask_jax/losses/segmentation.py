@@ -225,6 +225,9 @@ def ohem_weights(ce: jax.Array, valid: jax.Array, min_kept: int, group_size: int
   return (valid & (jax.lax.stop_gradient(ce) >= threshold)).astype(jnp.float32)
 
 
+REDUCTIONS = ("reference", "valid")  # config.loss.reduction
+
+
 def _reduce(loss: jax.Array, valid: jax.Array, reduction: str) -> jax.Array:
   if reduction == "reference":
     return loss.mean()

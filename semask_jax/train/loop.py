@@ -39,7 +39,7 @@ from semask_jax.train import summary
 from semask_jax.cli import ConfigError
 from semask_jax.evaluation.evaluator import make_eval_fn, make_summary_images_fn, write_eval_results
 from semask_jax.losses import mask2former as mask2former_loss
-from semask_jax.losses.segmentation import check_ce_backward, segmentation_loss
+from semask_jax.losses.segmentation import REDUCTIONS, check_ce_backward, segmentation_loss
 from semask_jax.models import SeMaskMask2Former, layers, model_class
 from semask_jax.train.state import TrainState, create_model, init_train_state, merge_model
 
@@ -95,10 +95,17 @@ def make_loss(config: ml_collections.ConfigDict) -> LossFn:
     return m2f_loss
   loss_cfg = config.loss
   check_ce_backward(loss_cfg.ce_backward)
-  group = loss_cfg.get('ohem_group_size', 0)
+  group = loss_cfg.ohem_group_size
   if not isinstance(group, int) or group < 0:
     raise ConfigError(f'config.loss.ohem_group_size must be an integer >= 0 (0: the whole '
                       f'batch), got {group!r}')
+  if loss_cfg.ohem_min_kept and group and micro_batch_size(config) % group:
+    raise ConfigError(f'config.loss.ohem_group_size={group} does not divide the micro batch '
+                      f'of {micro_batch_size(config)} images (config.batch_size / '
+                      f'config.grad_accum_steps)')
+  if loss_cfg.reduction not in REDUCTIONS:
+    raise ConfigError(f'config.loss.reduction must be one of {REDUCTIONS}, '
+                      f'got {loss_cfg.reduction!r}')
 
   @jax.named_scope("loss")
   def fpn_loss(out, labels, rng):
@@ -106,7 +113,7 @@ def make_loss(config: ml_collections.ConfigDict) -> LossFn:
     return segmentation_loss(out, labels, ignore_index=config.data.ignore_index,
                              cate_w=loss_cfg.cate_w, reduction=loss_cfg.reduction,
                              ohem_min_kept=loss_cfg.ohem_min_kept,
-                             ohem_group_size=loss_cfg.get('ohem_group_size', 0),
+                             ohem_group_size=group,
                              ce_backward=loss_cfg.ce_backward)
 
   return fpn_loss
@@ -267,7 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state, graphdef, rest, tx, schedule = init_train_state(config, model, mesh)
   del model
   logging.info('Parameters: %d (train state %s)', optim.count_params(state.params),
-               config.get('state_sharding', 'replicated'))
+               config.state_sharding)
   state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
   train_step = jit_train_step(make_train_step(graphdef, rest, tx, schedule, config,
                                               state_sharding.params),
