@@ -580,7 +580,7 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
 
 
 def table_row(res: dict[str, Any]) -> str:
-  """One markdown row of the PERF_NOTES / README table from a result dict."""
+  """One markdown row of the docs/performance.md / README table from a result dict."""
   name = res.get("variant") or res["config"]
   xm = res.get("xla_memory_bytes")
   return (f"| SeMask-{name} FPN | {res['mode']} | {res['batch']} | {res['remat']} "

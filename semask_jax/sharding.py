@@ -152,7 +152,7 @@ _FAST_COMPILE_CPU = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expe
 # XLA:CPU's YNNPACK fusions, per program (config.xla_cpu_ynn_fusions='tuned'). XLA's default
 # list (jaxlib 0.10) hands YNNPACK each dot, each convolution, and each reduction together
 # with its element-wise producers (a LayerNorm with the residual add, bias and GELU before
-# it). Measured on 2 CPU cores, SeMask-T and -B at 512x512 (PERF_NOTES):
+# it). Measured on 2 CPU cores, SeMask-T and -B at 512x512 (docs/performance.md):
 # - training without YNNPACK's convolutions: Eigen's convolution gradients are 1.1-2.8x
 #   faster (the FPN head's 3x3 96 -> 256 at 128x128: 389 -> 141 ms forward + backward);
 #   the SeMask-T step 8-12 % faster, SeMask-B 2.5 %; same memory. The reduce fusions stay:
@@ -178,7 +178,7 @@ CPU_YNN_FUSIONS = ('tuned', 'xla')
 # compiled and timed) is the next long pole; cuBLAS alone ran the step as fast. JAX's
 # threefry GPU kernel (jax_threefry_gpu_kernel_lowering: the same bits from one custom
 # call instead of ~100 HLO ops per draw) leaves the fusion passes fewer ops to price.
-# Measured on an H200 (PERF_NOTES, "fourth lease"): cold compile 184 -> 37 s, step
+# Measured on an H200 (docs/performance.md, "fourth lease"): cold compile 184 -> 37 s, step
 # +1.4-4 %, peak memory -1.4 GiB; inference lost 12 % without the Triton softmax fusions,
 # hence 'train'.
 _FAST_COMPILE_GPU = {'xla_disable_hlo_passes': 'triton-softmax-rewriter',

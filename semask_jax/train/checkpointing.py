@@ -9,7 +9,7 @@ Arrays are written by one replica each in a single-process run. Orbax's default
 (replica-parallel saving, on wherever JAX_PLATFORMS does not name a GPU) splits every
 replicated array into one slice per device, each cut by its own jitted slice: on 8
 devices SeMask-B's state took 33.7 s to save the first time and ~11.5 s later, against
-4.3-4.9 s written whole (PERF_NOTES), for nothing when one process writes everything. With several processes the hosts share the
+4.3-4.9 s written whole (docs/performance.md), for nothing when one process writes everything. With several processes the hosts share the
 writing of arrays of at least `_REPLICA_PARALLEL_MIN_BYTES` a slice.
 """
 from __future__ import annotations

@@ -154,7 +154,7 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation,
   optimizer updates each device's part alone. Gathering the float32 parameters whole up
   front held a float32 copy of the model through the step (SeMask-T on a v5e-4: 3.59
   against 3.29 GiB per chip); leaving the weights to GSPMD let their splits reach the
-  activations (PERF_NOTES).
+  activations (docs/performance.md).
 
   The guard: a micro step whose loss or gradient norm is not finite changes nothing but
   the step and `nonfinite` counters (its micro batch is dropped; the run stops after
