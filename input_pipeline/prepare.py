@@ -40,7 +40,7 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, skip_bad: bool = False
   manual = pathlib.Path(manual_dir)
   if not builder.is_prepared() and (not manual.is_dir() or not any(manual.iterdir())):
     raise cli.PathNotFoundError(f'manual_dir {manual_dir} is missing or empty.\n'
-                            f'{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+                                f'{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
   builder.download_and_prepare(
       file_format='array_record',
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))

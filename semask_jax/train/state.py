@@ -89,7 +89,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
     if latest is None:
       if not config.get('init_from'):  # before building the model: fail fast
         raise cli.PathNotFoundError(f'no checkpoint in {ckpt_dir} and no config.init_from: '
-                                'nothing to evaluate or predict with')
+                                    'nothing to evaluate or predict with')
       graphdef, params, batch_stats, rest = split_model(create_model(config))
       state = InferenceState(*sharding_lib.replicate((params, batch_stats), mesh))
       return state, graphdef, rest, 0
