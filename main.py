@@ -164,12 +164,12 @@ def main(argv: list[str]) -> None:
   config, workdir = FLAGS.config, FLAGS.workdir
   if FLAGS.mode == 'predict':
     predict.check_readable(predict.list_images(FLAGS.input))  # before anything is built
-  cache = config.get('compilation_cache_dir', '')
+  cache = config.compilation_cache_dir
   if cache != 'off':  # a restarted or repeated run loads its compiled programs from disk
     logging.info('Persistent compilation cache: %s', compile_cache.enable(cache or None))
   if FLAGS.mode == 'train':
     results = train.train_and_evaluate(config, workdir)
-    if config.get('demo_predictions'):
+    if config.demo_predictions:
       modes.demo_predictions(config, workdir)
     if results:
       print(f'Final eval: mIoU {results["mIoU"]:.4f}  aAcc {results["aAcc"]:.4f}  '

@@ -2,23 +2,22 @@
 
 XLA:GPU can run its whole pipeline (HLO passes, fusion, LLVM, ptxas) for a GPU described
 by a target-config file, with no GPU attached; autotuning is skipped (default configs).
-That makes the cold compile of a training step, which on an H200 took ~200 s and whose
-long pole is one HLO pass (`priority-fusion`, PERF_NOTES "third lease"), something to
-measure and bisect on any CPU machine between leases.
+That makes a step's cold compile time and XLA's memory for it (temporaries), on an H200
+or H100, something to measure on any CPU machine before renting the GPU
+(docs/accelerators.md).
 
   # once: jax's CUDA plugin and ptxas beside the project (no GPU or driver needed)
   .venv/bin/pip install -e '.[gpu-aot]'
   # the SeMask-B FPN bf16 training step for an H200 as training compiles it
-  # (config.xla_gpu_fast_compile='train'), XLA's pass timers summarised:
-  TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=hlo_pass_pipeline=1,gpu_compiler=1 \\
-    .venv/bin/python benchmarks/gpu_aot_compile.py --config configs/ade20k_semask_fpn.py:B \\
-    2> /tmp/b_train.log && .venv/bin/python benchmarks/compile_log.py /tmp/b_train.log
+  # (config.xla_gpu_fast_compile='train'):
+  .venv/bin/python benchmarks/gpu_aot_compile.py --config configs/ade20k_semask_fpn.py:B
+  # for an H100: --target_config benchmarks/gpu_specs/h100_sxm.txtpb
   # with XLA's default fusions (Triton softmax on; gemms: see below)
   ... --xla_gpu_fast_compile none --compiler_option xla_gpu_enable_triton_gemm=False
 
 Triton gemms off with XLA's defaults too: without a GPU nothing is autotuned, and the
 default Triton gemm tiles do not fit every small dot ("Couldn't find output tile
-sizes"); on the H200 they changed the cold compile by 6 s (PERF_NOTES, "third lease").
+sizes"); on the H200 they changed the cold compile by 6 s (docs/performance.md).
 
 Prints one JSON line: trace, lower and compile seconds (wall and process CPU), the
 target and the step. `--part` compiles a piece of the training step alone (the forward,
@@ -35,7 +34,6 @@ import collections
 import json
 import os
 import re
-import sys
 import time
 
 # The CUDA plugin registers without a GPU only if jax does not try to use it as a backend;
@@ -53,9 +51,6 @@ from semask_jax import bench
 from semask_jax import cli
 from semask_jax import sharding  # noqa: E402
 from semask_jax.models import build_model  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import hlo_traffic  # noqa: E402  pylint: disable=g-import-not-at-top
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TARGET = os.path.join(HERE, "gpu_specs", "h200.txtpb")
@@ -130,19 +125,17 @@ def build(args) -> tuple:
 
 def program_stats(compiled) -> dict:
   """What XLA built, to compare two compiles of one step without running them: the
-  entry's kernels by kind (Triton block-level fusions counted apart), the temporary
-  memory, and hlo_traffic.py's kernel launches, bytes, matmul FLOPs and time floor.
-  (A deviceless executable has no cost analysis.)"""
+  entry's kernels by kind (Triton block-level fusions counted apart) and the temporary
+  memory. (A deviceless executable has no cost analysis.)"""
   text = compiled.as_text()
   kinds = collections.Counter(re.findall(r"\bfusion\(.*?kind=(k\w+)", text))
   kinds["__triton"] = text.count('"kind":"__triton"')
   kinds["custom-call"] = len(re.findall(r"\bcustom-call\(", text))
   mem = compiled.memory_analysis()
-  floor = hlo_traffic.summarize(text, top=0)  # H200 defaults; hlo_traffic.py for the tables
   return {"kernels": dict(sorted(kinds.items())),
           "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0) or 0),
-          "launches": floor["launches"], "bytes_moved": floor["bytes"],
-          "matmul_flops": floor["flops"], "floor_ms": floor["time_ms"]}
+          "argument_bytes": int(getattr(mem, "argument_size_in_bytes", 0) or 0),
+          "output_bytes": int(getattr(mem, "output_size_in_bytes", 0) or 0)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -177,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.error("--part is for --mode train")
 
   # As training sets them on a GPU (this process's own backend is the CPU).
-  compile_cfg = ml_collections.ConfigDict({"xla_gpu_fast_compile": args.xla_gpu_fast_compile})
+  compile_cfg = ml_collections.ConfigDict({"xla_gpu_fast_compile": args.xla_gpu_fast_compile,
+                                          "xla_cpu_ynn_fusions": "xla"})
   sharding.set_jax_compile_flags(compile_cfg, backend="gpu")
   program = "train" if args.mode == "train" else "eval"
   options = {**(sharding.compiler_options(compile_cfg, program, backend="gpu") or {}),

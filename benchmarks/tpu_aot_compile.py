@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
          "dtype": args.dtype, "global_batch": train.micro_batch_size(config),
          "crop": list(config.data.crop_size), "overrides": args.override,
          "loss_overrides": args.loss_override,
-         "state_sharding": config.get("state_sharding", "replicated"),
+         "state_sharding": config.state_sharding,
          "trace_lower_s": t1 - t0, "trace_lower_cpu_s": c1 - c0,
          "compile_s": t2 - t1, "compile_cpu_s": c2 - c1,
          "memory_per_device_bytes": per_device, "peak_per_device_bytes": peak,

@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   # JAX's persistent compilation cache (semask_jax/compile_cache.py): '' = the user cache
   # ($SEMASK_JAX_COMPILATION_CACHE or ~/.cache/semask_jax/xla), a path, or 'off'.
   c.compilation_cache_dir = ''
+  c.demo_predictions = 0  # after training: predict this many generated scenes (synthetic data)
   c.max_nonfinite_steps = 20  # stop once more micro steps than this had a NaN/inf loss
   # The train state on the devices (semask_jax/sharding.py): 'replicated' (plain data
   # parallelism) or 'fsdp': each array of at least fsdp_min_size elements (parameters,
@@ -111,6 +112,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.scales = (1.0,)  # multi-scale: (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
   c.eval.flip = False
   c.eval.num_summary_images = 3  # TensorBoard: input | ground truth | prediction per eval; 0 = off
+  # --mode=eval: compile the step of every distinct test shape first, in threads (through
+  # the persistent compilation cache), instead of one at a time as the images come.
+  c.eval.precompile = True
+  # Test-time pad of the normalised image to a multiple of this, the scores cropped back;
+  # None: the model's own (Mask2Former: 32, as detectron2; FPN: none, as mmseg).
+  c.eval.size_divisibility = config_dict.placeholder(int)
 
   c.predict = ml_collections.ConfigDict()
   c.predict.opacity = 0.5

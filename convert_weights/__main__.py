@@ -100,7 +100,7 @@ def main(argv=None) -> int:
       conv = convert_semask(args.pth, allow_pickle=args.allow_pickle)
   except ConversionError as e:  # its key lists follow the error line
     return cli.report(e, details=True)
-  except FileNotFoundError as e:
+  except cli.PathNotFoundError as e:
     return cli.report(e)
   r = conv.report
   print(r.summary())

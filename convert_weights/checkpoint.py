@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from convert_weights import names
+from semask_jax.cli import PathNotFoundError
 
 _META = "conversion.json"
 
@@ -74,7 +75,7 @@ def save_conversion(conversion, out_dir: str | os.PathLike) -> str:
 def read_conversion_meta(path: str | os.PathLike) -> dict[str, Any]:
   meta_path = os.path.join(os.fspath(path), _META)
   if not os.path.exists(meta_path):
-    raise FileNotFoundError(f"{meta_path} not found: {path} is not a directory written by "
+    raise PathNotFoundError(f"{meta_path} not found: {path} is not a directory written by "
                             "`python -m convert_weights`")
   with open(meta_path) as f:
     return json.load(f)

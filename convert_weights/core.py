@@ -31,6 +31,7 @@ from flax import nnx
 
 from convert_weights import names
 from convert_weights.bicubic import resize_bias_table
+from semask_jax.cli import PathNotFoundError
 from semask_jax.models import (SEMASK_MASK2FORMER, SEMASK_MASKFORMER, build_model,
                                default_model_config)
 
@@ -73,7 +74,7 @@ def read_pth(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str
   import torch  # Only needed to read .pth files.
 
   if not os.path.exists(path):
-    raise FileNotFoundError(f"checkpoint not found: {path}")
+    raise PathNotFoundError(f"checkpoint not found: {path}")
   try:
     obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
   except Exception as e:  # noqa: BLE001 - report any unpickling failure with the file name.
@@ -122,10 +123,6 @@ def model_leaves(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Variable]]:
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))):
     out[names.torch_key(path)] = (path, var)
   return out
-
-
-def _is_buffer(key: str) -> bool:
-  return key.endswith(names.BUFFER_SUFFIXES)
 
 
 def _describe(sd: StateDict, prefix: str) -> str:

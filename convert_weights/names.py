@@ -29,9 +29,6 @@ LEAF_TO_TORCH = {
 # Leaves stored [in, out] here and (out, in) in torch when 2-D.
 _TRANSPOSED_LEAVES = ("kernel", "in_proj_weight")
 
-# torch buffers that are recomputed here, never loaded.
-BUFFER_SUFFIXES = ("relative_position_index", "attn_mask", "num_batches_tracked")
-
 
 def torch_key(path: tuple) -> str:
   """Model state path -> torch state-dict key."""

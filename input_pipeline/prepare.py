@@ -39,8 +39,8 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, skip_bad: bool = False
   builder = builders.get_builder(dataset, data_dir, skip_bad=skip_bad)
   manual = pathlib.Path(manual_dir)
   if not builder.is_prepared() and (not manual.is_dir() or not any(manual.iterdir())):
-    raise FileNotFoundError(f'manual_dir {manual_dir} is missing or empty.\n'
-                            f'{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+    raise cli.PathNotFoundError(f'manual_dir {manual_dir} is missing or empty.\n'
+                                f'{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
   builder.download_and_prepare(
       file_format='array_record',
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = prepare(args.dataset, args.manual_dir, args.data_dir, args.skip_bad)
   except builders.BadExamplesError as e:  # the error line, then one line per bad file
     return cli.report(f'prepare {args.dataset}: nothing written; {e}', details=True)
-  except FileNotFoundError as e:
+  except cli.PathNotFoundError as e:
     return cli.report(f'prepare {args.dataset}: {e}')
   if args.skip_bad:
     builder = builders.get_builder(args.dataset, args.data_dir)

@@ -308,12 +308,6 @@ def make_matmul(dtype, n: int | None = None) -> tuple[Callable[[], Any], float]:
   return call, 2.0 * n ** 3 * reps
 
 
-def matmul_rate(dtype, n: int | None = None, runs: int = 5) -> float:
-  """Achieved FLOP/s of dense n x n x n matmuls of `dtype` (median of `runs`)."""
-  call, flops = make_matmul(dtype, n)
-  return flops / statistics.median(_time(call, 0, runs))
-
-
 def peak_memory(rss_was_reset: bool) -> tuple[int, str]:
   stats = None
   try:
@@ -391,7 +385,8 @@ def run_bench(*, config: str | None = None, variant: str = "T", num_classes: int
   compile_cache.enable(cache_dir)
   if mode == "train":  # as train_and_evaluate sets it
     sharding.set_jax_compile_flags(
-        ml_collections.ConfigDict({"xla_gpu_fast_compile": xla_gpu_fast_compile}))
+        ml_collections.ConfigDict({"xla_gpu_fast_compile": xla_gpu_fast_compile,
+                                   "xla_cpu_ynn_fusions": xla_cpu_ynn_fusions}))
   try:
     return _run_bench(config=config, variant=variant, num_classes=num_classes, mode=mode,
                       batch=batch, size=size, dtype=dtype, remat=remat, warmup=warmup,
@@ -453,7 +448,8 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
   tx = optax.adamw(1e-4, weight_decay=1e-4)
   options = sharding.compiler_options(
       ml_collections.ConfigDict({"xla_gpu_fast_compile": xla_gpu_fast_compile,
-                                 "xla_cpu_ynn_fusions": xla_cpu_ynn_fusions}),
+                                 "xla_cpu_ynn_fusions": xla_cpu_ynn_fusions,
+                                 "xla_cpu_fast_compile": False}),
       "train" if mode == "train" else "eval")
 
   # Real model (host-side init), then compile and time.
@@ -584,7 +580,7 @@ def _run_bench(*, config, variant, num_classes, mode, batch, size, dtype, remat,
 
 
 def table_row(res: dict[str, Any]) -> str:
-  """One markdown row of the PERF_NOTES / README table from a result dict."""
+  """One markdown row of the docs/performance.md / README table from a result dict."""
   name = res.get("variant") or res["config"]
   xm = res.get("xla_memory_bytes")
   return (f"| SeMask-{name} FPN | {res['mode']} | {res['batch']} | {res['remat']} "

@@ -3,10 +3,10 @@
 Every entry point (main.py, convert_weights, input_pipeline.prepare,
 semask_jax.bench) runs its main function through `run`. A mistake in what the
 user typed or named (a config file or key, a flag value, a missing checkpoint,
-data set or input file, an unreadable image) raises `UserError`, or a
-`FileNotFoundError`, which at the command line names a path the user gave; `run`
-prints `error: <message>` and exits with status 2. Any other exception is a bug
-and keeps its traceback. Kept free of jax imports: it runs before them.
+data set or input file, an unreadable image) raises `UserError` (`PathNotFoundError`
+where a path the user gave does not exist); `run` prints `error: <message>` and exits
+with status 2. Any other exception, a FileNotFoundError from deep inside a library
+included, is a bug and keeps its traceback. Kept free of jax imports: it runs before them.
 """
 from __future__ import annotations
 
@@ -29,8 +29,13 @@ class InputError(UserError, ValueError):
   """An input file that cannot be read (a ValueError for callers that catch those)."""
 
 
+class PathNotFoundError(UserError, FileNotFoundError):
+  """A path the user gave (a checkpoint, a data or input folder) that does not exist (a
+  FileNotFoundError for callers that catch those). A plain FileNotFoundError is a bug."""
+
+
 # The exception types that are the user's mistakes at the command line.
-EXPECTED = (UserError, FileNotFoundError)
+EXPECTED = (UserError,)
 
 
 def format_error(error: BaseException | str, details: bool = False) -> str:

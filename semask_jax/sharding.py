@@ -52,10 +52,10 @@ STATE_SHARDINGS = ('replicated', 'fsdp')
 
 def check_state_sharding(config: ml_collections.ConfigDict) -> tuple[str, int]:
   """(config.state_sharding, config.fsdp_min_size), checked."""
-  mode = config.get('state_sharding', 'replicated')
+  mode = config.state_sharding
   if mode not in STATE_SHARDINGS:
     raise ConfigError(f'config.state_sharding must be one of {STATE_SHARDINGS}, got {mode!r}')
-  min_size = config.get('fsdp_min_size', 0)
+  min_size = config.fsdp_min_size
   if not isinstance(min_size, int) or min_size < 0:
     raise ConfigError(f'config.fsdp_min_size must be an integer >= 0, got {min_size!r}')
   return mode, min_size
@@ -152,7 +152,7 @@ _FAST_COMPILE_CPU = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expe
 # XLA:CPU's YNNPACK fusions, per program (config.xla_cpu_ynn_fusions='tuned'). XLA's default
 # list (jaxlib 0.10) hands YNNPACK each dot, each convolution, and each reduction together
 # with its element-wise producers (a LayerNorm with the residual add, bias and GELU before
-# it). Measured on 2 CPU cores, SeMask-T and -B at 512x512 (PERF_NOTES):
+# it). Measured on 2 CPU cores, SeMask-T and -B at 512x512 (docs/performance.md):
 # - training without YNNPACK's convolutions: Eigen's convolution gradients are 1.1-2.8x
 #   faster (the FPN head's 3x3 96 -> 256 at 128x128: 389 -> 141 ms forward + backward);
 #   the SeMask-T step 8-12 % faster, SeMask-B 2.5 %; same memory. The reduce fusions stay:
@@ -178,7 +178,7 @@ CPU_YNN_FUSIONS = ('tuned', 'xla')
 # compiled and timed) is the next long pole; cuBLAS alone ran the step as fast. JAX's
 # threefry GPU kernel (jax_threefry_gpu_kernel_lowering: the same bits from one custom
 # call instead of ~100 HLO ops per draw) leaves the fusion passes fewer ops to price.
-# Measured on an H200 (PERF_NOTES, "fourth lease"): cold compile 184 -> 37 s, step
+# Measured on an H200 (docs/performance.md, "fourth lease"): cold compile 184 -> 37 s, step
 # +1.4-4 %, peak memory -1.4 GiB; inference lost 12 % without the Triton softmax fusions,
 # hence 'train'.
 _FAST_COMPILE_GPU = {'xla_disable_hlo_passes': 'triton-softmax-rewriter',
@@ -192,7 +192,7 @@ def gpu_fast_compile(config: ml_collections.ConfigDict, program: str) -> bool:
   gets the fast-compile XLA:GPU options under config.xla_gpu_fast_compile."""
   if program not in PROGRAMS:
     raise ValueError(f'program must be one of {PROGRAMS}, got {program!r}')
-  mode = config.get('xla_gpu_fast_compile', 'none')
+  mode = config.xla_gpu_fast_compile
   if mode not in GPU_FAST_COMPILE:
     raise ConfigError(f'config.xla_gpu_fast_compile must be one of {GPU_FAST_COMPILE}, '
                       f'got {mode!r}')
@@ -200,8 +200,8 @@ def gpu_fast_compile(config: ml_collections.ConfigDict, program: str) -> bool:
 
 
 def cpu_ynn_fusions(config: ml_collections.ConfigDict) -> str:
-  """config.xla_cpu_ynn_fusions, checked ('xla' where the config has no such key)."""
-  ynn = config.get('xla_cpu_ynn_fusions', 'xla')
+  """config.xla_cpu_ynn_fusions, checked."""
+  ynn = config.xla_cpu_ynn_fusions
   if ynn not in CPU_YNN_FUSIONS:
     raise ConfigError(f'config.xla_cpu_ynn_fusions must be one of {CPU_YNN_FUSIONS}, '
                       f'got {ynn!r}')
@@ -229,7 +229,7 @@ def compiler_options(config: ml_collections.ConfigDict, program: str = 'train',
   ynn = cpu_ynn_fusions(config)
   if backend == 'cpu':
     options = {}
-    if config.get('xla_cpu_fast_compile'):
+    if config.xla_cpu_fast_compile:
       options.update(_FAST_COMPILE_CPU)
     if ynn == 'tuned':
       options[_YNN_FUSIONS] = _YNN_TUNED[program]

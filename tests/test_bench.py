@@ -209,3 +209,19 @@ def test_bench_and_model_do_not_import_the_data_loaders():
           "assert callable(input_pipeline.create_train_iterator)\n"
           "assert 'grain' in sys.modules\n")
   subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_accelerator_script_refuses_unknown_rows_and_documents_its_rows():
+  """benchmarks/accelerator.sh: --help lists each row it runs; an unknown row or option
+  is refused before anything starts."""
+  import pathlib
+  import re
+  import subprocess
+  script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "accelerator.sh"
+  for args in (["--rows", "b_train nope"], ["--bogus"]):
+    p = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, check=False)
+    assert p.returncode == 2 and "accelerator.sh: unknown" in p.stderr, p.stderr
+  help_text = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True,
+                             check=True).stdout
+  known = re.search(r'KNOWN="([^"]*)"', script.read_text()).group(1).split()
+  assert "--budget" in help_text and all(r in help_text for r in known)

@@ -91,3 +91,23 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
   assert 'only in the checkpoint: params.head.* (1)' in msg, msg
   assert 'not in the checkpoint: params.other.* (1)' in msg, msg
   assert str(tmp_path / 'config.json') in msg and '\n' not in msg, msg
+
+
+def test_a_restore_failure_that_is_no_mismatch_keeps_its_cause(tmp_path, monkeypatch):
+  """Tree and shapes agree, and orbax still fails (a damaged file, a bug): its own error
+  comes out, with its traceback and the checkpoint's path, not as a config mismatch."""
+  state = {'params': {'a': np.zeros((2, 3), np.float32)}, 'step': np.int32(1)}
+  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  try:
+    ckpt.save(1, jax.device_put(state))
+
+    def broken(*args, **kwargs):
+      raise KeyError('a damaged leaf')
+
+    monkeypatch.setattr(ckpt._manager, 'restore', broken)  # pylint: disable=protected-access
+    with pytest.raises(KeyError, match='a damaged leaf') as e:
+      ckpt.restore(1, checkpointing.abstract_like(jax.device_put(state)))
+  finally:
+    ckpt.close()
+  assert not isinstance(e.value, checkpointing.CheckpointMismatchError)
+  assert any(f'checkpoint {tmp_path}/1' in note for note in e.value.__notes__)

@@ -142,9 +142,19 @@ def test_run_turns_user_errors_into_one_line_and_keeps_bugs(capsys):
     cli.run(user_mistake)
   assert e.value.code == 2
   assert capsys.readouterr().err == 'error: bad value second line\n'
-  with pytest.raises(SystemExit):
+  # A path the user gave is one line; a FileNotFoundError from deep inside is a bug.
+  def missing_user_path():
+    raise cli.PathNotFoundError("prediction input 'x.jpg' is neither a file nor a folder")
+
+  with pytest.raises(SystemExit) as e:
+    cli.run(missing_user_path)
+  assert e.value.code == 2
+  assert capsys.readouterr().err == (
+      "error: prediction input 'x.jpg' is neither a file nor a folder\n")
+  with pytest.raises(FileNotFoundError):
     cli.run(lambda: open('/nonexistent/file'))
-  assert capsys.readouterr().err.startswith('error: [Errno 2] No such file or directory')
+  assert capsys.readouterr().err == ''
+  assert issubclass(cli.PathNotFoundError, FileNotFoundError)
 
   def bug():
     raise KeyError('a bug')

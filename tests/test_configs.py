@@ -94,3 +94,53 @@ def test_ignore_index_comes_from_the_data_config():
   d2 = ade20k_semask_mask2former.get_config("T").data
   d2.ignore_index = 254
   assert T.train_transforms(d2)[-1].ignore_index == 254
+
+
+def test_keys_the_code_reads_are_declared():
+  """A locked config (as main.py's flags hold it) takes every key the code reads."""
+  c = common.base_config()
+  c.lock()
+  c.eval.precompile = False
+  c.eval.size_divisibility = 32
+  c.demo_predictions = 2
+  assert c.eval.size_divisibility == 32 and common.base_config().eval.size_divisibility is None
+  assert common.base_config().eval.precompile is True
+
+
+def _config_get_defaults():
+  """(file, receiver, key, default) of every `<...config/cfg...>.get('key', <literal>)` in
+  semask_jax and main.py."""
+  import ast
+  import pathlib
+  root = pathlib.Path(__file__).resolve().parent.parent
+  out = []
+  for path in sorted(root.glob("semask_jax/**/*.py")) + [root / "main.py"]:
+    for node in ast.walk(ast.parse(path.read_text())):
+      if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+          and node.func.attr == "get" and len(node.args) == 2
+          and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        receiver = ast.unparse(node.func.value)
+        if "config" in receiver or "cfg" in receiver:
+          try:
+            default = ast.literal_eval(node.args[1])
+          except ValueError:
+            continue
+          out.append((path.name, receiver, node.args[0].value, default))
+  return out
+
+
+def test_one_default_per_key():
+  """A `.get(key, default)` fallback in the code never disagrees with base_config's value."""
+  values = {}
+
+  def walk(d):
+    for k, v in d.items():
+      if hasattr(v, "items"):
+        walk(v)
+      else:
+        values.setdefault(k, []).append(v)
+
+  walk(common.base_config())
+  disagree = [f"{f}: {r}.get({k!r}, {d!r}) but base_config has {values[k]}"
+              for f, r, k, d in _config_get_defaults() if k in values and d not in values[k]]
+  assert not disagree, "\n".join(disagree)

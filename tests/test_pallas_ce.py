@@ -2,7 +2,7 @@
 the per-pixel CE and the gradient, at odd sizes, class counts and tiles, every factor the
 loss meets, bfloat16 logits, ignored pixels and zero cotangents. On a CPU they run in
 Pallas' interpreter (the same kernel code, the same loads and arithmetic); the Triton
-compile and its numbers are checked on a GPU (the last test, in device_session's
+compile and its numbers are checked on a GPU (the last test, in benchmarks/accelerator.sh's
 `golden` row)."""
 
 import jax

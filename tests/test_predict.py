@@ -24,6 +24,12 @@ def test_colorize_and_overlay():
   np.testing.assert_array_equal(out[0, 1], [178, 50, 50])
 
 
+def test_output_names_are_unique():
+  assert predict.output_names(['d/a.jpg', 'd/b.png', 'd/a.png', 'd/c.d.JPG']) == [
+      'a_jpg', 'b', 'a_png', 'c.d']
+  assert predict.output_names(['x/photo.jpg']) == ['photo']
+
+
 def test_predict_folder_writes_images_of_the_original_size(tmp_path):
   config = tiny.get_config()
   sizes = [(40, 48), (29, 53)]
@@ -33,17 +39,20 @@ def test_predict_folder_writes_images_of_the_original_size(tmp_path):
   for i, (h, w) in enumerate(sizes):
     Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(inputs / f'im{i}.png')
   (inputs / 'notes.txt').write_text('not an image')
+  # The same stem twice: each keeps its own outputs (predict.output_names).
+  Image.fromarray(rng.integers(0, 255, sizes[1] + (3,), dtype=np.uint8)).save(inputs / 'im1.jpg')
   model = state_lib.create_model(config)
   state, graphdef, rest, _, _ = state_lib.init_train_state(
       config, model, sharding_lib.make_mesh(jax.devices()[:1]))
   written = predict.predict_paths(config, graphdef, rest, state.params, state.batch_stats,
                                   str(inputs), str(tmp_path / 'out'))
   assert sorted(p.rsplit('/', 1)[1] for p in written) == [
-      'im0_mask.png', 'im0_overlay.png', 'im1_mask.png', 'im1_overlay.png']
+      'im0_mask.png', 'im0_overlay.png', 'im1_jpg_mask.png', 'im1_jpg_overlay.png',
+      'im1_png_mask.png', 'im1_png_overlay.png']
   palette = input_pipeline.dataset_info(config.data.name).palette
-  for i, (h, w) in enumerate(sizes):
-    mask = np.asarray(Image.open(tmp_path / 'out' / f'im{i}_mask.png'))
-    over = np.asarray(Image.open(tmp_path / 'out' / f'im{i}_overlay.png'))
+  for name, (h, w) in (('im0', sizes[0]), ('im1_png', sizes[1]), ('im1_jpg', sizes[1])):
+    mask = np.asarray(Image.open(tmp_path / 'out' / f'{name}_mask.png'))
+    over = np.asarray(Image.open(tmp_path / 'out' / f'{name}_overlay.png'))
     assert mask.shape == over.shape == (h, w, 3)
     colours = {tuple(c) for c in mask.reshape(-1, 3)}
     assert colours <= {tuple(c) for c in palette}

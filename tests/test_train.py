@@ -208,3 +208,26 @@ def test_gradient_clipping_applies_to_the_accumulated_mean():
     assert int(optim.optimizer_updates(s)) == 1
     jax.tree_util.tree_map(lambda m, g: np.testing.assert_allclose(m, 0.1 * scale * g, rtol=1e-6),
                            adam_state(s).mu, mean)
+
+
+def test_loss_settings_fail_as_config_errors_before_any_work(tmp_path, monkeypatch):
+  """An OHEM group that the micro batch does not divide, or an unknown reduction, is a
+  ConfigError from train_and_evaluate before the data or the model is built."""
+  from semask_jax.cli import ConfigError
+  built = []
+  monkeypatch.setattr(input_pipeline, 'create_train_iterator', lambda *a, **k: built.append(a))
+  monkeypatch.setattr(train, 'create_model', lambda *a, **k: built.append(a))
+  config = tiny.get_config()  # batch 8
+  config.loss.ohem_min_kept = 100
+  config.loss.group_size = 3
+  with pytest.raises(ConfigError, match=r'group_size=3 does not divide the micro batch of 8'):
+    train.train_and_evaluate(config, str(tmp_path))
+  config.loss.group_size, config.grad_accum_steps = 4, 4  # micro batch 2
+  with pytest.raises(ConfigError, match=r'group_size=4 does not divide the micro batch of 2'):
+    train.train_and_evaluate(config, str(tmp_path))
+  config.loss.group_size, config.grad_accum_steps = 2, 1
+  config.loss.reduction = 'sum'
+  with pytest.raises(ConfigError, match=r"config.loss.reduction must be one of \('reference', "
+                                        r"'valid'\), got 'sum'"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not built

@@ -7,6 +7,7 @@ from input_pipeline.builders.ade20k import SemaskAde20k
 from input_pipeline.builders.cityscapes import SemaskCityscapes
 from input_pipeline.builders.coco_stuff10k import SemaskCocoStuff10k
 from input_pipeline.builders.common import BadExamplesError, SegmentationBuilder, skipped_counts
+from semask_jax.cli import PathNotFoundError
 
 BUILDERS: dict[str, type[SegmentationBuilder]] = {
     'ade20k': SemaskAde20k,
@@ -31,7 +32,7 @@ class TfdsSource:
   def __init__(self, name: str, split: str, data_dir: str | None):
     builder = get_builder(name, data_dir)
     if not builder.is_prepared():
-      raise FileNotFoundError(
+      raise PathNotFoundError(
           f'{name} is not prepared in data_dir={data_dir!r} ({builder.data_dir}); run '
           f'python -m input_pipeline.prepare --dataset {name} --manual_dir DIR --data_dir DIR')
     self.name, self.split = name, split

@@ -51,7 +51,7 @@ class SemaskCocoStuff10k(common.SegmentationBuilder):
     out = {}
     for split in self.SPLITS:
       if (split,) not in lists:
-        raise FileNotFoundError(f'{self.name}: imageLists/{split}.txt not found')
+        raise common.PathNotFoundError(f'{self.name}: imageLists/{split}.txt not found')
       stems = tree.read(lists[(split,)]).decode().split()
       out[split] = [common.Pair(s, images.get(s, f'images/{s}.jpg'), labels.get(s))
                     for s in stems]

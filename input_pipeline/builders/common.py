@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from input_pipeline import transforms
+from semask_jax.cli import PathNotFoundError
 from input_pipeline.info import IGNORE_INDEX
 
 INVALID = -1  # LUT entry for raw label values that have no train id.
@@ -235,7 +236,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
   def _open(self, manual_dir: pathlib.Path) -> Tree:
     """The official zips present in manual_dir, plus the folder itself (extracted)."""
     if not manual_dir.is_dir():
-      raise FileNotFoundError(f'{self.name}: manual_dir {manual_dir} is not a folder.\n'
+      raise PathNotFoundError(f'{self.name}: manual_dir {manual_dir} is not a folder.\n'
                               f'{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
     zips = [manual_dir / z for z in self.ZIPS if (manual_dir / z).is_file()]
     return Tree(zips + [manual_dir])
@@ -245,7 +246,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
     pairs = self._pairs(tree)
     empty = [s for s in self.SPLITS if not pairs.get(s)]
     if empty:
-      raise FileNotFoundError(
+      raise PathNotFoundError(
           f'{self.name}: no examples for split(s) {empty} in {dl_manager.manual_dir}.\n'
           f'{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
     self._pending = set(self.SPLITS)

@@ -100,7 +100,7 @@ def evaluate_per_image(config: ml_collections.ConfigDict, graphdef: Any, rest: A
   ratios = tuple(float(r) for r in config.eval.scales)
   tta = pipeline.is_tta(ratios, config.eval.flip)
   items = None
-  if config.eval.get('precompile', True):
+  if config.eval.precompile:
     items = [(pipeline.scale_sizes(hw, config.data, ratios, tta=tta), hw)
              for hw in pipeline.per_image_eval_sizes(config.data)]
   examples = pipeline.create_per_image_eval_iterator(config.data, ratios=ratios, tta=tta)
@@ -131,7 +131,7 @@ def make_summary_images_fn(config: ml_collections.ConfigDict, graphdef: Any, res
   predicted with the evaluation's inference: one extra jitted call on a small batch,
   replicated on every device (every process reads the same examples and takes part).
   """
-  n = int(config.eval.get('num_summary_images', 3))
+  n = int(config.eval.num_summary_images)
   if n <= 0:
     return None
   palette = input_pipeline.dataset_info(config.data.name).palette

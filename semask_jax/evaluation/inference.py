@@ -523,7 +523,7 @@ def test_size_divisibility(config: ml_collections.ConfigDict) -> int:
   SeMask-MaskFormer's normalised input with zeros to MODEL.MASK_FORMER.SIZE_DIVISIBILITY
   (32) and crops the scores back; mmseg runs the FPN model on the image as it is.
   config.eval.size_divisibility overrides."""
-  if config.eval.get('size_divisibility') is not None:
+  if config.eval.size_divisibility is not None:
     return int(config.eval.size_divisibility)
   detectron2_heads = (SeMaskMask2Former, SeMaskMaskFormer)
   return 32 if issubclass(model_class(config.model), detectron2_heads) else 0

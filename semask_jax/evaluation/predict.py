@@ -19,7 +19,7 @@ from PIL import Image
 import input_pipeline
 from input_pipeline import pipeline
 from input_pipeline import transforms as T
-from semask_jax.cli import InputError
+from semask_jax.cli import InputError, PathNotFoundError
 from semask_jax.evaluation import inference as inference_lib
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -33,9 +33,9 @@ def list_images(inputs: str) -> list[str]:
     files = sorted(os.path.join(inputs, f) for f in os.listdir(inputs)
                    if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
-      raise FileNotFoundError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) in {inputs!r}')
+      raise PathNotFoundError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) in {inputs!r}')
     return files
-  raise FileNotFoundError(f'prediction input {inputs!r} is neither a file nor a folder')
+  raise PathNotFoundError(f'prediction input {inputs!r} is neither a file nor a folder')
 
 
 def load_rgb(path: str, recipe: str = 'mmseg') -> np.ndarray:
@@ -48,6 +48,16 @@ def load_rgb(path: str, recipe: str = 'mmseg') -> np.ndarray:
     return decode(data, f'image {path!r}')
   except (OSError, ValueError) as e:
     raise InputError(f'cannot read image {path!r}: {e}') from e
+
+
+def output_names(files: list[str]) -> list[str]:
+  """Each input's output name: its stem (photo.jpg -> photo_mask.png), or, where two inputs
+  share a stem, the stem and the extension (a.jpg, a.png -> a_jpg_mask.png, a_png_mask.png),
+  so that no prediction overwrites another."""
+  stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+  shared = {s for s in stems if stems.count(s) > 1}
+  return [f'{s}_{os.path.splitext(f)[1].lstrip(".")}' if s in shared else s
+          for s, f in zip(stems, files)]
 
 
 def check_readable(paths: list[str]) -> None:
@@ -85,7 +95,8 @@ def scale_images(image: np.ndarray, config: ml_collections.ConfigDict) -> list[n
 
 def predict_paths(config: ml_collections.ConfigDict, graphdef: Any, rest: Any, params: Any,
                   batch_stats: Any, inputs: str, output_dir: str) -> list[str]:
-  """Writes <name>_mask.png (palette colours) and <name>_overlay.png per input; returns the paths."""
+  """Writes <name>_mask.png (palette colours) and <name>_overlay.png per input (name:
+  output_names); returns the paths."""
   files = list_images(inputs)
   written = []
   if jax.process_index() != 0:  # process 0 predicts and writes every file
@@ -94,11 +105,10 @@ def predict_paths(config: ml_collections.ConfigDict, graphdef: Any, rest: Any, p
   inference = inference_lib.make_per_image_inference(config, graphdef, rest, params,
                                                      batch_stats)
   os.makedirs(output_dir, exist_ok=True)
-  for path in files:
-    image = load_rgb(path, config.data.get('recipe', 'mmseg'))
+  for path, stem in zip(files, output_names(files)):
+    image = load_rgb(path, config.data.recipe)
     pred = inference.predict(scale_images(image, config), image.shape[:2])
     color = colorize(pred, palette)
-    stem = os.path.splitext(os.path.basename(path))[0]
     for suffix, arr in (('mask', color), ('overlay', overlay(image, color, config.predict.opacity))):
       out = os.path.join(output_dir, f'{stem}_{suffix}.png')
       Image.fromarray(arr).save(out)

@@ -6,7 +6,7 @@ and takes a per-pixel CE at full resolution, twice a step (the FPN logits and th
 semantic decoder's). XLA's best form (`losses._chunked_upsampled_ce`, row blocks, the
 height phases apart, a hand-written backward) still writes and reads every row block's
 [B, r, W, K] float32 phases: on an H200's deviceless floor 8.9 of the SeMask-B step's
-50.2 ms (PERF_NOTES). Here one program reads 3 x 3 [TJ, Kt] tiles of the low-resolution
+50.2 ms (docs/performance.md). Here one program reads 3 x 3 [TJ, Kt] tiles of the low-resolution
 logits and computes the CE of the F x F output pixels each low-resolution pixel spans in
 registers; the backward recomputes them per low-resolution pixel and sums their weighted
 softmax - onehot in registers (a gather over the up-sampling's taps: no atomics).

@@ -76,7 +76,7 @@ def check_ce_backward(backward: str) -> str:
   for the CPU, the same kernels in Pallas' interpreter (slow: for tests); for a TPU, or
   where the shapes do not fit the kernels, custom_vjp).
 
-  On an H200 (PERF_NOTES, "fourth lease") the hand-written backward made the up-sampled
+  On an H200 (docs/performance.md, "fourth lease") the hand-written backward made the up-sampled
   CE of a [16, 128, 128, 150] map 18 % faster (10.06 -> 8.20 ms for value and gradient):
   it does not run each block's forward a second time. On the 2-core CPU it was slower
   (559 -> 761 ms at batch 2), where XLA:CPU fuses the rematerialised form better.
@@ -101,8 +101,8 @@ def _chunked_upsampled_ce(logits: jax.Array, labels: jax.Array, factor: int,
   [B, H, W, K] float32 maps for the forward and as many for the backward (1.2 GB for two
   512x512 images and 150 classes), and no [B, h, W, K] width-resized map is ever held.
   Reducing each phase apart, rather than the interleaved [B, r * factor, W, K] block,
-  moves ~30 % fewer bytes (an H200's floor, hlo_traffic.py) and runs 17-22 % faster on
-  the CPU (benchmarks/loss_variants.py; PERF_NOTES, 2026-11-27).
+  moves ~30 % fewer bytes (an H200's deviceless compile) and runs 17-22 % faster on
+  the CPU (docs/performance.md, 2026-11-27).
 
   backward: how a block's gradient is had without keeping its full-width logits.
   'remat': the block under jax.checkpoint (its forward runs again in the backward);
@@ -209,7 +209,7 @@ def ohem_weights(ce: jax.Array, valid: jax.Array, min_kept: int, group_size: int
   selection is per group of 2 images, not over the global batch. Per group, the sort stays
   on the devices that hold the group's images: over the whole batch it was an all-gather
   of every pixel's CE to every device and one sort of all of them on each (SeMask-L at 640,
-  16 images: 6.5M floats; PERF_NOTES, "Compiling for TPU slices").
+  16 images: 6.5M floats; docs/performance.md, "Compiling for TPU slices").
   """
   b = ce.shape[0]
   g = group_size or b
@@ -223,6 +223,9 @@ def ohem_weights(ce: jax.Array, valid: jax.Array, min_kept: int, group_size: int
   threshold = jnp.sort(flat, axis=1)[:, flat.shape[1] - kept]  # each group's kept-th largest
   threshold = jnp.repeat(threshold, g).reshape((b,) + (1,) * (ce.ndim - 1))
   return (valid & (jax.lax.stop_gradient(ce) >= threshold)).astype(jnp.float32)
+
+
+REDUCTIONS = ("reference", "valid")  # config.loss.reduction
 
 
 def _reduce(loss: jax.Array, valid: jax.Array, reduction: str) -> jax.Array:

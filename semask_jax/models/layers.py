@@ -94,7 +94,7 @@ def gelu(x: jax.Array) -> jax.Array:
   exact). jax.nn.gelu(approximate=False) is x * erfc(-x / sqrt(2)) / 2 in the input's
   dtype: in bfloat16 it scales by a bfloat16 sqrt(1/2) and XLA:GPU split it into two
   passes over the MLP's hidden map. This form is one pass: on an H200 (deviceless,
-  PERF_NOTES) SeMask-T inference moves 13 % fewer bytes and SeMask-B training 4 %; on
+  docs/performance.md) SeMask-T inference moves 13 % fewer bytes and SeMask-B training 4 %; on
   the CPU the float32 training step is 2-5 % faster and has the fewest XLA temporaries
   of the forms tried. (Under XLA:CPU's default YNNPACK reduce fusions its two constants
   become full-size maps at inference, +31 MB for SeMask-T; the tuned evaluation list of

@@ -261,7 +261,7 @@ class BasicLayer(nnx.Module):
     """Returns (stage output, semantic map or None, input of the next stage or None).
 
     Named scopes ('blocks', 'semantic_layer', 'downsample', under the stage's
-    'layers.{i}') label the HLO ops by part, for profiles (benchmarks/trace_summary.py)."""
+    'layers.{i}') label the HLO ops by part, for profiles (jax.profiler traces)."""
     with jax.named_scope("blocks"):
       x = self._blocks(x, keys)
     sem = None

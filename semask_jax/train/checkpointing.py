@@ -9,7 +9,7 @@ Arrays are written by one replica each in a single-process run. Orbax's default
 (replica-parallel saving, on wherever JAX_PLATFORMS does not name a GPU) splits every
 replicated array into one slice per device, each cut by its own jitted slice: on 8
 devices SeMask-B's state took 33.7 s to save the first time and ~11.5 s later, against
-4.3-4.9 s written whole (PERF_NOTES), for nothing when one process writes everything. With several processes the hosts share the
+4.3-4.9 s written whole (docs/performance.md), for nothing when one process writes everything. With several processes the hosts share the
 writing of arrays of at least `_REPLICA_PARALLEL_MIN_BYTES` a slice.
 """
 from __future__ import annotations
@@ -79,17 +79,18 @@ class Checkpointer:
         abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
     if data_iter is not None:
       if not self._has_item(step, DATA):
-        raise FileNotFoundError(
+        raise cli.PathNotFoundError(
             f'checkpoint {self.directory}/{step} has no {DATA!r} item: cannot resume the data stream')
       items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
     self._check_matches(step, self._manager.item_metadata(step)[STATE], abstract_state,
                         'model or optimizer')
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError) as e:  # shapes agreed: orbax's own words (dtypes, ...)
-      raise CheckpointMismatchError(
-          f'checkpoint {self.directory}/{step} does not match this config\'s model or '
-          f'optimizer: {str(e)[:2000]}') from e
+    except (ValueError, KeyError) as e:
+      # The tree and the shapes agreed (_check_matches), so this is no mismatch with the
+      # config but orbax's own failure (a damaged file, a bug): its error and traceback stay.
+      e.add_note(f'while restoring checkpoint {self.directory}/{step}')
+      raise
     return restored[STATE]
 
   def restore_fields(self, step: int, abstract_fields: dict[str, Any]) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from semask_jax.cli import ConfigError
 from semask_jax.evaluation.evaluator import make_eval_fn, make_summary_images_fn, write_eval_results
 from semask_jax.losses import mask2former as mask2former_loss
 from semask_jax.losses import maskformer as maskformer_loss
-from semask_jax.losses.segmentation import check_ce_backward, segmentation_loss
+from semask_jax.losses.segmentation import REDUCTIONS, check_ce_backward, segmentation_loss
 from semask_jax.models import SeMaskMask2Former, SeMaskMaskFormer, layers, model_class
 from semask_jax.train.state import TrainState, create_model, init_train_state, merge_model
 
@@ -83,6 +83,20 @@ def maskformer_criterion_config(config: ml_collections.ConfigDict
       **{k: config.loss[k] for k in fields if k in config.loss and k != 'num_classes'})
 
 
+def check_group_size(config: ml_collections.ConfigDict, used: bool) -> int:
+  """config.loss.group_size, refused up front where it is not an integer >= 0 or, where
+  the loss uses it, does not divide the micro batch."""
+  group = config.loss.group_size
+  if not isinstance(group, int) or group < 0:
+    raise ConfigError(f'config.loss.group_size must be an integer >= 0 (0: the whole '
+                      f'batch), got {group!r}')
+  if used and group and micro_batch_size(config) % group:
+    raise ConfigError(f'config.loss.group_size={group} does not divide the micro batch '
+                      f'of {micro_batch_size(config)} images (config.batch_size / '
+                      f'config.grad_accum_steps)')
+  return group
+
+
 def make_loss(config: ml_collections.ConfigDict) -> LossFn:
   """(model outputs, labels [B, H, W], rng) -> (loss, scalar metrics) for config.model's head.
 
@@ -90,6 +104,8 @@ def make_loss(config: ml_collections.ConfigDict) -> LossFn:
   SeMask-Mask2Former / SeMask-MaskFormer: the set criterion over all predictions
   (SPEC 10 / 11); the metrics are the final prediction's terms.
   """
+  if model_class(config.model) in (SeMaskMask2Former, SeMaskMaskFormer):
+    check_group_size(config, used=True)  # loss_ce and loss_cate are per-group means
   if model_class(config.model) is SeMaskMask2Former:
     crit = criterion_config(config)
 
@@ -118,10 +134,10 @@ def make_loss(config: ml_collections.ConfigDict) -> LossFn:
     return mf_loss
   loss_cfg = config.loss
   check_ce_backward(loss_cfg.ce_backward)
-  group = loss_cfg.group_size
-  if not isinstance(group, int) or group < 0:
-    raise ConfigError(f'config.loss.group_size must be an integer >= 0 (0: the whole '
-                      f'batch), got {group!r}')
+  group = check_group_size(config, used=bool(loss_cfg.ohem_min_kept))
+  if loss_cfg.reduction not in REDUCTIONS:
+    raise ConfigError(f'config.loss.reduction must be one of {REDUCTIONS}, '
+                      f'got {loss_cfg.reduction!r}')
 
   @jax.named_scope("loss")
   def fpn_loss(out, labels, rng):
@@ -170,7 +186,7 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation,
   optimizer updates each device's part alone. Gathering the float32 parameters whole up
   front held a float32 copy of the model through the step (SeMask-T on a v5e-4: 3.59
   against 3.29 GiB per chip); leaving the weights to GSPMD let their splits reach the
-  activations (PERF_NOTES).
+  activations (docs/performance.md).
 
   The guard: a micro step whose loss or gradient norm is not finite changes nothing but
   the step and `nonfinite` counters (its micro batch is dropped; the run stops after
@@ -293,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state, graphdef, rest, tx, schedule = init_train_state(config, model, mesh)
   del model
   logging.info('Parameters: %d (train state %s)', optim.count_params(state.params),
-               config.get('state_sharding', 'replicated'))
+               config.state_sharding)
   state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
   train_step = jit_train_step(make_train_step(graphdef, rest, tx, schedule, config,
                                               state_sharding.params),

@@ -20,6 +20,7 @@ from flax import nnx
 
 from semask_jax.train import checkpointing
 from semask_jax.train import optim
+from semask_jax import cli
 from semask_jax import sharding as sharding_lib
 from semask_jax.models import build_model
 from semask_jax.models.functional import merge_model, split_model  # noqa: F401  (re-exported)
@@ -41,7 +42,7 @@ def create_model(config: ml_collections.ConfigDict) -> nnx.Module:
   if config.get('init_from'):
     path = config.init_from
     if not os.path.exists(path):
-      raise FileNotFoundError(f'config.init_from={path!r} does not exist')
+      raise cli.PathNotFoundError(f'config.init_from={path!r} does not exist')
     from convert_weights import load_into_model  # pylint: disable=g-import-not-at-top
     report = load_into_model(model, path)
     logging.info('Initialised from %s: %s', path, report)
@@ -87,8 +88,8 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
   try:
     if latest is None:
       if not config.get('init_from'):  # before building the model: fail fast
-        raise FileNotFoundError(f'no checkpoint in {ckpt_dir} and no config.init_from: '
-                                'nothing to evaluate or predict with')
+        raise cli.PathNotFoundError(f'no checkpoint in {ckpt_dir} and no config.init_from: '
+                                    'nothing to evaluate or predict with')
       graphdef, params, batch_stats, rest = split_model(create_model(config))
       state = InferenceState(*sharding_lib.replicate((params, batch_stats), mesh))
       return state, graphdef, rest, 0
