@@ -8,8 +8,9 @@ r"""Command line: convert PyTorch checkpoints into an orbax directory for `confi
       --variant T --num_classes 150 --num_sem_blocks 0,0,0,0 --out /tmp/swin_t_fpn_in1k
   # A trained SeMask-FPN checkpoint (variant, window and classes read from the shapes):
   python -m convert_weights semask --pth semask_tiny_fpn_ade20k.pth --out /tmp/semask_t_ade
-  # A released SeMask-Mask2Former checkpoint (detectron2 {'model': ...}; variant, window,
-  # classes, queries and layer counts read from the shapes):
+  # A released SeMask-Mask2Former, FaPN- or MSFaPN-Mask2Former checkpoint (detectron2
+  # {'model': ...}; head, variant, window, classes, queries and layer counts read from the
+  # shapes):
   python -m convert_weights semask_mask2former --pth semask_large_mask2former_ade20k.pth \
       --out /tmp/semask_m2f_l_ade
   # Swin ImageNet backbone -> SeMask-L Mask2Former for ADE20K:
@@ -56,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
   m = sub.add_parser("semask_mask2former",
                      help="a released SeMask-Mask2Former .pth (detectron2 {'model': ...})")
   m.add_argument("--pth", required=True, help="detectron2 checkpoint ({'model': ...})")
+  m.add_argument("--nheads", type=int, default=None,
+                 help="FaPN-Mask2Former only: the decoder's attention heads, which its shapes "
+                 "do not show (default 8, the released configs')")
   for q in (s, t, m):
     q.add_argument("--out", required=True, help="output directory (must not exist yet)")
     q.add_argument("--allow_pickle", action="store_true",
@@ -76,7 +80,8 @@ def main(argv=None) -> int:
         cfg.window_size = cfg.sem_window_size = args.window_size
       conv = convert_swin_imagenet(args.pth, cfg, allow_pickle=args.allow_pickle, seed=args.seed)
     elif args.kind == "semask_mask2former":
-      conv = convert_semask_mask2former(args.pth, allow_pickle=args.allow_pickle)
+      conv = convert_semask_mask2former(args.pth, allow_pickle=args.allow_pickle,
+                                        nheads=args.nheads)
     else:
       conv = convert_semask(args.pth, allow_pickle=args.allow_pickle)
   except ConversionError as e:  # its key lists follow the error line
