@@ -203,3 +203,36 @@ def test_fapn_converter_refuses_unequal_or_missing_copies(path):
   assert f"missing keys (1):\n    {copy}" in msg
   assert "unexpected keys (1):\n    sem_seg_head.pixel_decoder.align_9.offset.weight" in msg
   assert f"mis-shaped keys (1):\n    {key}" in msg
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_fapn_bfloat16_pixel_decoder_is_close_to_float32(path):
+  """The pixel decoder in compute dtype bfloat16 (parameters float32; GroupNorms and the
+  DCN float32 inside, as the reference casts) on the float32 backbone features: within a
+  few % of float32, as Mask2Former's (tests/test_golden_m2f_pixel_decoder.py)."""
+  vec, meta, cfg, conv, out32 = _converted(path)
+  cfg = model_config_from_dict(cfg.to_dict())
+  cfg.dtype = "bfloat16"
+  model = convert_semask_mask2former(_state_dict(path)[2], cfg).model
+  graphdef, state = nnx.split(model.sem_seg_head.pixel_decoder)
+
+  @jax.jit
+  def decode(state, feats):
+    aux = {}
+    mask_features, multi_scale = nnx.merge(graphdef, state)(feats, aux)
+    return mask_features, multi_scale, aux
+
+  mask_features, multi_scale, aux = jax.device_get(
+      decode(state, [jnp.asarray(f) for f in out32["feats"]]))
+  assert mask_features.dtype == jnp.bfloat16 and aux["align1_dcn"].dtype == np.float32
+  pairs = {"mask_features": (out32["mask_features"], mask_features)}
+  for i in range(3):
+    pairs[f"multi_scale{i}"] = (out32["multi_scale_features"][i], multi_scale[i])
+  for k in aux:
+    pairs[k] = (out32["pixel_decoder_aux"][k], aux[k])
+  rels = {}
+  for k, (ref, got) in pairs.items():
+    ref, got = np.asarray(ref, np.float32), np.asarray(got, np.float32)
+    rels[k] = float(np.abs(got - ref).max() / np.abs(ref).max())
+  print(json.dumps({path.stem: {k: f"{v:.1e}" for k, v in rels.items()}}))
+  assert all(0 < r <= 4e-2 for r in rels.values()), rels
