@@ -81,3 +81,36 @@ def test_legacy_nearest():
     want = torch.nn.functional.interpolate(torch.tensor(x), size=(oh, ow), mode="nearest")
     got = resize_nearest_legacy(jnp.asarray(x.transpose(0, 2, 3, 1)), (oh, ow))
     np.testing.assert_array_equal(np.asarray(got).transpose(0, 3, 1, 2), want.numpy())
+
+
+@pytest.mark.parametrize("decoder", ["fapn", "msfapn"])
+def test_fapn_init_as_detectron2(decoder):
+  """SPEC 13 / 12: adapters, layers, align offset convs and (FaPN) mask_features
+  c2_xavier_fill (U(+-sqrt(3 / fan_in)), bias 0); the DCN kernel U(+-1/sqrt(9 C)), bias 0;
+  conv_offset_mask zero; the GroupNorms 1 / 0; one GroupNorm per level (layer_N.norm)."""
+  cfg = _config(decoder)
+  model = build_model(cfg, rngs=nnx.Rngs(0))
+  pd = model.sem_seg_head.pixel_decoder
+  params = {names.model_name(p): np.asarray(v[...])
+            for p, v in nnx.to_flat_state(nnx.state(pd, nnx.Param))}
+  levels = (1, 2, 3) if decoder == "fapn" else (1,)
+  assert not any(".offset.norm." in k or k.startswith(f"align_{n}.offset.scale")
+                 for k in params for n in levels)
+  for n in levels:
+    for name in (f"adapter_{n}.kernel", f"layer_{n}.kernel", f"align_{n}.offset.kernel"):
+      w = params[name]
+      bound = np.sqrt(3.0 / np.prod(w.shape[:3]))
+      assert np.abs(w).max() <= bound and np.abs(w).max() > 0.8 * bound, name
+    w = params[f"align_{n}.dcpack_L2.kernel"]
+    bound = 1 / np.sqrt(9 * cfg.conv_dim)
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.8 * bound
+    for name in (f"align_{n}.dcpack_L2.bias", f"align_{n}.dcpack_L2.conv_offset_mask.kernel",
+                 f"align_{n}.dcpack_L2.conv_offset_mask.bias", f"layer_{n}.norm.bias"):
+      assert not params[name].any(), name
+    assert (params[f"layer_{n}.norm.scale"] == 1).all()
+  if decoder == "fapn":
+    w = params["mask_features.kernel"]
+    assert w.shape == (3, 3, cfg.conv_dim, cfg.mask_dim)
+    assert np.abs(w).max() <= np.sqrt(3.0 / (9 * cfg.conv_dim))
+    assert not params["mask_features.bias"].any()
+    assert "layer_4.kernel" in params and "adapter_4.kernel" not in params
