@@ -44,9 +44,10 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--pth", required=True, help="swin_*_patch4_window*_*.pth ({'model': ...})")
   s.add_argument("--variant", required=True, choices=sorted(VARIANTS))
   s.add_argument("--num_classes", type=int, required=True)
-  s.add_argument("--head", choices=("fpn", "mask2former"), default="fpn",
-                 help="the model to build around the backbone: SeMask-FPN (default) or "
-                 "SeMask-Mask2Former")
+  s.add_argument("--head", choices=("fpn", "mask2former", "fapn_mask2former",
+                                    "msfapn_mask2former"), default="fpn",
+                 help="the model to build around the backbone: SeMask-FPN (default), "
+                 "SeMask-Mask2Former, or SeMask FaPN- / MSFaPN-Mask2Former")
   s.add_argument("--num_sem_blocks", type=_ints, default=(1, 1, 1, 1),
                  help="per stage; 0,0,0,0 = the Swin-FPN baseline (default 1,1,1,1)")
   s.add_argument("--window_size", type=int, default=None,
@@ -73,9 +74,11 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   try:
     if args.kind == "swin_imagenet":
-      name = SEMASK_MASK2FORMER if args.head == "mask2former" else SEMASK_FPN
+      name = SEMASK_FPN if args.head == "fpn" else SEMASK_MASK2FORMER
       cfg = default_model_config(args.variant, args.num_classes,
                                  num_sem_blocks=args.num_sem_blocks, name=name)
+      if args.head.endswith("fapn_mask2former"):
+        cfg.pixel_decoder = args.head.split("_")[0]
       if args.window_size:
         cfg.window_size = cfg.sem_window_size = args.window_size
       conv = convert_swin_imagenet(args.pth, cfg, allow_pickle=args.allow_pickle, seed=args.seed)

@@ -114,3 +114,30 @@ def test_fapn_init_as_detectron2(decoder):
     assert np.abs(w).max() <= np.sqrt(3.0 / (9 * cfg.conv_dim))
     assert not params["mask_features.bias"].any()
     assert "layer_4.kernel" in params and "adapter_4.kernel" not in params
+
+
+@pytest.mark.parametrize("decoder", ["fapn", "msfapn"])
+def test_swin_imagenet_into_a_fapn_model(decoder):
+  """A Swin ImageNet checkpoint's keys fill the backbone of FaPN / MSFaPN-Mask2Former (the
+  key list of the released Swin-L file; shapes only); the head keeps its init."""
+  from convert_weights import plan_state_dict
+  from convert_weights.__main__ import _parser
+  from semask_jax.models import default_model_config
+  from tests.test_convert import _fake_state_dict, _swin_keys
+  entry = _swin_keys()["swin_large_patch4_window12_384_22k"]
+  sd = _fake_state_dict(entry["keys"])
+  cfg = default_model_config("L", 150, num_sem_blocks=1, name="semask_mask2former")
+  cfg.pixel_decoder = decoder
+  model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
+  r, _ = plan_state_dict(model, sd, backbone_only=True)
+  assert any(k.startswith("sem_seg_head.pixel_decoder.align_1.dcpack_L2") for k in r.new)
+  assert all(k.startswith("backbone.") is False for k in r.used)  # ImageNet names
+  assert len(r.used) == len(sd) - len(r.skipped)
+  args = _parser().parse_args(["swin_imagenet", "--pth", "x.pth", "--variant", "L",
+                               "--num_classes", "150", "--head", f"{decoder}_mask2former",
+                               "--out", "y"])
+  assert args.head == f"{decoder}_mask2former"
+  from convert_weights.__main__ import main as cli_main
+  assert cli_main(["swin_imagenet", "--pth", "/nonexistent/x.pth", "--variant", "T",
+                   "--num_classes", "150", "--head", f"{decoder}_mask2former",
+                   "--out", "/nonexistent/y"]) == 2  # the config builds; the file is missing
