@@ -89,7 +89,8 @@ class FeatureAlign(nnx.Module):
     _offset_mask_raw and _dcn (the DCN output before the ReLU)."""
     if feat_s.shape[1:3] != feat_l.shape[1:3]:
       feat_s = resize_bilinear(feat_s, feat_l.shape[1:3])
-    # The reference casts the FeatureAlign inputs to float32 (the DCN op exists in float32).
+    # The offset conv runs at the compute dtype (under AMP the reference's does too); the
+    # DCN casts to float32 inside, as the reference's op exists only in float32.
     offset = norm(self.offset(jnp.concatenate([feat_l, feat_s * 2], axis=-1)))
     dcn_aux = {} if aux is not None else None
     dcn = self.dcpack_L2(feat_s, offset, dcn_aux)                       # [B, h, w, C] float32
