@@ -221,10 +221,14 @@ def mask2former_loss_config() -> ml_collections.ConfigDict:
   return loss
 
 
-def semask_mask2former_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
+def semask_mask2former_config(dataset: str, variant: str, pixel_decoder: str = 'msdeformattn'
+                              ) -> ml_collections.ConfigDict:
   """SeMask-Mask2Former with `dataset`'s detectron2 recipe: AdamW 1e-4, wd 0.05, backbone
   lr x 0.1, poly 0.9 without warm-up, gradient clipping at global norm 0.01, batch 16;
-  data: the Mask2Former transforms (data.recipe 'detectron2', MASK2FORMER_INPUT)."""
+  data: the Mask2Former transforms (data.recipe 'detectron2', MASK2FORMER_INPUT).
+  pixel_decoder 'fapn' / 'msfapn': SeMask-FAPN's FaPN / MSFaPN-Mask2Former, whose configs
+  differ only in the pixel decoder (and, through it, the backbone's semantic-attention
+  rule; SPEC section 12)."""
   r = MASK2FORMER_RECIPES[dataset]
   c = base_config()
   c.data = default_data_config(dataset)
@@ -232,6 +236,7 @@ def semask_mask2former_config(dataset: str, variant: str) -> ml_collections.Conf
                                  name=SEMASK_MASK2FORMER)
   if not MASK2FORMER_SEM_WINDOW_IS_SWIN_WINDOW[dataset]:
     c.model.sem_window_size = MASK2FORMER_DEFAULT_SEM_WINDOW
+  c.model.pixel_decoder = pixel_decoder
   c.init_from = PRETRAINED[variant]
   c.batch_size = 16
   c.total_steps = r['steps']

@@ -8,8 +8,9 @@ r"""Command line: convert PyTorch checkpoints into an orbax directory for `confi
       --variant T --num_classes 150 --num_sem_blocks 0,0,0,0 --out /tmp/swin_t_fpn_in1k
   # A trained SeMask-FPN checkpoint (variant, window and classes read from the shapes):
   python -m convert_weights semask --pth semask_tiny_fpn_ade20k.pth --out /tmp/semask_t_ade
-  # A released SeMask-Mask2Former checkpoint (detectron2 {'model': ...}; variant, window,
-  # classes, queries and layer counts read from the shapes):
+  # A released SeMask-Mask2Former, FaPN- or MSFaPN-Mask2Former checkpoint (detectron2
+  # {'model': ...}; head, variant, window, classes, queries and layer counts read from the
+  # shapes):
   python -m convert_weights semask_mask2former --pth semask_large_mask2former_ade20k.pth \
       --out /tmp/semask_m2f_l_ade
   # A released SeMask-MaskFormer checkpoint (the same; the attention heads are not in the
@@ -49,9 +50,10 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--pth", required=True, help="swin_*_patch4_window*_*.pth ({'model': ...})")
   s.add_argument("--variant", required=True, choices=sorted(VARIANTS))
   s.add_argument("--num_classes", type=int, required=True)
-  s.add_argument("--head", choices=("fpn", "mask2former", "maskformer"), default="fpn",
+  s.add_argument("--head", choices=("fpn", "mask2former", "maskformer", "fapn_mask2former",
+                                    "msfapn_mask2former"), default="fpn",
                  help="the model to build around the backbone: SeMask-FPN (default), "
-                 "SeMask-Mask2Former or SeMask-MaskFormer")
+                 "SeMask-Mask2Former, SeMask-MaskFormer, or SeMask FaPN- / MSFaPN-Mask2Former")
   s.add_argument("--num_sem_blocks", type=_ints, default=(1, 1, 1, 1),
                  help="per stage; 0,0,0,0 = the Swin-FPN baseline (default 1,1,1,1)")
   s.add_argument("--window_size", type=int, default=None,
@@ -62,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
   m = sub.add_parser("semask_mask2former",
                      help="a released SeMask-Mask2Former .pth (detectron2 {'model': ...})")
   m.add_argument("--pth", required=True, help="detectron2 checkpoint ({'model': ...})")
+  m.add_argument("--nheads", type=int, default=None,
+                 help="FaPN-Mask2Former only: the decoder's attention heads, which its shapes "
+                 "do not show (default 8, the released configs')")
   f = sub.add_parser("semask_maskformer",
                      help="a released SeMask-MaskFormer .pth (detectron2 {'model': ...})")
   f.add_argument("--pth", required=True, help="detectron2 checkpoint ({'model': ...})")
@@ -80,10 +85,12 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   try:
     if args.kind == "swin_imagenet":
-      name = {"mask2former": SEMASK_MASK2FORMER,
-              "maskformer": SEMASK_MASKFORMER}.get(args.head, SEMASK_FPN)
+      name = {"fpn": SEMASK_FPN, "maskformer": SEMASK_MASKFORMER}.get(args.head,
+                                                                       SEMASK_MASK2FORMER)
       cfg = default_model_config(args.variant, args.num_classes,
                                  num_sem_blocks=args.num_sem_blocks, name=name)
+      if args.head.endswith("fapn_mask2former"):
+        cfg.pixel_decoder = args.head.split("_")[0]
       if args.window_size:
         cfg.window_size = cfg.sem_window_size = args.window_size
       conv = convert_swin_imagenet(args.pth, cfg, allow_pickle=args.allow_pickle, seed=args.seed)
@@ -95,7 +102,8 @@ def main(argv=None) -> int:
         cfg.nheads = args.nheads
       conv = convert_semask_maskformer(args.pth, cfg, allow_pickle=args.allow_pickle)
     elif args.kind == "semask_mask2former":
-      conv = convert_semask_mask2former(args.pth, allow_pickle=args.allow_pickle)
+      conv = convert_semask_mask2former(args.pth, allow_pickle=args.allow_pickle,
+                                        nheads=args.nheads)
     else:
       conv = convert_semask(args.pth, allow_pickle=args.allow_pickle)
   except ConversionError as e:  # its key lists follow the error line

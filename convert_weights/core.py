@@ -8,8 +8,9 @@ Three sources (SPEC sections 5 and 10):
   * a trained SeMask-FPN / Swin-FPN checkpoint (mmcv {'state_dict': ...}):
     every parameter and batch-norm statistic; the model config (variant,
     window, class count) is read from the shapes;
-  * a released SeMask-Mask2Former or SeMask-MaskFormer checkpoint (detectron2
-    {'model': ...}):
+  * a released SeMask-Mask2Former, FaPN- or MSFaPN-Mask2Former, or SeMask-MaskFormer
+    checkpoint (detectron2 {'model': ...}; the FaPN decoders' second copy of each shared
+    GroupNorm, align_N.offset.norm.*, is checked equal to layer_N.norm.*):
     backbone.*, sem_seg_head.pixel_decoder.*, sem_seg_head.predictor.*; the
     buffers pixel_mean, pixel_std, criterion.empty_weight are skipped; variant,
     window, classes, queries and layer counts are read from the shapes.
@@ -19,6 +20,7 @@ mis-shaped keys listed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -167,7 +169,10 @@ def plan_state_dict(model: nnx.Module, sd: StateDict, *, source: str = "state di
   report = ConversionReport(source=source)
   consumed, missing, mismatched, updates = set(), [], [], {}
   torch_shapes = {}
-  for mkey, (path, var) in model_leaves(model).items():
+  leaves = model_leaves(model)
+  if not backbone_only:
+    consumed |= _check_tied_norms(sd, leaves, report, missing, mismatched)
+  for mkey, (path, var) in leaves.items():
     want = tuple(var.get_value().shape)
     torch_shapes[mkey] = names.torch_shape(path, want)
     if backbone_only:
@@ -216,6 +221,35 @@ def load_state_dict(model: nnx.Module, sd: StateDict, *, source: str = "state di
     var = leaves[name]
     var[...] = jax.numpy.asarray(value, var[...].dtype)
   return report
+
+
+# FaPN / MSFaPN: `align_N.offset` and `layer_N` share one GroupNorm module, stored twice in
+# a checkpoint; the model has it once, as layer_N.norm (SPEC section 12).
+
+
+def _check_tied_norms(sd: StateDict, leaves: Mapping[str, Any], report: ConversionReport,
+                      missing: list[str], mismatched: list[str]) -> set[str]:
+  """The checkpoint's second copies of the shared GroupNorms, each checked equal to the
+  first (layer_N.norm.*, loaded as usual): returns the copies, consumed without loading.
+  Only for models with FeatureAlign modules (`align_N.offset.weight` is a model key)."""
+  consumed = set()
+  for mkey in leaves:
+    m = re.match(r"^(.*\.)align_(\d+)\.offset\.weight$", mkey)
+    if not m:
+      continue
+    for leaf in ("weight", "bias"):
+      alias = f"{m.group(1)}align_{m.group(2)}.offset.norm.{leaf}"
+      first = f"{m.group(1)}layer_{m.group(2)}.norm.{leaf}"
+      if alias not in sd:
+        missing.append(alias)
+        continue
+      consumed.add(alias)
+      if first in sd and not np.array_equal(np.asarray(sd[alias]), np.asarray(sd[first])):
+        mismatched.append(f"{alias}: differs from {first} (one shared GroupNorm: the two "
+                          "copies must be equal)")
+      else:
+        report.skipped.append(alias)
+  return consumed
 
 
 # Keys of a Swin ImageNet checkpoint the segmentation model does not use.
@@ -277,9 +311,14 @@ def _getter(sd: StateDict, source: str, kind: str):
   return get
 
 
-def infer_mask2former_config(sd: StateDict, *, source: str = "state dict"):
+def infer_mask2former_config(sd: StateDict, *, source: str = "state dict",
+                             nheads: int | None = None):
   """A SeMask-Mask2Former model config matching a detectron2 state dict's shapes: variant,
-  window, class count, queries, decoder and encoder depths, widths and heads."""
+  window, class count, queries, decoder and encoder depths, widths and heads, and the
+  pixel decoder (Mask2Former's, FaPN or MSFaPN, from its keys).
+
+  FaPN has no deformable encoder, and the decoder's attention heads do not show in its
+  shapes: nheads is then `nheads`, else the released configs' 8."""
   get = _getter(sd, source, "SeMask-Mask2Former (detectron2)")
   bb = _backbone_shapes(sd, get)
   pd, pr = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
@@ -295,14 +334,26 @@ def infer_mask2former_config(sd: StateDict, *, source: str = "state dict"):
   # released ADE20K (150-class) models set SEM_WINDOW_SIZE to the Swin window, the others
   # (Cityscapes) keep detectron2's default, 7.
   cfg.sem_window_size = cfg.window_size if num_classes == 150 else 7
-  cfg.conv_dim = int(get(pd + "input_proj.0.0.weight").shape[0])
   cfg.mask_dim = int(get(pd + "mask_features.weight").shape[0])
-  # sampling_offsets: heads x 3 levels x 4 points x 2 coordinates outputs.
-  cfg.nheads = int(get(pd + "transformer.encoder.layers.0.self_attn.sampling_offsets.weight"
-                       ).shape[0]) // 24
-  cfg.enc_layers = _count(sd, rf"{re.escape(pd)}transformer\.encoder\.layers\.(\d+)\.")
-  cfg.enc_dim_feedforward = int(
-      get(pd + "transformer.encoder.layers.0.linear1.weight").shape[0])
+  if pd + "align_3.offset.weight" in sd:
+    cfg.pixel_decoder = "fapn"
+  elif pd + "align_1.offset.weight" in sd:
+    cfg.pixel_decoder = "msfapn"
+  if cfg.pixel_decoder != "msdeformattn":
+    # conv_offset_mask: 3 (dy, dx, mask) x groups x 9 taps outputs.
+    cfg.deformable_groups = int(get(pd + "align_1.dcpack_L2.conv_offset_mask.weight"
+                                    ).shape[0]) // 27
+  if cfg.pixel_decoder == "fapn":
+    cfg.conv_dim = int(get(pd + "layer_4.weight").shape[0])
+    cfg.nheads = nheads or cfg.nheads
+  else:
+    cfg.conv_dim = int(get(pd + "input_proj.0.0.weight").shape[0])
+    # sampling_offsets: heads x 3 levels x 4 points x 2 coordinates outputs.
+    cfg.nheads = int(get(pd + "transformer.encoder.layers.0.self_attn.sampling_offsets.weight"
+                         ).shape[0]) // 24
+    cfg.enc_layers = _count(sd, rf"{re.escape(pd)}transformer\.encoder\.layers\.(\d+)\.")
+    cfg.enc_dim_feedforward = int(
+        get(pd + "transformer.encoder.layers.0.linear1.weight").shape[0])
   cfg.hidden_dim = int(get(pr + "query_feat.weight").shape[1])
   cfg.num_queries = int(get(pr + "query_feat.weight").shape[0])
   cfg.dim_feedforward = int(get(pr + "transformer_ffn_layers.0.linear1.weight").shape[0])
@@ -372,10 +423,13 @@ def convert_semask(sd_or_path, config=None, *, allow_pickle: bool = False,
 
 
 def convert_semask_mask2former(sd_or_path, config=None, *, allow_pickle: bool = False,
-                               seed: int = 0) -> Conversion:
-  """A released SeMask-Mask2Former checkpoint ({'model': state_dict}, .pth path or state
-  dict) -> Conversion. With config=None the config is read from the shapes."""
-  return _convert_trained(sd_or_path, config, infer_mask2former_config, allow_pickle, seed)
+                               seed: int = 0, nheads: int | None = None) -> Conversion:
+  """A released SeMask-Mask2Former / FaPN / MSFaPN-Mask2Former checkpoint ({'model':
+  state_dict}, .pth path or state dict) -> Conversion. With config=None the config is
+  read from the shapes (`nheads`: FaPN's attention heads, which its shapes do not show).
+  FaPN's two copies of each shared GroupNorm must be equal."""
+  infer = functools.partial(infer_mask2former_config, nheads=nheads)
+  return _convert_trained(sd_or_path, config, infer, allow_pickle, seed)
 
 
 def convert_semask_maskformer(sd_or_path, config=None, *, allow_pickle: bool = False,

@@ -47,6 +47,9 @@ ATTENTION_IMPLS = ("einsum", "fused", "cudnn")
 # SeMask-B compiles ~20 % faster), unroll on accelerators (on an H200 the scan's residual
 # slices and copies were ~17 % of a SeMask-B training step's kernel time).
 BLOCK_LOOPS = ("auto", "scan", "unroll")
+# The Mask2Former head's pixel decoder: Mask2Former's MSDeformAttnPixelDecoder, SeMask-FAPN's
+# PixelFANDecoder (FaPN) or MSDeformAttnPixelFANDecoder (MSFaPN), SPEC sections 10 and 12.
+PIXEL_DECODERS = ("msdeformattn", "fapn", "msfapn")
 
 
 def resolve_block_loop(block_loop: str, platform: str | None = None) -> bool:
@@ -111,6 +114,8 @@ class Mask2FormerHeadConfig:
   num_queries: int = 100
   dim_feedforward: int = 2048
   dec_layers: int = 9
+  pixel_decoder: str = "msdeformattn"  # PIXEL_DECODERS
+  deformable_groups: int = 8           # FaPN / MSFaPN: DCNv2 groups of FeatureAlign
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +177,8 @@ _HEAD_KEYS = {
     SEMASK_MASKFORMER: tuple(f.name for f in dataclasses.fields(MaskFormerHeadConfig)),
 }
 # Keys that configs may lack, with their meaning when absent.
-_OPTIONAL_KEYS = ("name", "remat_policy", "sem_global", "attention_impl", "block_loop")
+_OPTIONAL_KEYS = ("name", "remat_policy", "sem_global", "attention_impl", "block_loop",
+                  "pixel_decoder", "deformable_groups")
 
 
 def model_keys(name: str = SEMASK_FPN) -> tuple[str, ...]:
@@ -180,16 +186,20 @@ def model_keys(name: str = SEMASK_FPN) -> tuple[str, ...]:
 
 
 def reference_sem_global(embed_dim: int, num_classes: int, num_stages: int = 4,
-                         name: str = SEMASK_FPN) -> tuple[bool, ...]:
+                         name: str = SEMASK_FPN,
+                         pixel_decoder: str = "msdeformattn") -> tuple[bool, ...]:
   """Which stages use global semantic attention in the reference code.
 
   SeMask-FPN: stages 2-3 for embed 96/192 with more than 19 classes, windowed
   everywhere otherwise. SeMask-Mask2Former: only the last stage, and only for
-  150 classes (SPEC section 10). SeMask-MaskFormer: the last stage, for every class
-  count (SPEC section 11).
+  150 classes (SPEC section 10). SeMask-FAPN's copy (FaPN / MSFaPN pixel decoders):
+  stages 2-3 for every class count (SPEC section 12). SeMask-MaskFormer: the last stage,
+  for every class count (SPEC section 11).
   """
   if name == SEMASK_MASKFORMER:
     return tuple(i == num_stages - 1 for i in range(num_stages))
+  if name == SEMASK_MASK2FORMER and pixel_decoder in ("fapn", "msfapn"):
+    return tuple(i >= 2 for i in range(num_stages))
   if name == SEMASK_MASK2FORMER:
     return tuple(i == num_stages - 1 and num_classes == 150 for i in range(num_stages))
   if embed_dim in (96, 192) and num_classes > 19:
@@ -202,7 +212,8 @@ def resolve_sem_global(cfg: Mapping[str, Any]) -> tuple[bool, ...]:
   if cfg.get("sem_global") is not None:
     return tuple(bool(g) for g in cfg["sem_global"])
   return reference_sem_global(cfg["embed_dim"], cfg["num_classes"], len(cfg["depths"]),
-                              cfg.get("name", SEMASK_FPN))
+                              cfg.get("name", SEMASK_FPN),
+                              cfg.get("pixel_decoder", "msdeformattn"))
 
 
 def resolve_num_sem_blocks(cfg: Mapping[str, Any]) -> tuple[int, ...]:
@@ -323,6 +334,13 @@ def validate_model_config(cfg: Mapping[str, Any]) -> None:
     for a, b in (("conv_dim", "nheads"), ("hidden_dim", "nheads")):
       if cfg[a] % cfg[b]:
         raise ValueError(f"model config: {a}={cfg[a]} is not divisible by {b}={cfg[b]}")
+    pixel_decoder = cfg.get("pixel_decoder", "msdeformattn")
+    if pixel_decoder not in PIXEL_DECODERS:
+      raise ValueError(f"model config: pixel_decoder {pixel_decoder!r} not in {PIXEL_DECODERS}")
+    dg = cfg.get("deformable_groups", 8)
+    if pixel_decoder != "msdeformattn" and (dg < 1 or cfg["conv_dim"] % dg):
+      raise ValueError(f"model config: conv_dim={cfg['conv_dim']} is not divisible into "
+                       f"deformable_groups={dg}")
     if cfg["conv_dim"] % 32:
       raise ValueError(f"model config: conv_dim={cfg['conv_dim']} must be a multiple of 32 "
                        "(GroupNorm(32) in the pixel decoder)")

@@ -287,12 +287,20 @@ class MSDeformAttnPixelDecoder(nnx.Module):
     self.adapter_1 = ConvNorm(in_channels[0], conv_dim, 1, relu=False, dtype=dtype, rngs=rngs)
     self.layer_1 = ConvNorm(conv_dim, conv_dim, 3, relu=True, dtype=dtype, rngs=rngs)
 
-  def __call__(self, feats: list[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
-    """feats: res2..res5 as NHWC maps."""
+  def __call__(self, feats: list[jax.Array], aux: dict | None = None
+               ) -> tuple[jax.Array, list[jax.Array]]:
+    """feats: res2..res5 as NHWC maps; aux, if given, receives named intermediates."""
     res2, res3, res4, res5 = feats
     srcs = [proj[1](proj[0](x)) for proj, x in zip(self.input_proj, (res5, res4, res3))]
     multi_scale = self.transformer(srcs)                                 # coarsest first
     lateral = self.adapter_1(res2)                                       # [B, H/4, W/4, C]
     y = lateral + resize_bilinear(multi_scale[-1], lateral.shape[1:3]).astype(lateral.dtype)
-    y = self.layer_1(y)
+    y = self.res2_level(lateral, y, aux)
+    if aux is not None:
+      aux["fpn_res2"] = y
     return self.mask_features(y), multi_scale
+
+  def res2_level(self, lateral: jax.Array, top_down: jax.Array, aux: dict | None) -> jax.Array:
+    """The res2 level's output from its lateral and top-down maps (MSFaPN aligns them)."""
+    del lateral, aux
+    return self.layer_1(top_down)

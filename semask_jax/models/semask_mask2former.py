@@ -15,6 +15,7 @@ from flax import nnx
 
 from semask_jax.models import layers
 from semask_jax.models.config import Mask2FormerHeadConfig, ModelConfig
+from semask_jax.models.fapn import MSDeformAttnPixelFANDecoder, PixelFANDecoder
 from semask_jax.models.mask2former_decoder import MultiScaleMaskedTransformerDecoder
 from semask_jax.models.pixel_decoder import MSDeformAttnPixelDecoder
 from semask_jax.models.semantic_head import semantic_head, semantic_inference
@@ -27,9 +28,17 @@ class SemSegHead(nnx.Module):
   def __init__(self, in_channels: tuple[int, ...], num_classes: int,
                config: Mask2FormerHeadConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
     c = config
-    self.pixel_decoder = MSDeformAttnPixelDecoder(
-        tuple(in_channels), c.conv_dim, c.mask_dim, c.nheads, c.enc_layers,
-        c.enc_dim_feedforward, dtype=dtype, rngs=rngs)
+    if c.pixel_decoder == "fapn":
+      self.pixel_decoder = PixelFANDecoder(tuple(in_channels), c.conv_dim, c.mask_dim,
+                                           c.deformable_groups, dtype=dtype, rngs=rngs)
+    elif c.pixel_decoder == "msfapn":
+      self.pixel_decoder = MSDeformAttnPixelFANDecoder(
+          tuple(in_channels), c.conv_dim, c.mask_dim, c.nheads, c.enc_layers,
+          c.enc_dim_feedforward, deformable_groups=c.deformable_groups, dtype=dtype, rngs=rngs)
+    else:
+      self.pixel_decoder = MSDeformAttnPixelDecoder(
+          tuple(in_channels), c.conv_dim, c.mask_dim, c.nheads, c.enc_layers,
+          c.enc_dim_feedforward, dtype=dtype, rngs=rngs)
     self.predictor = MultiScaleMaskedTransformerDecoder(
         c.conv_dim, num_classes, c.hidden_dim, c.num_queries, c.nheads, c.dim_feedforward,
         c.dec_layers, c.mask_dim, dtype=dtype, rngs=rngs)
@@ -65,13 +74,16 @@ class SeMaskMask2Former(nnx.Module):
     after l decoder layers; -1 the final one), sem_pred [B, H, W, K], sem_seg [B, H, W, K]
     (semantic inference of the final prediction at the input size: per-class scores in
     [0, 1], not logits), and the intermediate maps (feats, sems, mask_features,
-    multi_scale_features). `rng` drives drop path when train=True.
+    multi_scale_features, and pixel_decoder_aux: the res2 level `fpn_res2` and, for FaPN /
+    MSFaPN, each FeatureAlign's inputs and DCN intermediates `alignN_*`). `rng` drives
+    drop path when train=True.
     """
     keys = layers.KeyChain(rng if train else None)
     with jax.named_scope("backbone"):  # scopes named as the parameters: profiles by part
       feats, sems = self.backbone(images.astype(self.dtype), keys)
+    pixel_aux: dict[str, jax.Array] = {}
     with jax.named_scope("sem_seg_head/pixel_decoder"):
-      mask_features, multi_scale = self.sem_seg_head.pixel_decoder(feats)
+      mask_features, multi_scale = self.sem_seg_head.pixel_decoder(feats, pixel_aux)
     with jax.named_scope("sem_seg_head/predictor"):
       out = dict(self.sem_seg_head.predictor(multi_scale, mask_features))
     size = tuple(images.shape[1:3])
@@ -81,7 +93,7 @@ class SeMaskMask2Former(nnx.Module):
       out["sem_seg"] = semantic_inference(out["pred_logits"][-1], out["pred_masks"][-1],
                                           size, size, size)
     out.update(feats=feats, sems=sems, mask_features=mask_features,
-               multi_scale_features=multi_scale)
+               multi_scale_features=multi_scale, pixel_decoder_aux=pixel_aux)
     return out
 
   def segment(self, images: jax.Array) -> jax.Array:
