@@ -6,17 +6,13 @@ r"""Command line: convert PyTorch checkpoints into an orbax directory for `confi
   # ... or the Swin-FPN baseline:
   python -m convert_weights swin_imagenet --pth swin_tiny_patch4_window7_224.pth \
       --variant T --num_classes 150 --num_sem_blocks 0,0,0,0 --out /tmp/swin_t_fpn_in1k
-  # A trained SeMask-FPN checkpoint (variant, window and classes read from the shapes):
-  python -m convert_weights semask --pth semask_tiny_fpn_ade20k.pth --out /tmp/semask_t_ade
-  # A released SeMask-Mask2Former, FaPN- or MSFaPN-Mask2Former checkpoint (detectron2
-  # {'model': ...}; head, variant, window, classes, queries and layer counts read from the
-  # shapes):
-  python -m convert_weights semask_mask2former --pth semask_large_mask2former_ade20k.pth \
-      --out /tmp/semask_m2f_l_ade
-  # A released SeMask-MaskFormer checkpoint (the same; the attention heads are not in the
-  # shapes: the reference's 8 unless --nheads says otherwise):
-  python -m convert_weights semask_maskformer --pth semask_large_maskformer_ade20k.pth \
-      --out /tmp/semask_mf_l_ade
+  # Any trained SeMask checkpoint: SeMask-FPN (mmseg {'state_dict': ...}), SeMask-Mask2Former,
+  # FaPN- / MSFaPN-Mask2Former or MaskFormer (detectron2 {'model': ...}); the head from the
+  # keys, the variant, window, classes, queries and layer counts from the shapes (FaPN's
+  # and MaskFormer's decoder attention heads are not in the shapes: 8 unless --nheads):
+  python -m convert_weights semask --pth semask_large_msfapn_mask2former_ade20k.pth \
+      --out /tmp/semask_msfapn_l_ade
+  # (semask_mask2former and semask_maskformer are the same command for one family.)
   # Swin ImageNet backbone -> SeMask-L Mask2Former for ADE20K:
   python -m convert_weights swin_imagenet --pth swin_large_patch4_window12_384_22k.pth \
       --variant L --num_classes 150 --head mask2former --out /tmp/semask_m2f_l_in22k
@@ -27,7 +23,8 @@ import argparse
 import sys
 
 from convert_weights.checkpoint import save_conversion
-from convert_weights.core import (ConversionError, convert_semask, convert_semask_mask2former,
+from convert_weights.core import (ConversionError, convert_semask_checkpoint,
+                                  convert_semask_mask2former,
                                   convert_semask_maskformer, convert_swin_imagenet,
                                   infer_maskformer_config, read_pth, extract_state_dict)
 from semask_jax import cli
@@ -59,8 +56,13 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--window_size", type=int, default=None,
                  help="model window (default: the variant's); bias tables are resized bicubically")
   s.add_argument("--seed", type=int, default=0, help="seed of the new layers' initialisation")
-  t = sub.add_parser("semask", help="a trained SeMask-FPN / Swin-FPN .pth (mmseg layout)")
-  t.add_argument("--pth", required=True, help="mmcv checkpoint ({'state_dict': ...})")
+  t = sub.add_parser("semask", help="any trained SeMask .pth: the head (FPN, Mask2Former, "
+                     "FaPN-/MSFaPN-Mask2Former, MaskFormer) read from its keys")
+  t.add_argument("--pth", required=True,
+                 help="mmcv ({'state_dict': ...}) or detectron2 ({'model': ...}) checkpoint")
+  t.add_argument("--nheads", type=int, default=None,
+                 help="FaPN-Mask2Former and MaskFormer: the decoder's attention heads, which "
+                 "their shapes do not show (default 8, the released configs')")
   m = sub.add_parser("semask_mask2former",
                      help="a released SeMask-Mask2Former .pth (detectron2 {'model': ...})")
   m.add_argument("--pth", required=True, help="detectron2 checkpoint ({'model': ...})")
@@ -105,7 +107,9 @@ def main(argv=None) -> int:
       conv = convert_semask_mask2former(args.pth, allow_pickle=args.allow_pickle,
                                         nheads=args.nheads)
     else:
-      conv = convert_semask(args.pth, allow_pickle=args.allow_pickle)
+      family, conv = convert_semask_checkpoint(args.pth, allow_pickle=args.allow_pickle,
+                                               nheads=args.nheads)
+      print(f"head: {family}")
   except ConversionError as e:  # its key lists follow the error line
     return cli.report(e, details=True)
   except cli.PathNotFoundError as e:

@@ -311,6 +311,13 @@ def _getter(sd: StateDict, source: str, kind: str):
   return get
 
 
+def released_sem_window(window_size: int, num_classes: int) -> int:
+  """The detectron2 heads' semantic window, which the shapes do not show (the windowed
+  semantic attention has no position table): the released ADE20K (150-class) configs set
+  SEM_WINDOW_SIZE to the Swin window, the others (Cityscapes) keep the default, 7."""
+  return window_size if num_classes == 150 else 7
+
+
 def infer_mask2former_config(sd: StateDict, *, source: str = "state dict",
                              nheads: int | None = None):
   """A SeMask-Mask2Former model config matching a detectron2 state dict's shapes: variant,
@@ -330,10 +337,7 @@ def infer_mask2former_config(sd: StateDict, *, source: str = "state dict",
                           f"semantic blocks in every stage, found {sorted(nsb)}")
   cfg.update(bb)
   cfg.num_sem_blocks = nsb.pop()
-  # Not in the shapes (the windowed semantic attention has no position table): the
-  # released ADE20K (150-class) models set SEM_WINDOW_SIZE to the Swin window, the others
-  # (Cityscapes) keep detectron2's default, 7.
-  cfg.sem_window_size = cfg.window_size if num_classes == 150 else 7
+  cfg.sem_window_size = released_sem_window(cfg.window_size, int(num_classes))
   cfg.mask_dim = int(get(pd + "mask_features.weight").shape[0])
   if pd + "align_3.offset.weight" in sd:
     cfg.pixel_decoder = "fapn"
@@ -366,8 +370,8 @@ def infer_mask2former_config(sd: StateDict, *, source: str = "state dict",
 def infer_maskformer_config(sd: StateDict, *, source: str = "state dict"):
   """A SeMask-MaskFormer model config matching a detectron2 state dict's shapes: variant,
   window, class count, queries, decoder depth and widths (SPEC section 11). Not in the
-  shapes: the decoder's attention heads (the reference's 8) and the semantic window (the
-  Swin window, as the one official config, ADE20K, sets it)."""
+  shapes: the decoder's attention heads (the reference's 8) and the semantic window
+  (released_sem_window)."""
   get = _getter(sd, source, "SeMask-MaskFormer (detectron2)")
   bb = _backbone_shapes(sd, get)
   pd, pr = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
@@ -383,7 +387,7 @@ def infer_maskformer_config(sd: StateDict, *, source: str = "state dict"):
                           "(transformer.encoder.*) is not supported (the SeMask configs use 0)")
   cfg.update(bb)
   cfg.num_sem_blocks = nsb.pop()
-  cfg.sem_window_size = cfg.window_size
+  cfg.sem_window_size = released_sem_window(cfg.window_size, int(num_classes))
   cfg.conv_dim = int(get(pd + "layer_4.weight").shape[0])
   cfg.mask_dim = int(get(pd + "mask_features.weight").shape[0])
   cfg.hidden_dim = int(get(pr + "query_embed.weight").shape[1])
@@ -439,6 +443,48 @@ def convert_semask_maskformer(sd_or_path, config=None, *, allow_pickle: bool = F
   of attention heads is not in the shapes: nheads stays the reference's 8 (pass a
   config for another)."""
   return _convert_trained(sd_or_path, config, infer_maskformer_config, allow_pickle, seed)
+
+
+HEAD_FAMILIES = ("fpn", "mask2former", "fapn_mask2former", "msfapn_mask2former", "maskformer")
+
+
+def head_family(sd: StateDict, source: str = "state dict") -> str:
+  """Which head a trained SeMask checkpoint belongs to (HEAD_FAMILIES), from its keys:
+  mmseg's decode_head.conv_seg (FPN); detectron2's predictor.query_feat (the Mask2Former
+  family, the pixel decoder telling FaPN's align_3 and MSFaPN's align_1 apart) or, with
+  no query_feat, predictor.query_embed (MaskFormer's DETR decoder)."""
+  pd, pr = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
+  if "decode_head.conv_seg.weight" in sd:
+    return "fpn"
+  if pr + "query_feat.weight" in sd:
+    if pd + "align_3.offset.weight" in sd:
+      return "fapn_mask2former"
+    return "msfapn_mask2former" if pd + "align_1.offset.weight" in sd else "mask2former"
+  if pr + "query_embed.weight" in sd:
+    return "maskformer"
+  raise ConversionError(
+      f"{source}: not a trained SeMask checkpoint: no decode_head.conv_seg.weight (SeMask-FPN), "
+      f"{pr}query_feat.weight (the Mask2Former family) or {pr}query_embed.weight "
+      f"(MaskFormer); for Swin ImageNet weights use the swin_imagenet command. First keys: "
+      f"{sorted(sd)[:4]}")
+
+
+def convert_semask_checkpoint(sd_or_path, *, allow_pickle: bool = False, seed: int = 0,
+                              nheads: int | None = None) -> tuple[str, Conversion]:
+  """Any trained SeMask checkpoint -> (its head family, Conversion): the head from the
+  keys (head_family), the model config from the shapes; `nheads` sets the decoder's
+  attention heads where the shapes do not show them (FaPN, MaskFormer; default 8)."""
+  sd, source = _load(sd_or_path, allow_pickle)
+  family = head_family(sd, source)
+  if family == "fpn":
+    return family, convert_semask(sd, infer_model_config(sd, source=source), seed=seed)
+  if family == "maskformer":
+    config = infer_maskformer_config(sd, source=source)
+    if nheads is not None:
+      config.nheads = nheads
+    return family, convert_semask_maskformer(sd, config, seed=seed)
+  config = infer_mask2former_config(sd, source=source, nheads=nheads)
+  return family, convert_semask_mask2former(sd, config, seed=seed)
 
 
 def convert_swin_imagenet(sd_or_path, config, *, allow_pickle: bool = False,

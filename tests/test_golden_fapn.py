@@ -25,7 +25,7 @@ from flax import nnx
 
 from convert_weights import ConversionError, convert_semask_mask2former, infer_mask2former_config
 from convert_weights.__main__ import main as cli_main
-from semask_jax import mask2former_loss as ml
+from semask_jax.losses import mask2former as ml
 from semask_jax.models import model_config_from_dict
 from tests.golden_utils import GOLDEN_DIR, jit_forward, load_vector
 from tests.test_mask2former_loss import _case as loss_case

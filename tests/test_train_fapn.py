@@ -6,8 +6,8 @@ import pytest
 
 import input_pipeline
 from semask_jax import sharding as sharding_lib
-from semask_jax import state as state_lib
-from semask_jax import train
+from semask_jax.train import state as state_lib
+from semask_jax.train import loop as train
 from tests.test_train_mask2former import tiny_config
 
 
