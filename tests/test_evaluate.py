@@ -134,7 +134,6 @@ def test_multiscale_flip_averages_softmax_at_label_size():
 import cv2  # noqa: E402
 
 from input_pipeline import pipeline  # noqa: E402
-from input_pipeline import transforms as T  # noqa: E402
 from semask_jax.evaluation import metrics  # noqa: E402
 
 K = 3
@@ -183,7 +182,9 @@ def mmseg_test_images(image_u8, test_scale, ratios, flip):
     img = cv2.resize(image_u8, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     for fl in ((False, True) if flip else (False,)):
       x = img[:, ::-1] if fl else img
-      out.append((T.normalize(np.ascontiguousarray(x), MEAN, STD), fl))
+      # mmcv.imnormalize in NumPy (not input_pipeline's, which the code under test uses).
+      x = (x.astype(np.float32) - np.float32(MEAN)) / np.float32(STD)
+      out.append((np.ascontiguousarray(x, np.float32), fl))
   return out
 
 
