@@ -66,7 +66,7 @@ def torch_state_dict(model) -> dict[str, torch.Tensor]:
   bn_prefixes = set()
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))):
     key = names.torch_key(path)
-    sd[key] = torch.from_numpy(np.ascontiguousarray(
+    sd[key] = torch.from_numpy(np.array(
         names.to_torch_layout(path, np.asarray(var[...]))))
     if key.endswith('.running_mean'):
       bn_prefixes.add(key[:-len('running_mean')])
