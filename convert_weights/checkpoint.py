@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from convert_weights import names
-from semask_jax.cli import PathNotFoundError
+from semask_jax.cli import ConfigError, PathNotFoundError
 
 _META = "conversion.json"
 
@@ -105,8 +105,11 @@ def load_into_model(model: nnx.Module, path: str | os.PathLike, *,
   mismatched = sorted(f"{k}: checkpoint {tuple(np.shape(flat[k]))}, model {tuple(leaves[k][...].shape)}"
                       for k in wanted if k in leaves and np.shape(flat[k]) != leaves[k][...].shape)
   if missing or mismatched:
-    raise ValueError(f"{path} does not fit the model: keys not in the model {missing[:20]}"
-                     f"{' ...' if len(missing) > 20 else ''}; mis-shaped {mismatched[:20]}")
+    # A config mistake (init_from names a conversion of another model): one `error:` line
+    # at the command line, not a traceback.
+    raise ConfigError(f"config.init_from={os.fspath(path)!r} does not fit the model: keys "
+                      f"not in the model {missing[:20]}"
+                      f"{' ...' if len(missing) > 20 else ''}; mis-shaped {mismatched[:20]}")
   for k in wanted:
     leaves[k][...] = jax.numpy.asarray(flat[k], leaves[k][...].dtype)
   return meta

@@ -28,9 +28,10 @@ def test_resize_dynamic_crops_then_resizes_like_torch():
     want = torch_resize(x[b, :ih, :iw], (int(oh), int(ow)))
     np.testing.assert_allclose(out[b, :oh, :ow], want, rtol=1e-5, atol=1e-5)
     assert np.all(out[b, oh:] == 0) and np.all(out[b, :, ow:] == 0)
-  # Same numbers as the model's static resize when nothing is cropped.
+  # Nothing cropped: torch's resize of the whole image.
   full = evaluate.resize_dynamic(jnp.asarray(x), jnp.asarray([[12, 10]] * 3), jnp.asarray([[31, 26]] * 3), (31, 26))
-  np.testing.assert_allclose(full, resize_bilinear(jnp.asarray(x), (31, 26)), rtol=1e-5, atol=1e-5)
+  for b in range(3):
+    np.testing.assert_allclose(full[b], torch_resize(x[b], (31, 26)), rtol=1e-5, atol=1e-5)
 
 
 def test_flip_valid_mirrors_only_the_valid_columns():
@@ -87,27 +88,42 @@ def test_slide_inference_matches_mmseg_per_image():
     np.testing.assert_allclose(out[b, :h, :w], want, rtol=1e-5, atol=1e-5)
 
 
+def run_fake(x_hwc: np.ndarray) -> np.ndarray:
+  """The stand-in model on one image [h, w, 3] -> its stride-4 logits (NumPy)."""
+  return np.asarray(fake_model(jnp.asarray(x_hwc[None])))[0]
+
+
 def test_multiscale_flip_averages_softmax_at_label_size():
+  """The batched inference against torch alone: each term is the model's logits resized
+  to its input (F.interpolate), flipped back, resized to the label size, softmax; the
+  0.5 scale image is F.interpolate's. No function of the inference module computes the
+  expectation."""
   rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.standard_normal((1, 16, 24, 3)).astype(np.float32))
+  image = rng.standard_normal((16, 24, 3)).astype(np.float32)
+  images = jnp.asarray(image[None])
   hw, label_hw = jnp.array([[16, 24]]), jnp.array([[20, 30]])
   cfg = ml_collections.ConfigDict(dict(mode='whole', crop_size=(8, 8), stride=(4, 4),
                                        scales=(1.0,), flip=False))
   single = evaluate.inference(fake_model, images, hw, label_hw, (20, 30), cfg, 2)
-  want = torch_resize(np.asarray(evaluate.whole_logits(fake_model, images))[0], (20, 30))
+  want = torch_resize(torch_resize(run_fake(image), (16, 24)), (20, 30))
   np.testing.assert_allclose(single[0], want, rtol=1e-5, atol=1e-5)
   cfg.flip = True
   cfg.scales = (1.0, 0.5)
   probs = np.asarray(evaluate.inference(fake_model, images, hw, label_hw, (20, 30), cfg, 2))
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
-  flipped = evaluate.whole_logits(fake_model, images[:, :, ::-1])[:, :, ::-1]
-  half = evaluate.resize_dynamic(images, hw, jnp.array([[8, 12]]), (8, 12))
-  terms = [evaluate.whole_logits(fake_model, images), flipped,
-           evaluate.whole_logits(fake_model, half),
-           evaluate.whole_logits(fake_model, half[:, :, ::-1])[:, :, ::-1]]
-  want = np.mean([jax.nn.softmax(jnp.asarray(torch_resize(np.asarray(t)[0], (20, 30))), -1)
-                  for t in terms], 0)
+  half = torch_resize(image, (8, 12))  # floor(16 * 0.5 + 0.5), floor(24 * 0.5 + 0.5)
+  terms = []
+  for x in (image, half):
+    for flip in (False, True):
+      xi = np.ascontiguousarray(x[:, ::-1]) if flip else x
+      logits = torch_resize(run_fake(xi), xi.shape[:2])
+      logits = np.ascontiguousarray(logits[:, ::-1]) if flip else logits
+      terms.append(torch.softmax(torch.from_numpy(torch_resize(logits, (20, 30))), -1).numpy())
+  want = np.mean(terms, 0)
   np.testing.assert_allclose(probs[0], want, rtol=1e-5, atol=1e-6)
+  # A missing scale would show. (A missing flip would not: this stand-in is equivariant
+  # under a flip of a width divisible by 4; tests/test_eval_oracle.py checks flips.)
+  assert np.abs(terms[2] - terms[0]).max() > 1e-2
   cfg.mode = 'bogus'
   with pytest.raises(ValueError, match='whole'):
     evaluate.inference(fake_model, images, hw, label_hw, (20, 30), cfg, 2)
@@ -118,7 +134,6 @@ def test_multiscale_flip_averages_softmax_at_label_size():
 import cv2  # noqa: E402
 
 from input_pipeline import pipeline  # noqa: E402
-from input_pipeline import transforms as T  # noqa: E402
 from semask_jax.evaluation import metrics  # noqa: E402
 
 K = 3
@@ -167,7 +182,9 @@ def mmseg_test_images(image_u8, test_scale, ratios, flip):
     img = cv2.resize(image_u8, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     for fl in ((False, True) if flip else (False,)):
       x = img[:, ::-1] if fl else img
-      out.append((T.normalize(np.ascontiguousarray(x), MEAN, STD), fl))
+      # mmcv.imnormalize in NumPy (not input_pipeline's, which the code under test uses).
+      x = (x.astype(np.float32) - np.float32(MEAN)) / np.float32(STD)
+      out.append((np.ascontiguousarray(x, np.float32), fl))
   return out
 
 

@@ -17,7 +17,8 @@ from semask_jax.models.fapn import _nearest_index, resize_nearest_legacy
 def _config(decoder):
   return model_config_from_dict(dict(
       pixel_decoder=decoder, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
-      window_size=3, sem_window_size=3, num_sem_blocks=1, num_classes=19, nheads=2,
+      # 19 classes: the semantic window is detectron2's default 7 (released_sem_window).
+      window_size=3, sem_window_size=7, num_sem_blocks=1, num_classes=19, nheads=2,
       enc_layers=1, enc_dim_feedforward=32, conv_dim=32, mask_dim=24, hidden_dim=16,
       num_queries=5, dim_feedforward=32, dec_layers=2, deformable_groups=4))
 

@@ -63,9 +63,12 @@ def test_predict_folder_writes_images_of_the_original_size(tmp_path):
 
 
 def test_predict_computes_the_class_map_of_the_evaluation(tmp_path):
-  """The written mask is the evaluation's prediction (eval_and_predict's per-image
-  inference, its confusion-matrix path): a label made from the mask scores 100 %."""
-  from semask_jax.evaluation import evaluator as eval_and_predict  # pylint: disable=g-import-not-at-top
+  """The written mask is the reference's class map, computed by tests/oracle.py (cv2
+  resize, NumPy normalisation, the model's forward, torch resizes, softmax averaged over
+  the flip, argmax; none of the evaluation or input pipeline code), and the evaluation's
+  own: a label made from the mask scores 100 % in its confusion-matrix path."""
+  from semask_jax.models.functional import merge_model  # pylint: disable=g-import-not-at-top
+  from tests import oracle  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.eval.flip = True
   rng = np.random.default_rng(1)
@@ -81,6 +84,14 @@ def test_predict_computes_the_class_map_of_the_evaluation(tmp_path):
   palette = np.asarray(input_pipeline.dataset_info(config.data.name).palette, np.uint8)
   label = (mask[:, :, None, :] == palette[None, None]).all(-1).argmax(-1).astype(np.uint8)
   assert (palette[label] == mask).all()
+  forward = jax.jit(lambda x: merge_model(graphdef, state.params, state.batch_stats,
+                                          rest).segment(x))
+  images = oracle.mmseg_test_images(image, config.data.test_scale, config.eval.scales,
+                                    config.data.mean, config.data.std)
+  want = oracle.probabilities(forward, images, image.shape[:2], flip=True,
+                              scores_are_probabilities=False)
+  oracle.assert_same_class_map(label, want)
+  assert len(np.unique(want.argmax(-1))) > 1  # a class map, not one colour
   inference = evaluate_lib.make_per_image_inference(config, graphdef, rest, state.params,
                                                         state.batch_stats)
   cm = np.asarray(inference.update_confusion(inference.zeros_cm(),

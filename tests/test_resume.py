@@ -19,6 +19,7 @@ from semask_jax.train import state as state_lib
 from semask_jax import sharding as sharding_lib
 from semask_jax.train import loop as train
 from semask_jax.sharding import make_mesh
+from tests import agreement
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 12
@@ -38,6 +39,12 @@ def cpu_env(tmp_root, devices=2):
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
   return env
+
+
+def records(workdir):
+  """The training records of metrics.jsonl (one per logged update), in order."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [r for r in map(json.loads, f) if 'loss' in r]
 
 
 def losses(workdir):
@@ -302,7 +309,11 @@ def test_fsdp_run_stopped_and_resumed_matches_the_replicated_run(tmp_path, run_l
   split = restore(fsdp_config, fsdp_dir, 3)
   whole = restore(rep_config, fsdp_dir, 3)  # the split checkpoint restored whole: the same
   jax.tree_util.tree_map(np.testing.assert_array_equal, whole, split)
-  diffs = np.concatenate([np.abs(a - b).ravel() for a, b in zip(
-      jax.tree_util.tree_leaves((split.params, split.opt_state)),
-      jax.tree_util.tree_leaves((want.params, want.opt_state)))])
-  assert np.mean(diffs <= 1e-6) > 0.999, np.quantile(diffs, [0.5, 0.999, 1.0])
+  # Every parameter within 2 x the applied lr (3 updates), beyond 1e-6 only where Adam had
+  # no gradient; the moments within the gradients' summation-order noise (tests/agreement.py).
+  lr_sum = sum(r['lr'] for r in records(rep_dir))
+  agreement.assert_params_agree(split.params, want.params,
+                                agreement.gradient_rms(want.opt_state, rep_config.optimizer.b2),
+                                2 * lr_sum)
+  agreement.assert_moments_agree(split.opt_state, want.opt_state, rep_config.optimizer.b1,
+                                 rep_config.optimizer.b2)

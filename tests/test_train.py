@@ -12,6 +12,7 @@ from semask_jax.train import optim
 from semask_jax import sharding as sharding_lib
 from semask_jax.train import state as state_lib
 from semask_jax.train import loop as train
+from tests import agreement
 
 
 @pytest.fixture(scope='module')
@@ -56,11 +57,11 @@ def test_one_and_eight_devices_agree(setup):
   # SyncBN: running statistics from the global batch, the same on 1 and 8 devices.
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                          s1.batch_stats, s8.batch_stats)
-  # Params after 2 AdamW steps (lr <= 1e-3): an element moves by at most ~2 lr, and the
-  # two runs agree to 1e-6 absolute except where a gradient is ~0 and Adam's sign flips.
-  diffs = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(
-      jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s8.params))])
-  assert np.mean(diffs <= 1e-6) > 0.999, np.quantile(diffs, [0.5, 0.999, 1.0])
+  # Params after 2 AdamW steps: every element within 2 x the applied lr, and beyond 1e-6
+  # only where Adam had no gradient (rounding noise: its sign flips; tests/agreement.py).
+  agreement.assert_params_agree(
+      s8.params, s1.params, agreement.gradient_rms(s1.opt_state, config.optimizer.b2),
+      2 * sum(float(m['lr']) for m in m1))
   moved = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(
       jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(state_lib.split_model(model)[1]))])
   assert moved.max() > 1e-5  # the update did something
