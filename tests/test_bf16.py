@@ -106,7 +106,6 @@ def test_bf16_step_matches_float32(step):
   assert len(got) > 60, len(got)
 
 
-@pytest.mark.xfail(strict=True, reason='bias gradients are reduced in bfloat16 (module doc)')
 def test_bf16_bias_gradients_match_float32(step):
   got = cosines(step, _is_bias)
   assert len(got) > 20, len(got)

@@ -41,11 +41,11 @@ class DropoutMultiheadAttention(MultiheadAttention):
     h = self.num_heads
     d = c // h
     w = layers.weight(self.in_proj_weight[...], self.dtype)             # [C, 3C]
-    bias = self.in_proj_bias[...].astype(self.dtype)                    # [3C]
+    bias = self.in_proj_bias[...]                                       # [3C] float32
 
     def proj(x: jax.Array, i: int) -> jax.Array:                        # [B, N, C] -> [B, N, h, d]
       y = jnp.einsum("bnc,co->bno", x.astype(self.dtype), w[:, i * c:(i + 1) * c])
-      y = y + bias[i * c:(i + 1) * c]
+      y = layers.add_bias(y, bias[i * c:(i + 1) * c])
       return y.reshape(x.shape[0], x.shape[1], h, d)
 
     q = proj(query, 0) * jnp.asarray(math.sqrt(1.0 / d), self.dtype)  # [B, Q, h, d]
