@@ -208,6 +208,11 @@ def semask_mask2former_config(dataset: str, variant: str) -> ml_collections.Conf
   c.data = default_data_config(dataset)
   c.model = default_model_config(variant, c.data.num_classes, num_sem_blocks=1,
                                  name=SEMASK_MASK2FORMER)
+  # How the semantic attention starts (SPEC 13, models/config.py): 'reference' as the
+  # official detectron2 code, whose mlp_res and gamma start at 0 and stay 0 (the branch
+  # only feeds loss_cate through mlp_cls_q: what the paper's numbers come from);
+  # 'trainable' starts it as SeMask-FPN does (trunc_normal 0.02), so that it learns.
+  c.model.semantic_attention_init = 'reference'
   c.init_from = PRETRAINED[variant]
   c.batch_size = 16
   c.total_steps = r['steps']
