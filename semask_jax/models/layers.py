@@ -168,7 +168,7 @@ def given(values: Any) -> Init:
 
 @dataclasses.dataclass(frozen=True)
 class LinearInit:
-  """How a Linear's kernel and bias start."""
+  """How a Linear's or a Conv2d's kernel and bias start (two Inits)."""
   kernel: Init
   bias: Init
 
