@@ -18,7 +18,7 @@ built here with this project's init and compared, per entry, in the reference la
     copies of each other exactly where the file says so (identical_to).
 
 A file for another variant or class count of the same schema runs with no code change.
-`python tests/test_init.py` prints the worst deviations per module kind.
+`python -m tests.test_init` (from the repo root) prints the worst deviations per module kind.
 """
 from __future__ import annotations
 
