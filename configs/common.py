@@ -237,6 +237,11 @@ def semask_mask2former_config(dataset: str, variant: str, pixel_decoder: str = '
   if not MASK2FORMER_SEM_WINDOW_IS_SWIN_WINDOW[dataset]:
     c.model.sem_window_size = MASK2FORMER_DEFAULT_SEM_WINDOW
   c.model.pixel_decoder = pixel_decoder
+  # How the semantic attention starts (SPEC 13, models/config.py): 'reference' as the
+  # official detectron2 code, whose mlp_res and gamma start at 0 and stay 0 (the branch
+  # only feeds loss_cate through mlp_cls_q: what the paper's numbers come from);
+  # 'trainable' starts it as SeMask-FPN does (trunc_normal 0.02), so that it learns.
+  c.model.semantic_attention_init = 'reference'
   c.init_from = PRETRAINED[variant]
   c.batch_size = 16
   c.total_steps = r['steps']

@@ -49,6 +49,7 @@ from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from semask_jax.cli import ConfigError
 from semask_jax.losses.matching import linear_sum_assignment
@@ -82,6 +83,13 @@ class CriterionConfig:
     if not isinstance(self.group_size, int) or self.group_size < 0:
       raise ConfigError("config.loss.group_size must be an integer >= 0 (0: the whole "
                         f"batch), got {self.group_size!r}")
+
+  @property
+  def empty_weight(self) -> np.ndarray:
+    """The reference criterion's buffer: class weights ones(K + 1), no-object last."""
+    w = np.ones(self.num_classes + 1, np.float32)
+    w[-1] = self.no_object_weight
+    return w
 
   @property
   def num_oversampled(self) -> int:
@@ -291,7 +299,7 @@ def _prediction_losses(pred_logits: jax.Array, pred_masks: jax.Array, query: jax
   logits = pred_logits.astype(jnp.float32)                             # [B, Q, K+1]
   onehot = (target_class[..., None] == jnp.arange(k + 1)).astype(jnp.float32)
   nll = jax.nn.logsumexp(logits, -1) - jnp.sum(logits * onehot, -1)    # [B, Q]
-  weight = jnp.where(target_class == k, cfg.no_object_weight, 1.0)
+  weight = jnp.asarray(cfg.empty_weight)[target_class]                 # [B, Q]
   loss_ce = group_mean(jnp.sum(weight * nll, -1), jnp.sum(weight, -1), cfg.group_size)
 
   # Masks: chunks of `s` slots; a chunk with no pair in the whole batch is skipped. The

@@ -50,6 +50,25 @@ BLOCK_LOOPS = ("auto", "scan", "unroll")
 # The Mask2Former head's pixel decoder: Mask2Former's MSDeformAttnPixelDecoder, SeMask-FAPN's
 # PixelFANDecoder (FaPN) or MSDeformAttnPixelFANDecoder (MSFaPN), SPEC sections 10 and 12.
 PIXEL_DECODERS = ("msdeformattn", "fapn", "msfapn")
+# Initialisation (SPEC section 13). Each head family brings its code base's init of the
+# whole model: SeMask-FPN mmseg's (every backbone Linear re-drawn trunc_normal(0.02)),
+# the detectron2 heads (Mask2Former and those to come) their constructors' (backbone
+# Linears left at torch's default). Derived from the model name, not a config key.
+INIT_MMSEG = "mmseg"
+INIT_DETECTRON2 = "detectron2"
+INIT_PATHS = {SEMASK_FPN: INIT_MMSEG}  # every other (detectron2) head: INIT_DETECTRON2
+# config.model.semantic_attention_init: 'reference' initialises the semantic attention as
+# the model family's reference does. On the detectron2 path that is kaiming-normal q / k / v
+# with mlp_res and gamma exactly 0, a saddle the branch never leaves (SPEC 13: mlp_res and
+# gamma stay 0, mlp_cls_k and mlp_v get no gradient; what the paper's numbers come from).
+# 'trainable' gives the detectron2 heads the FPN path's init (all four Linears
+# trunc_normal(0.02), biases 0, gamma 0), so that the branch learns. No effect on SeMask-FPN.
+SEMANTIC_ATTENTION_INITS = ("reference", "trainable")
+
+
+def init_path_of(name: str) -> str:
+  """The init path (INIT_MMSEG or INIT_DETECTRON2) of a model name: the head decides."""
+  return INIT_PATHS.get(name, INIT_DETECTRON2)
 
 
 def resolve_block_loop(block_loop: str, platform: str | None = None) -> bool:
@@ -81,6 +100,16 @@ class BackboneConfig:
   dtype: str = "float32"            # compute dtype; parameters stay float32
   attention_impl: str = "einsum"    # Swin window attention: ATTENTION_IMPLS
   block_loop: str = "auto"          # training: Swin blocks scanned or unrolled (BLOCK_LOOPS)
+  semantic_attention_init: str = "reference"  # SEMANTIC_ATTENTION_INITS
+  init_path: str = INIT_MMSEG       # derived from the model name (init_path_of); not a key
+
+  @property
+  def semantic_init(self) -> str:
+    """How the semantic attention starts: 'frozen' (detectron2's constructor: kaiming q / k
+    / v, mlp_res and gamma 0) or 'trunc_normal' (mmseg's backbone init, or 'trainable')."""
+    if self.init_path == INIT_DETECTRON2 and self.semantic_attention_init == "reference":
+      return "frozen"
+    return "trunc_normal"
 
   @property
   def num_stages(self) -> int:
@@ -158,8 +187,9 @@ class ModelConfig:
     head_cls = HEAD_CONFIGS[name]
     backbone = BackboneConfig(
         **{f.name: _freeze(cfg[f.name]) for f in dataclasses.fields(BackboneConfig)
-           if f.name not in ("num_sem_blocks", "sem_global") and f.name in cfg},
-        num_sem_blocks=resolve_num_sem_blocks(cfg), sem_global=resolve_sem_global(cfg))
+           if f.name not in ("num_sem_blocks", "sem_global", "init_path") and f.name in cfg},
+        num_sem_blocks=resolve_num_sem_blocks(cfg), sem_global=resolve_sem_global(cfg),
+        init_path=init_path_of(name))
     head = head_cls(**{f.name: _freeze(cfg[f.name]) for f in dataclasses.fields(head_cls)
                        if f.name in cfg})
     return cls(name=name, backbone=backbone, head=head)
@@ -170,7 +200,8 @@ def _freeze(v: Any) -> Any:
 
 
 # Flat keys of config.model, per model name (besides `name`).
-_BACKBONE_KEYS = tuple(f.name for f in dataclasses.fields(BackboneConfig))
+_BACKBONE_KEYS = tuple(f.name for f in dataclasses.fields(BackboneConfig)
+                       if f.name != "init_path")
 _HEAD_KEYS = {
     SEMASK_FPN: tuple(f.name for f in dataclasses.fields(FPNHeadConfig)),
     SEMASK_MASK2FORMER: tuple(f.name for f in dataclasses.fields(Mask2FormerHeadConfig)),
@@ -178,7 +209,7 @@ _HEAD_KEYS = {
 }
 # Keys that configs may lack, with their meaning when absent.
 _OPTIONAL_KEYS = ("name", "remat_policy", "sem_global", "attention_impl", "block_loop",
-                  "pixel_decoder", "deformable_groups")
+                  "pixel_decoder", "deformable_groups", "semantic_attention_init")
 
 
 def model_keys(name: str = SEMASK_FPN) -> tuple[str, ...]:
@@ -247,7 +278,8 @@ def default_model_config(variant: str = "T", num_classes: int = 150, *,
       num_classes=num_classes, num_sem_blocks=num_sem_blocks,
       use_gamma=True, sem_attention="semantic", sem_dropout=0.1,
       drop_path_rate=0.3, dtype="float32", remat=False, remat_policy="full",
-      attention_impl="einsum", block_loop="auto"))
+      attention_impl="einsum", block_loop="auto",
+      semantic_attention_init="reference"))  # or 'trainable': SEMANTIC_ATTENTION_INITS
   head_cls = HEAD_CONFIGS[name]
   for f in dataclasses.fields(head_cls):
     cfg[f.name] = f.default
@@ -330,6 +362,10 @@ def validate_model_config(cfg: Mapping[str, Any]) -> None:
     if cfg["enc_layers"] != 0:
       raise ValueError(f"model config: enc_layers={cfg['enc_layers']}: only the SeMask "
                        "configs' DETR transformer without encoder layers (0) is built")
+  sai = cfg.get("semantic_attention_init", "reference")
+  if sai not in SEMANTIC_ATTENTION_INITS:
+    raise ValueError(f"model config: semantic_attention_init {sai!r} not in "
+                     f"{SEMANTIC_ATTENTION_INITS}")
   if name == SEMASK_MASK2FORMER:
     for a, b in (("conv_dim", "nheads"), ("hidden_dim", "nheads")):
       if cfg[a] % cfg[b]:

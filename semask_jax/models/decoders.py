@@ -15,9 +15,10 @@ class ConvModule(nnx.Module):
   """Conv3x3 (no bias) -> BatchNorm -> ReLU, named like mmcv's ConvModule."""
 
   def __init__(self, in_ch: int, out_ch: int, *, dtype, rngs: nnx.Rngs):
-    # mmcv ConvModule: kaiming_normal(fan_out, relu) for the conv.
+    # mmcv ConvModule.init_weights (at construction): kaiming_init, N(0, 2 / fan_out).
     self.conv = layers.Conv2d(in_ch, out_ch, 3, padding=1, use_bias=False,
-                              kernel_std=(2.0 / (out_ch * 9)) ** 0.5, dtype=dtype, rngs=rngs)
+                              init=layers.LinearInit(layers.kaiming_normal_fan_out, layers.zeros),
+                              dtype=dtype, rngs=rngs)
     self.bn = layers.BatchNorm(out_ch)
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -49,10 +50,10 @@ class FPNHead(nnx.Module):
           units.append(Upsample())
       heads.append(nnx.List(units))
     self.scale_heads = nnx.List(heads)
+    # decode_head.init_weights: mmcv normal_init(conv_seg, std=0.01), bias 0.
     self.conv_seg = layers.Conv2d(channels, num_classes, 1,
-                                  kernel_std=0.01,
+                                  init=layers.LinearInit(layers.normal(0.01), layers.zeros),
                                   dtype=dtype, rngs=rngs)
-    self.conv_seg.bias[...] = jnp.zeros_like(self.conv_seg.bias[...])
     self.dropout = dropout
 
   def __call__(self, feats: Sequence[jax.Array], *, train: bool,

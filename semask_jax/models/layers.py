@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -78,9 +79,113 @@ def xavier_uniform_init(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int,
 
 
 def linear_init(rngs: nnx.Rngs, shape: tuple[int, ...]) -> jax.Array:
-  """Every Linear of the reference backbone ends up trunc_normal(std=0.02) with
-  bounds (-2, 2) in absolute terms, i.e. effectively an untruncated normal."""
+  """timm trunc_normal_(std=.02): its bounds (-2, 2) are absolute (100 std), so this is
+  an untruncated N(0, 0.02^2) (mmseg's backbone init, the Swin position tables)."""
   return normal_init(rngs, shape, 0.02)
+
+
+# ----------------------------------------------------------------------------
+# Named initialisers (SPEC section 13), each as the reference function it reproduces.
+# One signature, init(rngs, shape, fan_in, fan_out) -> float32 array, with torch's fans
+# (a Linear [in, out]: fan_in = in; a conv: channels x kernel area; a bias: its weight's
+# fans). Those that draw nothing (zeros) take no key from `rngs`.
+# ----------------------------------------------------------------------------
+
+Init = Callable[[nnx.Rngs, tuple[int, ...], int, int], jax.Array]
+
+
+def zeros(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, fan_out: int) -> jax.Array:
+  """nn.init.zeros_ / mmcv's bias 0."""
+  del rngs, fan_in, fan_out
+  return jnp.zeros(shape, jnp.float32)
+
+
+def trunc_normal_002(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int,
+                     fan_out: int) -> jax.Array:
+  """timm trunc_normal_(std=.02) (= N(0, 0.02^2), see linear_init): every Linear of the
+  SeMask-FPN backbone after mmseg's backbone.init_weights."""
+  del fan_in, fan_out
+  return linear_init(rngs, shape)
+
+
+def pytorch_default_uniform(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int,
+                            fan_out: int) -> jax.Array:
+  """An nn.Linear / nn.Conv2d left alone: weight kaiming_uniform(a=sqrt 5) and bias both
+  U(+-1/sqrt(fan_in)) (fan_in of the weight)."""
+  del fan_out
+  return uniform_init(rngs, shape, 1.0 / float(np.sqrt(fan_in)))
+
+
+def kaiming_normal_fan_in(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int,
+                          fan_out: int) -> jax.Array:
+  """nn.init.kaiming_normal_ with its defaults (mode fan_in, leaky_relu slope 0):
+  N(0, 2 / fan_in) (SemanticAttention.init_weight)."""
+  del fan_out
+  return normal_init(rngs, shape, float(np.sqrt(2.0 / fan_in)))
+
+
+def kaiming_normal_fan_out(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int,
+                           fan_out: int) -> jax.Array:
+  """mmcv kaiming_init defaults (normal, fan_out, relu): N(0, 2 / fan_out) (ConvModule)."""
+  del fan_in
+  return normal_init(rngs, shape, float(np.sqrt(2.0 / fan_out)))
+
+
+def xavier_uniform(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int,
+                   fan_out: int) -> jax.Array:
+  """nn.init.xavier_uniform_ (gain 1): U(+-sqrt(6 / (fan_in + fan_out)))."""
+  return xavier_uniform_init(rngs, shape, fan_in, fan_out)
+
+
+def c2_xavier_fill(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int,
+                   fan_out: int) -> jax.Array:
+  """fvcore c2_xavier_fill's weight: kaiming_uniform(a=1), U(+-sqrt(3 / fan_in)) (its bias
+  is zeros)."""
+  del fan_out
+  return uniform_init(rngs, shape, float(np.sqrt(3.0 / fan_in)))
+
+
+def normal(std: float) -> Init:
+  """N(0, std^2) whatever the fans: mmcv normal_init (conv_seg, 0.01), nn.Embedding (1)."""
+  def init(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, fan_out: int) -> jax.Array:
+    del fan_in, fan_out
+    return normal_init(rngs, shape, std)
+  init.__name__ = f"normal({std})"
+  return init
+
+
+def given(values: Any) -> Init:
+  """These exact values (checked against the shape): a deterministic init such as
+  MSDeformAttn's offset grid, or one draw shared by deep copies of a module."""
+  def init(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, fan_out: int) -> jax.Array:
+    del rngs, fan_in, fan_out
+    out = jnp.array(values, jnp.float32)
+    if out.shape != tuple(shape):
+      raise ValueError(f"given init: values of shape {out.shape}, parameter {tuple(shape)}")
+    return out
+  return init
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearInit:
+  """How a Linear's or a Conv2d's kernel and bias start (two Inits)."""
+  kernel: Init
+  bias: Init
+
+
+# mmseg's backbone.init_weights (the SeMask-FPN backbone): trunc_normal(0.02), bias 0.
+TRUNC_NORMAL = LinearInit(trunc_normal_002, zeros)
+# An nn.Linear nobody re-initialises (the SeMask-Mask2Former backbone, the heads' MLPs).
+TORCH_DEFAULT = LinearInit(pytorch_default_uniform, pytorch_default_uniform)
+# SemanticAttention.init_weight's q / k / v (detectron2 path): kaiming_normal_, bias 0.
+KAIMING_NORMAL = LinearInit(kaiming_normal_fan_in, zeros)
+# Xavier kernels: with a zero bias (MSDeformAttn's projections, MultiheadAttention's
+# out_proj) or with the default bias left by a sweep over the 2-D parameters only (FFNs).
+XAVIER_ZERO_BIAS = LinearInit(xavier_uniform, zeros)
+XAVIER_DEFAULT_BIAS = LinearInit(xavier_uniform, pytorch_default_uniform)
+ZEROS = LinearInit(zeros, zeros)
+# fvcore c2_xavier_fill (detectron2's Conv2d layers of the pixel decoder): bias 0.
+C2_XAVIER = LinearInit(c2_xavier_fill, zeros)
 
 
 _SQRT_HALF = np.float32(0.7071067811865476)
@@ -105,12 +210,15 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 class Linear(nnx.Module):
-  """y = x @ kernel + bias with the reference initialisation; kernel [in, out]."""
+  """y = x @ kernel + bias; kernel [in, out]. `init`: the reference's init of this Linear
+  (default TRUNC_NORMAL, mmseg's backbone init)."""
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
-    self.kernel = nnx.Param(linear_init(rngs, (in_features, out_features)))
-    self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+               init: LinearInit = TRUNC_NORMAL, dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    fans = (in_features, out_features)
+    self.kernel = nnx.Param(init.kernel(rngs, (in_features, out_features), *fans))
+    self.bias = nnx.Param(init.bias(rngs, (out_features,), *fans)) if use_bias else None
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -205,7 +313,7 @@ class Embedding(nnx.Module):
   """A learned table [num, dim] (torch nn.Embedding; the leaf converts to `.weight`)."""
 
   def __init__(self, num: int, dim: int, *, rngs: nnx.Rngs):
-    self.embedding = nnx.Param(normal_init(rngs, (num, dim), 1.0))
+    self.embedding = nnx.Param(normal(1.0)(rngs, (num, dim), dim, num))  # nn.Embedding: N(0, 1)
 
   def __call__(self) -> jax.Array:
     return self.embedding[...]
@@ -216,14 +324,15 @@ class Conv2d(nnx.Module):
 
   def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1,
                padding: int = 0, use_bias: bool = True, kernel_std: float | None = None,
-               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+               init: LinearInit = TORCH_DEFAULT, dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    """init: the reference's init of this conv (default torch's nn.Conv2d); kernel_std,
+    if given, makes the kernel N(0, kernel_std^2) instead."""
     shape = (kernel_size, kernel_size, in_ch, out_ch)
-    fan_in = in_ch * kernel_size * kernel_size
-    if kernel_std is None:  # torch's default Conv2d init: kaiming_uniform(a=sqrt(5)).
-      self.kernel = nnx.Param(uniform_init(rngs, shape, 1.0 / np.sqrt(fan_in)))
-    else:
-      self.kernel = nnx.Param(normal_init(rngs, shape, kernel_std))
-    self.bias = nnx.Param(uniform_init(rngs, (out_ch,), 1.0 / np.sqrt(fan_in))) if use_bias else None
+    fans = (in_ch * kernel_size * kernel_size, out_ch * kernel_size * kernel_size)
+    kernel_init = init.kernel if kernel_std is None else normal(kernel_std)
+    self.kernel = nnx.Param(kernel_init(rngs, shape, *fans))
+    self.bias = nnx.Param(init.bias(rngs, (out_ch,), *fans)) if use_bias else None
     self.stride = stride
     self.padding = padding
     self.dtype = dtype

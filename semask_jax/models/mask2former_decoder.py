@@ -26,20 +26,16 @@ NUM_FEATURE_LEVELS = 3  # Mask2Former always uses three scales.
 
 def _linear(in_features: int, out_features: int, *, xavier: bool, zero_bias: bool = False,
             dtype: jnp.dtype, rngs: nnx.Rngs) -> layers.Linear:
-  """A Linear with the reference init: xavier-uniform kernels inside the decoder layers,
-  torch's default Linear init (U(+-1/sqrt(fan_in)) for kernel and bias) for the heads."""
-  lin = layers.Linear(in_features, out_features, dtype=dtype, rngs=rngs)
-  bound = 1.0 / math.sqrt(in_features)
+  """A Linear with the reference init: xavier-uniform kernels inside the decoder layers
+  (their _reset_parameters sweeps the 2-D parameters only: the FFN biases keep torch's
+  default, MultiheadAttention zeroes out_proj.bias), torch's default Linear init
+  (U(+-1/sqrt(fan_in)) for kernel and bias) for the heads."""
   if xavier:
-    lin.kernel = nnx.Param(layers.xavier_uniform_init(
-        rngs, (in_features, out_features), in_features, out_features))
+    init = layers.XAVIER_ZERO_BIAS if zero_bias else layers.XAVIER_DEFAULT_BIAS
   else:
-    lin.kernel = nnx.Param(layers.uniform_init(rngs, (in_features, out_features), bound))
-  if zero_bias:
-    lin.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
-  else:
-    lin.bias = nnx.Param(layers.uniform_init(rngs, (out_features,), bound))
-  return lin
+    init = layers.LinearInit(layers.pytorch_default_uniform,
+                             layers.zeros if zero_bias else layers.pytorch_default_uniform)
+  return layers.Linear(in_features, out_features, init=init, dtype=dtype, rngs=rngs)
 
 
 class MultiheadAttention(nnx.Module):
@@ -54,7 +50,8 @@ class MultiheadAttention(nnx.Module):
                rngs: nnx.Rngs):
     if dim % num_heads:
       raise ValueError(f"MultiheadAttention: {dim} channels not divisible into {num_heads} heads")
-    self.in_proj_weight = nnx.Param(layers.xavier_uniform_init(rngs, (dim, 3 * dim), dim, 3 * dim))
+    # xavier_uniform_ over torch's whole [3C, C] matrix (fan_in C, fan_out 3C), bias 0.
+    self.in_proj_weight = nnx.Param(layers.xavier_uniform(rngs, (dim, 3 * dim), dim, 3 * dim))
     self.in_proj_bias = nnx.Param(jnp.zeros((3 * dim,), jnp.float32))
     self.out_proj = _linear(dim, dim, xavier=True, zero_bias=True, dtype=dtype, rngs=rngs)
     self.num_heads = num_heads
@@ -176,12 +173,9 @@ class MultiScaleMaskedTransformerDecoder(nnx.Module):
     if in_channels != hidden_dim or enforce_input_project:
       # detectron2 Conv2d 1x1 with c2_xavier_fill: kaiming_uniform(a=1) kernel, zero bias.
       self.input_proj = nnx.List([
-          layers.Conv2d(in_channels, hidden_dim, 1, dtype=dtype, rngs=rngs)
+          layers.Conv2d(in_channels, hidden_dim, 1, init=layers.C2_XAVIER, dtype=dtype,
+                        rngs=rngs)
           for _ in range(NUM_FEATURE_LEVELS)])
-      for conv in self.input_proj:
-        conv.kernel = nnx.Param(layers.uniform_init(
-            rngs, conv.kernel[...].shape, math.sqrt(3.0 / in_channels)))
-        conv.bias = nnx.Param(jnp.zeros((hidden_dim,), jnp.float32))
     else:
       self.input_proj = None  # nn.Sequential(): identity, no weights.
     self.class_embed = _linear(hidden_dim, num_classes + 1, xavier=False, dtype=dtype, rngs=rngs)

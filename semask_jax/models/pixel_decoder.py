@@ -28,20 +28,13 @@ GROUPS = 32     # the reference's GroupNorm(32, conv_dim).
 
 
 
-def _linear(in_features: int, out_features: int, *, dtype: jnp.dtype, rngs: nnx.Rngs,
-            kernel: jax.Array | None = None, bias: jax.Array | None = None) -> layers.Linear:
-  """A Linear with an explicit initial kernel / bias; by default a xavier-uniform kernel
-  and torch's default bias U(+-1/sqrt(fan_in)) (the encoder's FFN after the reference's
-  `xavier_uniform_` sweep over every matrix)."""
-  lin = layers.Linear(in_features, out_features, dtype=dtype, rngs=rngs)
-  if kernel is None:
-    kernel = layers.xavier_uniform_init(rngs, (in_features, out_features), in_features,
-                                        out_features)
-  if bias is None:
-    bias = layers.uniform_init(rngs, (out_features,), 1.0 / math.sqrt(in_features))
-  lin.kernel = nnx.Param(jnp.asarray(kernel, jnp.float32))
-  lin.bias = nnx.Param(jnp.asarray(bias, jnp.float32))
-  return lin
+def encoder_ffn_biases(d_model: int, d_ffn: int, *, rngs: nnx.Rngs
+                       ) -> tuple[jax.Array, jax.Array]:
+  """The encoder FFN's (linear1, linear2) biases: torch's default, drawn ONCE. The
+  reference deep-copies one template layer per encoder layer and its xavier sweep skips
+  1-D parameters, so all layers start with bit-identical FFN biases (SPEC 13)."""
+  return (layers.pytorch_default_uniform(rngs, (d_ffn,), d_model, d_ffn),
+          layers.pytorch_default_uniform(rngs, (d_model,), d_ffn, d_model))
 
 
 def deform_attn_core(value: jax.Array, spatial_shapes: tuple[tuple[int, int], ...],
@@ -144,12 +137,15 @@ class MSDeformAttn(nnx.Module):
     grid = np.tile(grid[:, None, None], (1, n_levels, n_points, 1))
     grid = grid * np.arange(1, n_points + 1, dtype=np.float32)[None, None, :, None]
     n_off = n_heads * n_levels * n_points
-    self.sampling_offsets = _linear(d_model, n_off * 2, kernel=np.zeros((d_model, n_off * 2)),
-                                    bias=grid.reshape(-1), dtype=dtype, rngs=rngs)
-    self.attention_weights = _linear(d_model, n_off, kernel=np.zeros((d_model, n_off)),
-                                     bias=np.zeros((n_off,)), dtype=dtype, rngs=rngs)
-    self.value_proj = _linear(d_model, d_model, bias=np.zeros((d_model,)), dtype=dtype, rngs=rngs)
-    self.output_proj = _linear(d_model, d_model, bias=np.zeros((d_model,)), dtype=dtype, rngs=rngs)
+    self.sampling_offsets = layers.Linear(
+        d_model, n_off * 2, init=layers.LinearInit(layers.zeros, layers.given(grid.reshape(-1))),
+        dtype=dtype, rngs=rngs)
+    self.attention_weights = layers.Linear(d_model, n_off, init=layers.ZEROS, dtype=dtype,
+                                           rngs=rngs)
+    self.value_proj = layers.Linear(d_model, d_model, init=layers.XAVIER_ZERO_BIAS,
+                                    dtype=dtype, rngs=rngs)
+    self.output_proj = layers.Linear(d_model, d_model, init=layers.XAVIER_ZERO_BIAS,
+                                     dtype=dtype, rngs=rngs)
     self.dtype = dtype
 
   def __call__(self, query: jax.Array, reference: jax.Array, input_flatten: jax.Array,
@@ -174,11 +170,17 @@ class MSDeformAttnTransformerEncoderLayer(nnx.Module):
   """Post-norm: x = LN(x + MSDeformAttn(x + pos)); x = LN(x + W2 relu(W1 x))."""
 
   def __init__(self, d_model: int, d_ffn: int, n_levels: int, n_heads: int, n_points: int, *,
-               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs,
+               ffn_biases: tuple[jax.Array, jax.Array] | None = None):
+    """ffn_biases: the (linear1, linear2) biases (encoder_ffn_biases, shared by the
+    encoder's layers); drawn here if None. The FFN kernels are xavier-uniform."""
     self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, dtype=dtype, rngs=rngs)
     self.norm1 = layers.LayerNorm(d_model, dtype=dtype)
-    self.linear1 = _linear(d_model, d_ffn, dtype=dtype, rngs=rngs)
-    self.linear2 = _linear(d_ffn, d_model, dtype=dtype, rngs=rngs)
+    b1, b2 = ffn_biases or encoder_ffn_biases(d_model, d_ffn, rngs=rngs)
+    self.linear1 = layers.Linear(d_model, d_ffn, dtype=dtype, rngs=rngs,
+                                 init=layers.LinearInit(layers.xavier_uniform, layers.given(b1)))
+    self.linear2 = layers.Linear(d_ffn, d_model, dtype=dtype, rngs=rngs,
+                                 init=layers.LinearInit(layers.xavier_uniform, layers.given(b2)))
     self.norm2 = layers.LayerNorm(d_model, dtype=dtype)
 
   def __call__(self, src: jax.Array, pos: jax.Array, reference: jax.Array,
@@ -192,9 +194,10 @@ class MSDeformAttnTransformerEncoderLayer(nnx.Module):
 class MSDeformAttnTransformerEncoder(nnx.Module):
   def __init__(self, num_layers: int, d_model: int, d_ffn: int, n_levels: int, n_heads: int,
                n_points: int, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    biases = encoder_ffn_biases(d_model, d_ffn, rngs=rngs)  # one draw for all layers
     self.layers = nnx.List([
         MSDeformAttnTransformerEncoderLayer(d_model, d_ffn, n_levels, n_heads, n_points,
-                                            dtype=dtype, rngs=rngs)
+                                            dtype=dtype, rngs=rngs, ffn_biases=biases)
         for _ in range(num_layers)])
 
   def __call__(self, src: jax.Array, pos: jax.Array, reference: jax.Array,
@@ -211,7 +214,9 @@ class MSDeformAttnTransformerEncoderOnly(nnx.Module):
                n_points: int, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     self.encoder = MSDeformAttnTransformerEncoder(num_layers, d_model, d_ffn, n_levels, n_heads,
                                                   n_points, dtype=dtype, rngs=rngs)
-    self.level_embed = nnx.Param(layers.normal_init(rngs, (n_levels, d_model), 1.0))
+    # normal_(level_embed) after the encoder's reset: N(0, 1).
+    self.level_embed = nnx.Param(layers.normal(1.0)(rngs, (n_levels, d_model), d_model,
+                                                    n_levels))
 
   def __call__(self, srcs: list[jax.Array]) -> list[jax.Array]:
     """srcs: NHWC maps [B, h_l, w_l, C] -> the encoded maps, same shapes."""
@@ -238,11 +243,7 @@ class ConvNorm(layers.Conv2d):
   def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, relu: bool,
                dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     super().__init__(in_ch, out_ch, kernel_size, padding=kernel_size // 2, use_bias=False,
-                     dtype=dtype, rngs=rngs)
-    # c2_xavier_fill: kaiming_uniform(a=1), i.e. U(+-sqrt(3 / fan_in)).
-    fan_in = in_ch * kernel_size * kernel_size
-    self.kernel = nnx.Param(layers.uniform_init(rngs, self.kernel[...].shape,
-                                                math.sqrt(3.0 / fan_in)))
+                     init=layers.C2_XAVIER, dtype=dtype, rngs=rngs)
     self.norm = layers.GroupNorm(GROUPS, out_ch, dtype=dtype)
     self.relu = relu
 
@@ -254,9 +255,7 @@ class ConvNorm(layers.Conv2d):
 def _input_proj(in_ch: int, out_ch: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.List:
   """nn.Sequential(Conv2d 1x1 with bias, GroupNorm(32)) as a list: keys `.0.*`, `.1.*`.
   The reference inits the conv xavier-uniform with a zero bias."""
-  conv = layers.Conv2d(in_ch, out_ch, 1, dtype=dtype, rngs=rngs)
-  conv.kernel = nnx.Param(layers.xavier_uniform_init(rngs, (1, 1, in_ch, out_ch), in_ch, out_ch))
-  conv.bias = nnx.Param(jnp.zeros((out_ch,), jnp.float32))
+  conv = layers.Conv2d(in_ch, out_ch, 1, init=layers.XAVIER_ZERO_BIAS, dtype=dtype, rngs=rngs)
   return nnx.List([conv, layers.GroupNorm(GROUPS, out_ch, dtype=dtype)])
 
 
@@ -279,10 +278,8 @@ class MSDeformAttnPixelDecoder(nnx.Module):
     self.transformer = MSDeformAttnTransformerEncoderOnly(
         conv_dim, nheads, enc_layers, enc_dim_feedforward, NUM_LEVELS, n_points,
         dtype=dtype, rngs=rngs)
-    self.mask_features = layers.Conv2d(conv_dim, mask_dim, 1, dtype=dtype, rngs=rngs)
-    self.mask_features.kernel = nnx.Param(layers.uniform_init(
-        rngs, (1, 1, conv_dim, mask_dim), math.sqrt(3.0 / conv_dim)))
-    self.mask_features.bias = nnx.Param(jnp.zeros((mask_dim,), jnp.float32))
+    self.mask_features = layers.Conv2d(conv_dim, mask_dim, 1, init=layers.C2_XAVIER,
+                                       dtype=dtype, rngs=rngs)
     # One FPN level (res3 stride 8 -> common stride 4): lateral 1x1, output 3x3.
     self.adapter_1 = ConvNorm(in_channels[0], conv_dim, 1, relu=False, dtype=dtype, rngs=rngs)
     self.layer_1 = ConvNorm(conv_dim, conv_dim, 3, relu=True, dtype=dtype, rngs=rngs)

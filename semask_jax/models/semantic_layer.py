@@ -15,6 +15,9 @@ from flax import nnx
 from semask_jax.models import layers
 from semask_jax.models.windows import pad_to_multiple, window_partition, window_reverse
 
+# How a semantic attention starts (SemanticAttention's init; BackboneConfig.semantic_init).
+SEMANTIC_INITS = ("trunc_normal", "frozen")
+
 
 class SemanticAttention(nnx.Module):
   """One block of `class_injection`: single-head attention with class-space q/k.
@@ -25,20 +28,28 @@ class SemanticAttention(nnx.Module):
   """
 
   def __init__(self, dim: int, num_classes: int, *, use_gamma: bool, attention: str,
-               dropout: float, dtype, rngs: nnx.Rngs):
+               dropout: float, init: str = "trunc_normal", dtype, rngs: nnx.Rngs):
+    """init (SPEC 13): 'trunc_normal', mmseg's backbone init (all four Linears
+    N(0, 0.02^2), biases 0); 'frozen', the constructor's own init_weight as detectron2 keeps
+    it (q / k / v kaiming-normal, biases 0, mlp_res 0: with gamma 0 the branch never
+    trains). gamma starts at 0 either way."""
     if attention not in ("semantic", "plain"):
       raise ValueError(f"sem_attention must be 'semantic' or 'plain', got {attention!r}")
+    if init not in SEMANTIC_INITS:
+      raise ValueError(f"semantic attention init must be one of {SEMANTIC_INITS}, got {init!r}")
+    qkv, res = ((layers.TRUNC_NORMAL, layers.TRUNC_NORMAL) if init == "trunc_normal"
+                else (layers.KAIMING_NORMAL, layers.ZEROS))
     self.attention = attention
-    self.mlp_cls_q = layers.Linear(dim, num_classes, dtype=dtype, rngs=rngs)
+    self.mlp_cls_q = layers.Linear(dim, num_classes, init=qkv, dtype=dtype, rngs=rngs)
     if attention == "semantic":
-      self.mlp_cls_k = layers.Linear(dim, num_classes, dtype=dtype, rngs=rngs)
+      self.mlp_cls_k = layers.Linear(dim, num_classes, init=qkv, dtype=dtype, rngs=rngs)
       self.scale = 1.0  # The reference does not scale q k^T.
     else:
-      self.mlp_q = layers.Linear(dim, dim, dtype=dtype, rngs=rngs)
-      self.mlp_k = layers.Linear(dim, dim, dtype=dtype, rngs=rngs)
+      self.mlp_q = layers.Linear(dim, dim, init=qkv, dtype=dtype, rngs=rngs)
+      self.mlp_k = layers.Linear(dim, dim, init=qkv, dtype=dtype, rngs=rngs)
       self.scale = dim ** -0.5
-    self.mlp_v = layers.Linear(dim, dim, dtype=dtype, rngs=rngs)
-    self.mlp_res = layers.Linear(dim, dim, dtype=dtype, rngs=rngs)
+    self.mlp_v = layers.Linear(dim, dim, init=qkv, dtype=dtype, rngs=rngs)
+    self.mlp_res = layers.Linear(dim, dim, init=res, dtype=dtype, rngs=rngs)
     self.gamma = nnx.Param(jnp.zeros((1,), jnp.float32)) if use_gamma else None
     self.dropout = dropout
 
@@ -63,13 +74,14 @@ class SemanticLayer(nnx.Module):
 
   def __init__(self, dim: int, num_classes: int, num_blocks: int, *, window_size: int,
                global_attention: bool, use_gamma: bool = True, attention: str = "semantic",
-               dropout: float = 0.1, dtype=jnp.float32, rngs: nnx.Rngs):
+               dropout: float = 0.1, init: str = "trunc_normal", dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.window_size = window_size
     self.global_attention = global_attention
     self.norm1 = layers.LayerNorm(dim, dtype=dtype)
     self.class_injection = nnx.List([
         SemanticAttention(dim, num_classes, use_gamma=use_gamma, attention=attention,
-                          dropout=dropout, dtype=dtype, rngs=rngs)
+                          dropout=dropout, init=init, dtype=dtype, rngs=rngs)
         for _ in range(num_blocks)])
 
   def __call__(self, x: jax.Array, keys: layers.KeyChain) -> tuple[jax.Array, jax.Array]:

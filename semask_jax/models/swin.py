@@ -18,7 +18,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from semask_jax.models import layers
-from semask_jax.models.config import REMAT_POLICIES, BackboneConfig, resolve_block_loop
+from semask_jax.models.config import (INIT_MMSEG, REMAT_POLICIES, BackboneConfig,
+                                      resolve_block_loop)
 from semask_jax.models.semantic_layer import SemanticLayer
 from semask_jax.models.windows import (pad_to_multiple, relative_position_index, shift_mask,
                                        window_partition, window_reverse)
@@ -29,9 +30,10 @@ from semask_jax.models.windows import (pad_to_multiple, relative_position_index,
 # ----------------------------------------------------------------------------
 
 class Mlp(nnx.Module):
-  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
-    self.fc1 = layers.Linear(dim, hidden, dtype=dtype, rngs=rngs)
-    self.fc2 = layers.Linear(hidden, dim, dtype=dtype, rngs=rngs)
+  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs,
+               init: layers.LinearInit = layers.TRUNC_NORMAL):
+    self.fc1 = layers.Linear(dim, hidden, init=init, dtype=dtype, rngs=rngs)
+    self.fc2 = layers.Linear(hidden, dim, init=init, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     # GELU and fc2 rematerialised: the backward pass keeps fc1's output alone and
@@ -55,15 +57,15 @@ class WindowAttention(nnx.Module):
   """Multi-head attention inside m x m windows with the relative position bias."""
 
   def __init__(self, dim: int, num_heads: int, window_size: int, *, dtype, rngs: nnx.Rngs,
-               impl: str = "einsum"):
+               impl: str = "einsum", init: layers.LinearInit = layers.TRUNC_NORMAL):
     self.num_heads = num_heads
     self.impl = impl
     self.window_size = window_size
     self.scale = (dim // num_heads) ** -0.5
     self.relative_position_bias_table = nnx.Param(
         layers.linear_init(rngs, ((2 * window_size - 1) ** 2, num_heads)))
-    self.qkv = layers.Linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
-    self.proj = layers.Linear(dim, dim, dtype=dtype, rngs=rngs)
+    self.qkv = layers.Linear(dim, 3 * dim, init=init, dtype=dtype, rngs=rngs)
+    self.proj = layers.Linear(dim, dim, init=init, dtype=dtype, rngs=rngs)
     self.dtype = dtype
 
   def relative_bias(self) -> jax.Array:
@@ -153,15 +155,16 @@ class SwinBlock(nnx.Module):
   """(Shifted) window attention + MLP, pre-norm, with stochastic depth."""
 
   def __init__(self, dim: int, num_heads: int, window_size: int, shift: int,
-               drop_path: float, *, dtype, rngs: nnx.Rngs, attention_impl: str = "einsum"):
+               drop_path: float, *, dtype, rngs: nnx.Rngs, attention_impl: str = "einsum",
+               init: layers.LinearInit = layers.TRUNC_NORMAL):
     self.window_size = window_size
     self.shift = shift
     self.drop_path = drop_path
     self.norm1 = layers.LayerNorm(dim, dtype=dtype)
     self.attn = WindowAttention(dim, num_heads, window_size, dtype=dtype, rngs=rngs,
-                                impl=attention_impl)
+                                impl=attention_impl, init=init)
     self.norm2 = layers.LayerNorm(dim, dtype=dtype)
-    self.mlp = Mlp(dim, 4 * dim, dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(dim, 4 * dim, dtype=dtype, rngs=rngs, init=init)
 
   def __call__(self, x: jax.Array, keys: layers.KeyChain,
                keep_prob: jax.Array | None = None) -> jax.Array:
@@ -210,9 +213,11 @@ def drop_path(x: jax.Array, keep_prob: float | jax.Array, u: jax.Array | None) -
 class PatchMerging(nnx.Module):
   """2x2 neighbourhood concat (reference channel order) -> LN(4C) -> Linear(4C, 2C)."""
 
-  def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs,
+               init: layers.LinearInit = layers.TRUNC_NORMAL):
     self.norm = layers.LayerNorm(4 * dim, dtype=dtype)
-    self.reduction = layers.Linear(4 * dim, 2 * dim, use_bias=False, dtype=dtype, rngs=rngs)
+    self.reduction = layers.Linear(4 * dim, 2 * dim, use_bias=False, init=init, dtype=dtype,
+                                   rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = pad_to_multiple(x, 2)
@@ -241,17 +246,23 @@ class BasicLayer(nnx.Module):
                sem_window_size: int, sem_global: bool, use_gamma: bool, sem_attention: str,
                sem_dropout: float, downsample: bool, remat: bool, dtype, rngs: nnx.Rngs,
                remat_policy: str = "full", attention_impl: str = "einsum",
-               block_loop: str = "auto"):
+               block_loop: str = "auto", init: layers.LinearInit = layers.TRUNC_NORMAL,
+               sem_init: str = "trunc_normal"):
+    """init: the Swin Linears' init; sem_init: the semantic attention's
+    (BackboneConfig.semantic_init)."""
     self.blocks = nnx.List([
         SwinBlock(dim, num_heads, window_size, 0 if j % 2 == 0 else window_size // 2,
-                  drop_paths[j], dtype=dtype, rngs=rngs, attention_impl=attention_impl)
+                  drop_paths[j], dtype=dtype, rngs=rngs, attention_impl=attention_impl,
+                  init=init)
         for j in range(depth)])
     self.semantic_layer = (
         SemanticLayer(dim, num_classes, num_sem_blocks, window_size=sem_window_size,
                       global_attention=sem_global, use_gamma=use_gamma,
-                      attention=sem_attention, dropout=sem_dropout, dtype=dtype, rngs=rngs)
+                      attention=sem_attention, dropout=sem_dropout, init=sem_init,
+                      dtype=dtype, rngs=rngs)
         if num_sem_blocks > 0 else None)
-    self.downsample = PatchMerging(dim, dtype=dtype, rngs=rngs) if downsample else None
+    self.downsample = (PatchMerging(dim, dtype=dtype, rngs=rngs, init=init) if downsample
+                       else None)
     self.remat = remat
     self.remat_policy = remat_policy
     self.scan_blocks = resolve_block_loop(block_loop)  # training only; see _blocks
@@ -434,6 +445,10 @@ class SeMaskSwin(nnx.Module):
   def __init__(self, config: BackboneConfig, *, rngs: nnx.Rngs):
     c = config
     dtype = jnp.dtype(c.dtype)
+    # SPEC 13: mmseg re-draws every backbone Linear trunc_normal(0.02) with bias 0;
+    # detectron2 leaves them at torch's default. The patch-embedding conv is torch's
+    # default and the position tables trunc_normal(0.02) on both paths.
+    init = layers.TRUNC_NORMAL if c.init_path == INIT_MMSEG else layers.TORCH_DEFAULT
     self.num_stages = c.num_stages
     self.patch_embed = PatchEmbed(c.embed_dim, dtype=dtype, rngs=rngs)
     dpr = np.linspace(0.0, c.drop_path_rate, sum(c.depths)).tolist()
@@ -446,7 +461,8 @@ class SeMaskSwin(nnx.Module):
           sem_window_size=c.sem_window_size, sem_global=c.sem_global[i],
           use_gamma=c.use_gamma, sem_attention=c.sem_attention, sem_dropout=c.sem_dropout,
           downsample=i < c.num_stages - 1, remat=c.remat, remat_policy=c.remat_policy,
-          attention_impl=c.attention_impl, block_loop=c.block_loop, dtype=dtype, rngs=rngs))
+          attention_impl=c.attention_impl, block_loop=c.block_loop, init=init,
+          sem_init=c.semantic_init, dtype=dtype, rngs=rngs))
     self.layers = nnx.List(stage_layers)
     for i in range(c.num_stages):
       setattr(self, f"norm{i}", layers.LayerNorm(c.widths[i], dtype=dtype))
