@@ -40,7 +40,7 @@ import pytest
 from flax import nnx
 
 from convert_weights import names
-from semask_jax import mask2former_loss
+from semask_jax.losses import mask2former as mask2former_loss
 from semask_jax.models import build_model, default_model_config, layers, model_config_from_dict
 from semask_jax.models.windows import relative_position_index
 
