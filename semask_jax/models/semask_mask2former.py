@@ -14,11 +14,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from semask_jax.models import layers
+from semask_jax.models import valid
 from semask_jax.models.config import Mask2FormerHeadConfig, ModelConfig
 from semask_jax.models.mask2former_decoder import MultiScaleMaskedTransformerDecoder
 from semask_jax.models.pixel_decoder import MSDeformAttnPixelDecoder
 from semask_jax.models.semantic_head import semantic_head, semantic_inference
-from semask_jax.models.swin import SeMaskSwin
+from semask_jax.models.swin import SeMaskSwin, stage_sizes
 
 
 class SemSegHead(nnx.Module):
@@ -84,6 +85,29 @@ class SeMaskMask2Former(nnx.Module):
                multi_scale_features=multi_scale)
     return out
 
-  def segment(self, images: jax.Array) -> jax.Array:
-    """Eval-mode per-class scores at the input size [B, H, W, K] (semantic inference)."""
-    return self(images, train=False)["sem_seg"]
+  def segment(self, images: jax.Array, valid_hw: jax.Array | None = None) -> jax.Array:
+    """Eval-mode per-class scores at the input size [B, H, W, K] (semantic inference).
+
+    valid_hw: [B, 2] int32 multiples of 32, each image's (already padded) size in the
+    canvas `images` (whose sides are multiples of 32; models/valid.py): then per image the
+    scores of images[b, :h, :w] alone, valid over (h, w)."""
+    if valid_hw is None:
+      return self(images, train=False)["sem_seg"]
+    if images.shape[1] % 32 or images.shape[2] % 32:
+      raise ValueError(f"valid-size forward: canvas {images.shape[1:3]} is not a multiple "
+                       "of 32")
+    valid_hw = valid_hw.astype(jnp.int32)
+    sizes = stage_sizes(valid_hw, 4)
+    feats, _ = self.backbone(images.astype(self.dtype), layers.KeyChain(None), valid_hw)
+    mask_features, multi_scale = self.sem_seg_head.pixel_decoder(feats, sizes)
+    out = self.sem_seg_head.predictor(multi_scale, mask_features, sizes[:0:-1])
+    logits, masks = out["pred_logits"][-1], out["pred_masks"][-1]     # [B, Q, K+1], [B, Q, h, w]
+    # semantic_inference at the padded size (= the valid size): masks x4 from their own
+    # valid map, class probabilities times mask sigmoids.
+    masks = valid.upsample(jnp.transpose(masks, (0, 2, 3, 1)), sizes[0], 4)  # [B, H, W, Q]
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., :-1]
+    return jnp.einsum("bqk,bhwq->bhwk", probs, jax.nn.sigmoid(masks))
+
+  def output_size(self, valid_hw: jax.Array) -> jax.Array:
+    """The valid size [B, 2] of segment's scores for input sizes valid_hw."""
+    return valid_hw
