@@ -77,7 +77,8 @@ class BucketedInference:
     # Never refused: rounded up to a multiple of the devices (dummy rows fill the rest).
     self.batch_size = max(1, -(-max(requested, 1) // ndev)) * ndev
     self.spec = spec or buckets_lib.BucketSpec(pad_multiple=self.pad_multiple)
-    self.max_programs = max_programs
+    self.max_programs = (buckets_lib.default_max_programs(len(self.scales))
+                         if max_programs is None else max_programs)
     self.out_multiple = int(out_multiple)
     self._rep = sharding_lib.replicated(mesh)
     self._data = NamedSharding(mesh, P(sharding_lib.DATA_AXIS))
