@@ -34,8 +34,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from semask_jax import sharding as sharding_lib
 from semask_jax.evaluation import buckets as buckets_lib
 from semask_jax.evaluation import metrics as metrics_lib
-from semask_jax.evaluation.inference import flip_valid
-from semask_jax.models import valid
+from semask_jax.evaluation.inference import flip_valid, test_size_divisibility
+from semask_jax.models import model_class, valid
+from semask_jax.models.functional import merge_model
 
 # images [B, H, W, 3], valid_hw [B, 2] -> scores [B, H', W', K]
 ValidModelFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -82,10 +83,14 @@ class BucketedInference:
     self.out_multiple = int(out_multiple)
     self._rep = sharding_lib.replicated(mesh)
     self._data = NamedSharding(mesh, P(sharding_lib.DATA_AXIS))
-    self.params = jax.device_put(params, self._rep)
+    self.set_params(params)
     self._compiled: dict[tuple, Any] = {}
     self.compile_seconds = 0.0
     self.model_canvases: set[tuple[int, int]] = set()
+
+  def set_params(self, params: Any) -> None:
+    """The model state evaluated next (placed whole on every device of the mesh)."""
+    self.params = jax.device_put(params, self._rep)
 
   # ------------------------------------------------------------------ programs
 
@@ -289,6 +294,43 @@ class BucketedInference:
 
   def zeros_cm(self) -> jax.Array:
     return self._global(np.zeros((self.num_classes, self.num_classes), np.int32), sharded=False)
+
+
+def make_bucketed_inference(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
+                            params: Any, batch_stats: Any, mesh: jax.sharding.Mesh
+                            ) -> BucketedInference:
+  """The exact batched inference of a model state (--mode=eval, training's evaluation,
+  --mode=predict)."""
+  cls = model_class(config.model)
+
+  def model_fn_from_params(params_and_stats):
+    p, b = params_and_stats
+    return merge_model(graphdef, p, b, rest).segment
+
+  pad = test_size_divisibility(config)
+  budget = config.eval.get('bucket_max_programs')
+  return BucketedInference(
+      model_fn_from_params, (params, batch_stats), config.eval, config.model.num_classes,
+      mesh=mesh, output_stride=getattr(cls, 'OUTPUT_STRIDE', 4),
+      ignore_index=config.data.ignore_index, probabilities=cls.SCORES_ARE_PROBABILITIES,
+      pad_multiple=pad, batch_size=config.eval.batch_size,
+      spec=buckets_lib.bucket_spec(config, pad), max_programs=int(budget) if budget else None)
+
+
+def predict_bucketed(inference: BucketedInference, items: Sequence[tuple[Sequence[tuple[int, int]],
+                                                                        tuple[int, int]]],
+                     load: Callable[[int], Mapping[str, Any]]
+                     ) -> Iterable[tuple[int, np.ndarray]]:
+  """(index, class ids int32 [H, W] at the original size) per item, batch by batch;
+  load(i) -> {'images': per-scale images} of item i (items as evaluate_bucketed's)."""
+  to_canvas, batches = inference.make_plan(items)
+  for idx in batches:
+    examples = [dict(load(i), out_hw=items[i][1]) for i in idx]
+    canvases = [inference.canvas_of(to_canvas, hw) for hw in items[idx[0]][0]]
+    pred = np.asarray(jax.device_get(inference.run_batch(examples, canvases, None)))
+    for j, i in enumerate(idx):
+      h, w = items[i][1]
+      yield i, pred[j, :h, :w]
 
 
 def evaluate_bucketed(inference: BucketedInference, items: Sequence[tuple[Sequence[tuple[int, int]],

@@ -20,6 +20,8 @@ class SeMaskFPN(nnx.Module):
 
   # segment() returns logits (multi-scale evaluation averages their softmax).
   SCORES_ARE_PROBABILITIES = False
+  # segment()'s scores are at ceil(input size / 4) (the valid-size forward's output).
+  OUTPUT_STRIDE = 4
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     if not isinstance(config.head, FPNHeadConfig):

@@ -42,6 +42,8 @@ class SeMaskMask2Former(nnx.Module):
   # segment() returns class-times-mask scores in [0, 1], averaged as they are over
   # scales and flips (detectron2's test-time augmentation), not through a softmax.
   SCORES_ARE_PROBABILITIES = True
+  # segment()'s scores are at the input size.
+  OUTPUT_STRIDE = 1
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     if not isinstance(config.head, Mask2FormerHeadConfig):
