@@ -20,7 +20,6 @@ ignored. The confusion matrix stays on device, replicated, summed by the program
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -211,14 +210,6 @@ class BucketedInference:
 
   # ------------------------------------------------------------------ planning
 
-  def term_sizes(self, scale_sizes: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-    """The model-input sizes of an image's terms at each scale (slide: its windows)."""
-    out = []
-    for hw in scale_sizes:
-      h, w = (int(v) for v in hw)
-      out.append((h, w))
-    return out
-
   def make_plan(self, items: Sequence[tuple[Sequence[tuple[int, int]], tuple[int, int]]]
                 ) -> tuple[dict, list[list[int]]]:
     """items: (scale sizes, original size) per image -> (model size -> canvas, batches of
@@ -233,8 +224,8 @@ class BucketedInference:
     return to_canvas, batches
 
   def canvas_of(self, to_canvas: dict, hw: Sequence[int]) -> tuple[int, int]:
-    c = to_canvas[self.spec.model_size(hw)]
-    return c
+    """The canvas of a test image of size hw under a plan (make_plan's first value)."""
+    return to_canvas[self.spec.model_size(hw)]
 
   def out_shape(self, hws: Iterable[Sequence[int]]) -> tuple[int, int]:
     hws = list(hws)
