@@ -87,8 +87,9 @@ def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
     return compiled[key](cm, state, batch)
 
   def run(state: ParamsAndStats) -> dict[str, Any]:
-    batches = input_pipeline.create_eval_iterator(config.data,
-                                                  global_batch_size=config.eval.batch_size)
+    ndev = mesh.devices.size  # eval.batch_size rounded up to a multiple of the devices
+    batch_size = -(-max(int(config.eval.batch_size), 1) // ndev) * ndev
+    batches = input_pipeline.create_eval_iterator(config.data, global_batch_size=batch_size)
     return evaluate_lib.evaluate(eval_step, (state.params, state.batch_stats), batches,
                                  num_classes, names, to_global, replicated)
 
