@@ -80,15 +80,15 @@ def examples(sizes, scales, seed=0):
   return out
 
 
-def compare(kind: str, cfg, mesh=None):
+def compare(kind: str, cfg, num_devices: int = 1):
   graphdef, state, cls = tiny_model(kind)
   seg = lambda p: nnx.merge(graphdef, p).segment  # noqa: E731
   probs = cls.SCORES_ARE_PROBABILITIES
   pad = 32 if kind == 'm2f' else 0
   oracle = inference_lib.PerImageInference(seg, state, cfg, NUM_CLASSES, probabilities=probs,
                                            pad_multiple=pad)
-  mesh = mesh or jax.make_mesh((len(jax.devices()),), ('data',),
-                               axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:num_devices]), ('data',),
+                           axis_types=(jax.sharding.AxisType.Auto,))
   bucket = bucketed.BucketedInference(seg, state, cfg, NUM_CLASSES, mesh=mesh,
                                       output_stride=4 if kind == 'fpn' else 1,
                                       probabilities=probs, pad_multiple=pad)
@@ -146,13 +146,15 @@ from tests import test_eval_buckets as t
 assert len(jax.devices()) == 8
 out = {{}}
 for kind in {kinds!r}:
-  out[kind] = t.compare(kind, t.eval_cfg(scales=(0.5, 1.0), flip=True))
+  out[kind] = t.compare(kind, t.eval_cfg(scales=(0.5, 1.0), flip=True), 8)
+out['slide'] = t.compare('fpn', t.eval_cfg(mode='slide'), 8)
 print('RESULT' + json.dumps(out))
 '''
 
 
 def test_eight_devices_batch_not_divisible():
-  """8 fake CPU devices, eval batch_size 3 (rounded up to 8, dummies filling)."""
+  """8 fake CPU devices (multi-scale + flip for both models, slide), eval batch_size 3
+  (rounded up to 8, dummies filling). The tests above run on one device, batch 3."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, '-c', _SUBPROCESS.format(root=str(ROOT),

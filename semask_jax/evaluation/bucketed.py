@@ -42,10 +42,6 @@ ValidModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 DUMMY_HW = 32  # the valid size of a dummy image (finite numbers; its labels are ignored)
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-int(x) // m) * m
-
-
 class BucketedInference:
   """Bucketed, sharded, reference-exact inference of one model state (see module doc).
 
@@ -58,8 +54,7 @@ class BucketedInference:
                cfg: ml_collections.ConfigDict, num_classes: int, *, mesh: jax.sharding.Mesh,
                output_stride: int, ignore_index: int = 255, probabilities: bool = False,
                pad_multiple: int = 0, batch_size: int | None = None,
-               spec: buckets_lib.BucketSpec | None = None, max_programs: int | None = None,
-               out_multiple: int = 64):
+               spec: buckets_lib.BucketSpec | None = None, max_programs: int | None = None):
     if cfg.mode not in ('whole', 'slide'):
       raise ValueError(f"config.eval.mode must be 'whole' or 'slide', got {cfg.mode!r}")
     self.model_fn_from_params = model_fn_from_params
@@ -79,7 +74,6 @@ class BucketedInference:
     self.spec = spec or buckets_lib.BucketSpec(pad_multiple=self.pad_multiple)
     self.max_programs = (buckets_lib.default_max_programs(len(self.scales))
                          if max_programs is None else max_programs)
-    self.out_multiple = int(out_multiple)
     self._rep = sharding_lib.replicated(mesh)
     self._data = NamedSharding(mesh, P(sharding_lib.DATA_AXIS))
     self.set_params(params)
@@ -220,7 +214,9 @@ class BucketedInference:
     def key(i: int) -> tuple:
       return tuple(to_canvas[self.spec.model_size(hw)] for hw in items[i][0])
 
-    batches = buckets_lib.group(list(range(len(items))), key, self.batch_size)
+    # Within a canvas group, by original size: a batch's output canvas fits its largest.
+    order = lambda i: (items[i][1][0] * items[i][1][1], tuple(items[i][1]))  # noqa: E731
+    batches = buckets_lib.group(list(range(len(items))), key, self.batch_size, order)
     return to_canvas, batches
 
   def canvas_of(self, to_canvas: dict, hw: Sequence[int]) -> tuple[int, int]:
@@ -228,8 +224,11 @@ class BucketedInference:
     return to_canvas[self.spec.model_size(hw)]
 
   def out_shape(self, hws: Iterable[Sequence[int]]) -> tuple[int, int]:
+    """The output canvas of a batch of original sizes: sides from the model's ladder (the
+    post and finish programs are keyed by it: few of them)."""
     hws = list(hws)
-    return tuple(_round_up(max(int(hw[i]) for hw in hws), self.out_multiple) for i in (0, 1))
+    sides = self.spec.sides
+    return tuple(buckets_lib.ceil_side(max(int(hw[i]) for hw in hws), sides) for i in (0, 1))
 
   # ------------------------------------------------------------------ running
 

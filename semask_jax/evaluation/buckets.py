@@ -151,13 +151,16 @@ def plan(term_sizes: Iterable[Sequence[int]], spec: BucketSpec,
   return Plan(dict(sorted(canvases.items())), valid, total)
 
 
-def group(items: Sequence[Any], key: Any, batch: int) -> list[list[Any]]:
+def group(items: Sequence[Any], key: Any, batch: int, order: Any = None) -> list[list[Any]]:
   """Items split into batches of at most `batch` that share key(item), in the order of
-  the keys' first appearance (deterministic: every process builds the same batches)."""
+  the keys' first appearance, members sorted by order(item) (stable; deterministic:
+  every process builds the same batches)."""
   by_key: dict[Any, list[Any]] = {}
   for it in items:
     by_key.setdefault(key(it), []).append(it)
   out = []
   for members in by_key.values():
+    if order is not None:
+      members = sorted(members, key=order)
     out.extend(members[i:i + batch] for i in range(0, len(members), batch))
   return out
