@@ -65,7 +65,3 @@ class SeMaskFPN(nnx.Module):
     feats, _ = self.backbone(images.astype(self.dtype), keys, valid_hw)
     return self.decode_head(feats, train=False, rng=None,
                             valid_sizes=stage_sizes(valid_hw, len(feats)))
-
-  def output_size(self, valid_hw: jax.Array) -> jax.Array:
-    """The valid size [B, 2] of segment's scores for input sizes valid_hw."""
-    return (valid_hw + 3) // 4

@@ -109,7 +109,3 @@ class SeMaskMask2Former(nnx.Module):
     masks = valid.upsample(jnp.transpose(masks, (0, 2, 3, 1)), sizes[0], 4)  # [B, H, W, Q]
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., :-1]
     return jnp.einsum("bqk,bhwq->bhwk", probs, jax.nn.sigmoid(masks))
-
-  def output_size(self, valid_hw: jax.Array) -> jax.Array:
-    """The valid size [B, 2] of segment's scores for input sizes valid_hw."""
-    return valid_hw

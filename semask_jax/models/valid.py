@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from semask_jax.models.resize import phase_taps
+
 
 def ceil_div(hw: jax.Array, k: int) -> jax.Array:
   """[B, 2] int32 sizes of a map after a stride-k step that pads to a multiple of k."""
@@ -146,7 +148,6 @@ def resize(x: jax.Array, in_hw: jax.Array, out_hw: jax.Array, out_shape: tuple[i
 def _phases(factor: int) -> tuple[tuple[int, float], ...]:
   """(offset of the first tap, weight of the second) per output phase of an exact x factor
   upsample (align_corners=False): the interior taps, as resize.phase_taps."""
-  from semask_jax.models.resize import phase_taps  # pylint: disable=g-import-not-at-top
   return phase_taps(8, factor)
 
 
