@@ -105,7 +105,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.backbone_lr_mult = 1.0  # detectron2 BACKBONE_MULTIPLIER (0.1 for Mask2Former)
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 8  # images per eval step over all devices (a multiple of the device count)
+  c.eval.batch_size = 8  # images per eval batch over all devices (rounded up to a multiple of them)
+  # The exact evaluation batches images per bucket canvas (docs/evaluation.md): canvas sides
+  # from a ladder of multiples of bucket_multiple (of 32) with bucket_steps_per_octave steps
+  # per octave, at most bucket_max_programs canvases (0: max(12, 8 per test scale)).
+  c.eval.bucket_steps_per_octave = 4
+  c.eval.bucket_multiple = 32
+  c.eval.bucket_max_programs = 0
+  c.eval.approximate = False  # True: the old one-canvas-per-batch approximation during training
+  c.eval.per_image = False  # True: --mode=eval one image at a time (same numbers, the test oracle)
   c.eval.mode = 'whole'  # or 'slide'
   c.eval.crop_size = (512, 512)  # slide only
   c.eval.stride = (341, 341)  # slide only

@@ -1,10 +1,13 @@
-"""Evaluation of a model state: the reference-exact per-image mIoU, the periodic
-evaluation during training, and the summary images.
+"""Evaluation of a model state: the reference-exact mIoU, the periodic evaluation during
+training, and the summary images.
 
-`evaluate_per_image` computes mIoU over the eval split as the reference does (each
-image alone at its own size: inference.PerImageInference); the periodic evaluation
-during training (make_eval_fn) pads a batch to one canvas instead, faster but
-approximate. train.modes restores a checkpoint and calls these for `--mode=eval`.
+`evaluate_exact` computes mIoU over the eval split as the reference does, batched per
+bucket canvas on every device (evaluation/bucketed.py); it is what `--mode=eval` and the
+evaluation during training (make_eval_fn) run. `evaluate_per_image` (one image at a time,
+inference.PerImageInference) is the same numbers and the test oracle
+(config.eval.per_image=True selects it for --mode=eval). config.eval.approximate=True
+keeps the old fast approximation during training (a batch padded to one canvas: the
+padding enters Mask2Former's norms and attention; not the reference's numbers).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import input_pipeline
 from input_pipeline import pipeline
 from input_pipeline import transforms as T
 from semask_jax import compile_cache
+from semask_jax.evaluation import bucketed as bucketed_lib
 from semask_jax.evaluation import inference as evaluate_lib
 from semask_jax.cli import ConfigError
 from semask_jax.evaluation import predict
@@ -49,6 +53,13 @@ def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
                      f'{config.data.name!r} has {len(names)} classes')
 
   replicated = sharding_lib.replicated(mesh)
+  if not config.eval.get('approximate', False):
+    cache: dict[str, Any] = {}  # one BucketedInference: its programs compile once per run
+
+    def run_exact(state: ParamsAndStats) -> dict[str, Any]:
+      return evaluate_exact(config, graphdef, rest, state, mesh, cache=cache)
+
+    return run_exact
 
   def model_fn_from_state(params_and_stats):
     # Whole on every device: a training state split over them (config.state_sharding)
@@ -76,12 +87,44 @@ def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
     return compiled[key](cm, state, batch)
 
   def run(state: ParamsAndStats) -> dict[str, Any]:
-    batches = input_pipeline.create_eval_iterator(config.data,
-                                                  global_batch_size=config.eval.batch_size)
+    ndev = mesh.devices.size  # eval.batch_size rounded up to a multiple of the devices
+    batch_size = -(-max(int(config.eval.batch_size), 1) // ndev) * ndev
+    batches = input_pipeline.create_eval_iterator(config.data, global_batch_size=batch_size)
     return evaluate_lib.evaluate(eval_step, (state.params, state.batch_stats), batches,
                                  num_classes, names, to_global, replicated)
 
   return run
+
+
+def evaluate_exact(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
+                   state: ParamsAndStats, mesh: jax.sharding.Mesh | None = None, *,
+                   cache: dict[str, Any] | None = None) -> dict[str, Any]:
+  """mIoU as the reference computes it, batched per bucket canvas over every device of
+  the mesh (bucketed.evaluate_bucketed). Every process plans the whole split and runs
+  every batch (each reads the whole batch's images)."""
+  if not jax.config.jax_compilation_cache_dir:
+    compile_cache.enable(None)
+  mesh = mesh or sharding_lib.make_mesh()
+  info = input_pipeline.dataset_info(config.data.name)
+  names = list(info.class_names)
+  if len(names) != config.model.num_classes:
+    raise ConfigError(f'config.model.num_classes={config.model.num_classes} but data set '
+                      f'{config.data.name!r} has {len(names)} classes')
+  cache = {} if cache is None else cache
+  if 'inference' not in cache:
+    cache['inference'] = bucketed_lib.make_bucketed_inference(
+        config, graphdef, rest, state.params, state.batch_stats, mesh)
+  else:
+    cache['inference'].set_params((state.params, state.batch_stats))
+  inference = cache['inference']
+  ratios = tuple(float(r) for r in config.eval.scales)
+  tta = pipeline.is_tta(ratios, config.eval.flip)
+  sizes = pipeline.per_image_eval_sizes(config.data, process_index=0, process_count=1)
+  items = [(pipeline.scale_sizes(hw, config.data, ratios, tta=tta), hw) for hw in sizes]
+  source = pipeline.data_source(config.data, config.data.eval_split)
+  transform = pipeline.PerImageEvalTransform(config.data, ratios, tta)
+  return bucketed_lib.evaluate_bucketed(inference, items,
+                                        lambda i: transform.map(source[i]), names)
 
 
 def evaluate_per_image(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,

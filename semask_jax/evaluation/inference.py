@@ -8,8 +8,12 @@ Two evaluations:
   model program per distinct input shape (compiled once, optionally ahead of time in
   threads, and kept in the persistent compilation cache); resizing to the original
   size runs in small programs keyed by coarse size buckets.
-* `make_eval_step` / `evaluate` (the periodic evaluation during training): the fast
-  approximation below, images padded to one canvas per batch.
+* `make_eval_step` / `evaluate` (config.eval.approximate=True only; the summary images):
+  the old fast approximation below, images padded to one canvas per batch.
+
+The exact evaluation that --mode=eval, --mode=predict and training run is
+evaluation/bucketed.py: PerImageInference's numbers, batched per bucket canvas; this
+per-image path is its test oracle.
 
 Eval batches hold images of different sizes padded to one shape (`image_hw`
 gives each valid size) and labels at the original size padded with 255

@@ -1,6 +1,7 @@
 """Prediction on image files: colour masks with the data set's palette and overlays, at the original size.
 
-Prediction computes what `--mode=eval` computes (evaluate.PerImageInference): the
+Prediction computes what `--mode=eval` computes, with the same code
+(evaluation.bucketed: the reference's test per image, batched per bucket canvas): the
 eval pipeline's decode, resize and normalisation per config.eval.scales ratio, each
 image at its own size (no padding but the Mask2Former model's own), whole / sliding
 window, multi-scale + flip per config.eval, scores at the original size, argmax.
@@ -20,7 +21,8 @@ import input_pipeline
 from input_pipeline import pipeline
 from input_pipeline import transforms as T
 from semask_jax.cli import InputError, PathNotFoundError
-from semask_jax.evaluation import inference as inference_lib
+from semask_jax import sharding as sharding_lib
+from semask_jax.evaluation import bucketed
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -102,12 +104,25 @@ def predict_paths(config: ml_collections.ConfigDict, graphdef: Any, rest: Any, p
   if jax.process_index() != 0:  # process 0 predicts and writes every file
     return written
   palette = input_pipeline.dataset_info(config.data.name).palette
-  inference = inference_lib.make_per_image_inference(config, graphdef, rest, params,
-                                                     batch_stats)
+  # This process's devices: process 0 alone predicts.
+  mesh = sharding_lib.make_mesh(jax.local_devices())
+  local = lambda x: x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable else x  # noqa: E731
+  params, batch_stats = jax.tree.map(local, (params, batch_stats))
+  inference = bucketed.make_bucketed_inference(config, graphdef, rest, params, batch_stats,
+                                               mesh)
+  recipe = config.data.recipe
+  ratios = tuple(float(r) for r in config.eval.scales)
+  tta = pipeline.is_tta(ratios, config.eval.flip)
+  items = []
+  for path in files:  # sizes first (one decode each), then batches of one canvas
+    hw = load_rgb(path, recipe).shape[:2]
+    items.append((pipeline.scale_sizes(hw, config.data, ratios, tta=tta), hw))
+  load = lambda i: {'images': scale_images(load_rgb(files[i], recipe), config)}  # noqa: E731
   os.makedirs(output_dir, exist_ok=True)
-  for path, stem in zip(files, output_names(files)):
-    image = load_rgb(path, config.data.recipe)
-    pred = inference.predict(scale_images(image, config), image.shape[:2])
+  stems = output_names(files)
+  for i, pred in bucketed.predict_bucketed(inference, items, load):
+    path, stem = files[i], stems[i]
+    image = load_rgb(path, recipe)
     color = colorize(pred, palette)
     for suffix, arr in (('mask', color), ('overlay', overlay(image, color, config.predict.opacity))):
       out = os.path.join(output_dir, f'{stem}_{suffix}.png')

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from semask_jax.models import layers
+from semask_jax.models import valid
 from semask_jax.models.resize import resize_bilinear, upsample2x
 
 class ConvModule(nnx.Module):
@@ -57,8 +58,15 @@ class FPNHead(nnx.Module):
     self.dropout = dropout
 
   def __call__(self, feats: Sequence[jax.Array], *, train: bool,
-               rng: jax.Array | None) -> jax.Array:
-    """feats: stride-4..32 maps [B, h_i, w_i, C_i] -> logits [B, h_0, w_0, K] float32."""
+               rng: jax.Array | None, valid_sizes: Sequence[jax.Array] | None = None
+               ) -> jax.Array:
+    """feats: stride-4..32 maps [B, h_i, w_i, C_i] -> logits [B, h_0, w_0, K] float32.
+
+    valid_sizes: [B, 2] valid grid of each map per image (valid-size forward, see
+    models/valid.py): zeros beyond it before each 3x3 conv, upsamples and the resize to
+    the stride-4 map from and to the valid sizes."""
+    if valid_sizes is not None:
+      return self._call_valid(feats, valid_sizes)
     out = None
     for i, head in enumerate(self.scale_heads):
       y = feats[i]
@@ -66,6 +74,18 @@ class FPNHead(nnx.Module):
         y = unit(y, train=train)
       out = y if out is None else out + resize_bilinear(y, out.shape[1:3])
     out = layers.dropout(out, self.dropout, rng, broadcast_dims=(1, 2))  # Dropout2d.
+    return self.conv_seg(out).astype(jnp.float32)
+
+  def _call_valid(self, feats: Sequence[jax.Array], sizes: Sequence[jax.Array]) -> jax.Array:
+    out = None
+    for i, head in enumerate(self.scale_heads):
+      y, hw = feats[i], sizes[i]
+      for unit in head:
+        if isinstance(unit, Upsample):
+          y, hw = valid.upsample(y, hw, 2), hw * 2
+        else:
+          y = unit(valid.mask(y, hw), train=False)
+      out = y if out is None else out + valid.resize(y, hw, sizes[0], out.shape[1:3])
     return self.conv_seg(out).astype(jnp.float32)
 
 

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from semask_jax.models import valid
+
 # Set while a training step with a split train state (config.state_sharding='fsdp') is
 # traced: the sharding that matmul and convolution weights are gathered to after their
 # cast to the compute dtype (weight() below).
@@ -297,8 +299,12 @@ class GroupNorm(nnx.Module):
     self.eps = eps
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, ..., C] -> same shape."""
+  def __call__(self, x: jax.Array, valid_hw: jax.Array | None = None) -> jax.Array:
+    """x: [B, ..., C] -> same shape. valid_hw: [B, 2] (x NHWC): statistics over each
+    image's valid region only (models/valid.py)."""
+    if valid_hw is not None:
+      return valid.group_norm(x, valid_hw, self.num_groups, self.scale[...], self.bias[...],
+                              self.eps, self.dtype)
     g = self.num_groups
     x32 = x.astype(jnp.float32)
     xg = x32.reshape(x.shape[:-1] + (g, x.shape[-1] // g))   # [B, ..., G, C/G]

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from semask_jax.models import layers
+from semask_jax.models import valid
 from semask_jax.models.position_encoding import position_embedding_sine
 from semask_jax.models.resize import resize_bilinear
 
@@ -148,6 +149,22 @@ def attention_mask(masks: jax.Array, size: tuple[int, int]) -> jax.Array:
   return blocked & ~blocked.all(axis=-1, keepdims=True)
 
 
+def attention_mask_valid(masks: jax.Array, size: tuple[int, int], level_hw: jax.Array
+                         ) -> jax.Array:
+  """attention_mask of each image's own maps in canvases: masks [B, Q, h, w] (valid
+  region an exact multiple of the level's, as canvases of multiples of 32 give) -> [B, Q,
+  H*W] over the level canvas `size`: keys beyond the level's valid map level_hw [B, 2]
+  are always masked, and the unmasking of a fully masked row covers the valid keys."""
+  b, q, h, w = masks.shape
+  m = jax.lax.stop_gradient(masks).astype(jnp.float32).reshape(b * q, h, w, 1)
+  # The canvas ratio is the valid maps' ratio, and a shrink reads only inside the valid
+  # map: the same taps as the reference's resize of the image's own map.
+  m = resize_bilinear(m, size).reshape(b, q, size[0] * size[1])        # [B, Q, HW]
+  key_valid = valid.key_mask(level_hw, size)[:, None, :]               # [B, 1, HW]
+  blocked = (jax.nn.sigmoid(m) < 0.5) | ~key_valid
+  return jnp.where(blocked.all(axis=-1, keepdims=True), ~key_valid, blocked)
+
+
 class MultiScaleMaskedTransformerDecoder(nnx.Module):
   """Mask2Former's decoder: `dec_layers` rounds of masked cross-attention (to level
   i mod 3), self-attention and FFN on `num_queries` learned queries, with a class and
@@ -193,11 +210,13 @@ class MultiScaleMaskedTransformerDecoder(nnx.Module):
                        preferred_element_type=jnp.float32)              # [B, Q, h, w]
     return logits, masks
 
-  def __call__(self, multi_scale_features: list[jax.Array], mask_features: jax.Array
-               ) -> dict[str, jax.Array]:
+  def __call__(self, multi_scale_features: list[jax.Array], mask_features: jax.Array,
+               valid_sizes: list[jax.Array] | None = None) -> dict[str, jax.Array]:
     """multi_scale_features: 3 maps [B, h_l, w_l, C_in], coarsest first; mask_features
     [B, h, w, mask_dim]. Returns pred_logits [L+1, B, Q, K+1] and pred_masks
-    [L+1, B, Q, h, w] (float32), index l = prediction after l decoder layers."""
+    [L+1, B, Q, h, w] (float32), index l = prediction after l decoder layers.
+    valid_sizes: [B, 2] valid grid of each level per image, coarsest first (canvases,
+    models/valid.py): sine positions of the valid sizes, attention over valid keys."""
     if len(multi_scale_features) != NUM_FEATURE_LEVELS:
       raise ValueError(f"expected {NUM_FEATURE_LEVELS} feature levels, "
                        f"got {len(multi_scale_features)}")
@@ -209,7 +228,11 @@ class MultiScaleMaskedTransformerDecoder(nnx.Module):
       if self.input_proj is not None:
         x = self.input_proj[lvl](x)
       src = x.reshape(b, h * w, self.hidden_dim).astype(jnp.float32) + level_embed[lvl]
-      pos = np.asarray(position_embedding_sine(h, w, self.hidden_dim // 2)).reshape(h * w, -1)
+      if valid_sizes is None:
+        pos = np.asarray(position_embedding_sine(h, w, self.hidden_dim // 2)).reshape(h * w, -1)
+      else:
+        pos = valid.position_embedding_sine(valid_sizes[lvl], (h, w), self.hidden_dim // 2
+                                            ).reshape(b, h * w, -1)
       memory.append(src)                                                # [B, HW, C]
       memory_with_pos.append(src + pos)                                 # keys carry the position
 
@@ -219,7 +242,12 @@ class MultiScaleMaskedTransformerDecoder(nnx.Module):
 
     logits, masks = self.prediction_heads(output, mask_features)
     all_logits, all_masks = [logits], [masks]
-    mask = attention_mask(masks, sizes[0])
+    def make_mask(masks, lvl):
+      if valid_sizes is None:
+        return attention_mask(masks, sizes[lvl])
+      return attention_mask_valid(masks, sizes[lvl], valid_sizes[lvl])
+
+    mask = make_mask(masks, 0)
     for i in range(self.num_layers):
       lvl = i % NUM_FEATURE_LEVELS
       output = self.transformer_cross_attention_layers[i](
@@ -230,5 +258,5 @@ class MultiScaleMaskedTransformerDecoder(nnx.Module):
       all_logits.append(logits)
       all_masks.append(masks)
       if i + 1 < self.num_layers:  # the last prediction's mask is never used
-        mask = attention_mask(masks, sizes[(i + 1) % NUM_FEATURE_LEVELS])
+        mask = make_mask(masks, (i + 1) % NUM_FEATURE_LEVELS)
     return {"pred_logits": jnp.stack(all_logits), "pred_masks": jnp.stack(all_masks)}

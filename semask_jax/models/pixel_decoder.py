@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from semask_jax.models import layers
+from semask_jax.models import valid
 from semask_jax.models.position_encoding import position_embedding_sine
 from semask_jax.models.resize import resize_bilinear
 from semask_jax.models.sampling import corner_taps
@@ -104,6 +105,50 @@ def _deform_bwd(spatial_shapes, res, ct):
 _deform_attn_core_remat.defvjp(_deform_fwd, _deform_bwd)
 
 
+def deform_attn_core_valid(value: jax.Array, spatial_shapes: tuple[tuple[int, int], ...],
+                           valid_shapes: jax.Array, locations: jax.Array,
+                           weights: jax.Array) -> jax.Array:
+  """deform_attn_core on canvases: level l is a spatial_shapes[l] canvas (flattened
+  row-major) of which each image's own map is valid_shapes[b, l] = (h, w); samples are
+  normalised by and read zero outside the valid map. Inference only (no remat)."""
+  b, s, m, d = value.shape
+  _, q, _, n_levels, n_points, _ = locations.shape
+  index, tap_weights = [], []
+  start = 0
+  for lvl, (h, w) in enumerate(spatial_shapes):
+    vh = valid_shapes[:, lvl, 0].reshape(b, 1, 1, 1)
+    vw = valid_shapes[:, lvl, 1].reshape(b, 1, 1, 1)
+    idx, wts = corner_taps(locations[:, :, :, lvl], vh, vw, row_stride=w)  # [B, Q, M, P, 4]
+    index.append(idx + start)
+    tap_weights.append(wts * weights[:, :, :, lvl, :, None].astype(jnp.float32))
+    start += h * w
+  k = n_levels * n_points * 4
+  heads = jnp.arange(m, dtype=jnp.int32)[:, None]
+  index = jnp.stack(index, axis=3).reshape(b, q, m, k) * m + heads
+  tap_weights = jnp.stack(tap_weights, axis=3).reshape(b, q, m, k)
+  taps = jnp.take_along_axis(value.reshape(b, s * m, d), index.reshape(b, q * m * k, 1),
+                             axis=1, mode="promise_in_bounds")
+  taps = taps.reshape(b, q, m, k, d).astype(jnp.float32)
+  out = jnp.einsum("bqmkd,bqmk->bqmd", taps, tap_weights, precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(b, q, m * d).astype(value.dtype)
+
+
+def reference_points_valid(spatial_shapes: tuple[tuple[int, int], ...],
+                           valid_shapes: jax.Array) -> jax.Array:
+  """reference_points of each image's valid maps in the level canvases: [B, S, 2]."""
+  f32 = jnp.float32
+  out = []
+  for lvl, (h, w) in enumerate(spatial_shapes):
+    vh = valid_shapes[:, lvl, 0].astype(f32)[:, None, None]
+    vw = valid_shapes[:, lvl, 1].astype(f32)[:, None, None]
+    ys = (jnp.arange(h, dtype=f32)[None, :, None] + f32(0.5)) / vh     # [B, h, 1]
+    xs = (jnp.arange(w, dtype=f32)[None, None, :] + f32(0.5)) / vw     # [B, 1, w]
+    ref_x = jnp.broadcast_to(xs, (valid_shapes.shape[0], h, w))
+    ref_y = jnp.broadcast_to(ys, (valid_shapes.shape[0], h, w))
+    out.append(jnp.stack([ref_x, ref_y], -1).reshape(-1, h * w, 2))
+  return jnp.concatenate(out, axis=1)
+
+
 def reference_points(spatial_shapes: tuple[tuple[int, int], ...]) -> np.ndarray:
   """Deformable DETR's encoder reference points (valid ratios 1): each token's own pixel
   centre ((j + 0.5) / W_l, (i + 0.5) / H_l), (x, y) order -> [S, 2] float32."""
@@ -149,9 +194,12 @@ class MSDeformAttn(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, query: jax.Array, reference: jax.Array, input_flatten: jax.Array,
-               spatial_shapes: tuple[tuple[int, int], ...]) -> jax.Array:
+               spatial_shapes: tuple[tuple[int, int], ...],
+               valid_shapes: jax.Array | None = None) -> jax.Array:
     """query [B, Q, C]; reference [B or 1, Q, 2] normalised (x, y), the same on every
-    level (the encoder's case); input_flatten [B, S, C] -> [B, Q, C]."""
+    level (the encoder's case); input_flatten [B, S, C] -> [B, Q, C].
+    valid_shapes: [B, L, 2] each image's map in the level canvases spatial_shapes
+    (models/valid.py): offsets normalised by it, samples outside it read zero."""
     b, q, c = query.shape
     m, n_levels, n_points = self.n_heads, self.n_levels, self.n_points
     value = self.value_proj(input_flatten).reshape(b, -1, m, c // m)    # [B, S, M, D]
@@ -159,6 +207,12 @@ class MSDeformAttn(nnx.Module):
     offsets = offsets.reshape(b, q, m, n_levels, n_points, 2)
     logits = self.attention_weights(query).astype(jnp.float32).reshape(b, q, m, n_levels * n_points)
     weights = jax.nn.softmax(logits, axis=-1).reshape(b, q, m, n_levels, n_points)
+    if valid_shapes is not None:
+      normaliser = valid_shapes[..., ::-1].astype(jnp.float32)[:, None, None, :, None, :]
+      locations = (reference[:, :, None, None, None, :].astype(jnp.float32)
+                   + offsets / normaliser)                               # [B, Q, M, L, P, 2]
+      out = deform_attn_core_valid(value, spatial_shapes, valid_shapes, locations, weights)
+      return self.output_proj(out)
     normaliser = np.array([[w, h] for h, w in spatial_shapes], np.float32)  # [L, 2]
     locations = (reference[:, :, None, None, None, :].astype(jnp.float32)
                  + offsets / normaliser[:, None, :])                     # [B, Q, M, L, P, 2]
@@ -184,9 +238,11 @@ class MSDeformAttnTransformerEncoderLayer(nnx.Module):
     self.norm2 = layers.LayerNorm(d_model, dtype=dtype)
 
   def __call__(self, src: jax.Array, pos: jax.Array, reference: jax.Array,
-               spatial_shapes: tuple[tuple[int, int], ...]) -> jax.Array:
+               spatial_shapes: tuple[tuple[int, int], ...],
+               valid_shapes: jax.Array | None = None) -> jax.Array:
     """src [B, S, C], pos [1 or B, S, C] -> [B, S, C]."""
-    attn = self.self_attn(src + pos.astype(src.dtype), reference, src, spatial_shapes)
+    attn = self.self_attn(src + pos.astype(src.dtype), reference, src, spatial_shapes,
+                          valid_shapes)
     src = self.norm1(src + attn)
     return self.norm2(src + self.linear2(jax.nn.relu(self.linear1(src))))
 
@@ -201,9 +257,10 @@ class MSDeformAttnTransformerEncoder(nnx.Module):
         for _ in range(num_layers)])
 
   def __call__(self, src: jax.Array, pos: jax.Array, reference: jax.Array,
-               spatial_shapes: tuple[tuple[int, int], ...]) -> jax.Array:
+               spatial_shapes: tuple[tuple[int, int], ...],
+               valid_shapes: jax.Array | None = None) -> jax.Array:
     for layer in self.layers:
-      src = layer(src, pos, reference, spatial_shapes)
+      src = layer(src, pos, reference, spatial_shapes, valid_shapes)
     return src
 
 
@@ -218,17 +275,28 @@ class MSDeformAttnTransformerEncoderOnly(nnx.Module):
     self.level_embed = nnx.Param(layers.normal(1.0)(rngs, (n_levels, d_model), d_model,
                                                     n_levels))
 
-  def __call__(self, srcs: list[jax.Array]) -> list[jax.Array]:
-    """srcs: NHWC maps [B, h_l, w_l, C] -> the encoded maps, same shapes."""
+  def __call__(self, srcs: list[jax.Array], valid_sizes: list[jax.Array] | None = None
+               ) -> list[jax.Array]:
+    """srcs: NHWC maps [B, h_l, w_l, C] -> the encoded maps, same shapes.
+    valid_sizes: [B, 2] per level (canvases; models/valid.py)."""
     b, _, _, c = srcs[0].shape
     shapes = tuple((x.shape[1], x.shape[2]) for x in srcs)
     flat = jnp.concatenate([x.reshape(b, h * w, c) for x, (h, w) in zip(srcs, shapes)], axis=1)
     level_embed = self.level_embed[...]                                  # [L, C]
-    pos = jnp.concatenate([
-        jnp.asarray(position_embedding_sine(h, w, c // 2).reshape(h * w, c)) + level_embed[lvl]
-        for lvl, (h, w) in enumerate(shapes)], axis=0)[None]             # [1, S, C] float32
-    reference = jnp.asarray(reference_points(shapes))[None]              # [1, S, 2]
-    out = self.encoder(flat, pos, reference, shapes)                     # [B, S, C]
+    valid_shapes = None
+    if valid_sizes is None:
+      pos = jnp.concatenate([
+          jnp.asarray(position_embedding_sine(h, w, c // 2).reshape(h * w, c)) + level_embed[lvl]
+          for lvl, (h, w) in enumerate(shapes)], axis=0)[None]           # [1, S, C] float32
+      reference = jnp.asarray(reference_points(shapes))[None]            # [1, S, 2]
+    else:
+      valid_shapes = jnp.stack(valid_sizes, axis=1)                      # [B, L, 2]
+      pos = jnp.concatenate([
+          valid.position_embedding_sine(hw, (h, w), c // 2).reshape(b, h * w, c)
+          + level_embed[lvl] for lvl, ((h, w), hw) in enumerate(zip(shapes, valid_sizes))],
+          axis=1)                                                        # [B, S, C] float32
+      reference = reference_points_valid(shapes, valid_shapes)           # [B, S, 2]
+    out = self.encoder(flat, pos, reference, shapes, valid_shapes)       # [B, S, C]
     maps, start = [], 0
     for h, w in shapes:
       maps.append(out[:, start:start + h * w].reshape(b, h, w, c))
@@ -247,8 +315,11 @@ class ConvNorm(layers.Conv2d):
     self.norm = layers.GroupNorm(GROUPS, out_ch, dtype=dtype)
     self.relu = relu
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = self.norm(super().__call__(x))
+  def __call__(self, x: jax.Array, valid_hw: jax.Array | None = None) -> jax.Array:
+    """valid_hw: [B, 2] (models/valid.py): zero padding beyond it, GroupNorm within."""
+    if valid_hw is not None and self.padding:
+      x = valid.mask(x, valid_hw)
+    y = self.norm(super().__call__(x), valid_hw)
     return jax.nn.relu(y) if self.relu else y
 
 
@@ -284,17 +355,34 @@ class MSDeformAttnPixelDecoder(nnx.Module):
     self.adapter_1 = ConvNorm(in_channels[0], conv_dim, 1, relu=False, dtype=dtype, rngs=rngs)
     self.layer_1 = ConvNorm(conv_dim, conv_dim, 3, relu=True, dtype=dtype, rngs=rngs)
 
-  def __call__(self, feats: list[jax.Array], aux: dict | None = None
+  def __call__(self, feats: list[jax.Array], aux: dict | None = None,
+               valid_sizes: list[jax.Array] | None = None
                ) -> tuple[jax.Array, list[jax.Array]]:
-    """feats: res2..res5 as NHWC maps; aux, if given, receives named intermediates."""
+    """feats: res2..res5 as NHWC maps; aux, if given, receives named intermediates.
+    valid_sizes: their [B, 2] valid grids per image (canvases whose maps are exact
+    halvings, as multiples of 32 give; models/valid.py)."""
     res2, res3, res4, res5 = feats
-    srcs = [proj[1](proj[0](x)) for proj, x in zip(self.input_proj, (res5, res4, res3))]
-    multi_scale = self.transformer(srcs)                                 # coarsest first
-    lateral = self.adapter_1(res2)                                       # [B, H/4, W/4, C]
-    y = lateral + resize_bilinear(multi_scale[-1], lateral.shape[1:3]).astype(lateral.dtype)
-    y = self.res2_level(lateral, y, aux)
-    if aux is not None:
-      aux["fpn_res2"] = y
+    if valid_sizes is None:
+      srcs = [proj[1](proj[0](x)) for proj, x in zip(self.input_proj, (res5, res4, res3))]
+      multi_scale = self.transformer(srcs)                               # coarsest first
+      lateral = self.adapter_1(res2)                                     # [B, H/4, W/4, C]
+      y = lateral + resize_bilinear(multi_scale[-1], lateral.shape[1:3]).astype(lateral.dtype)
+      y = self.res2_level(lateral, y, aux)
+      if aux is not None:
+        aux["fpn_res2"] = y
+      return self.mask_features(y), multi_scale
+    if type(self).res2_level is not MSDeformAttnPixelDecoder.res2_level:
+      raise NotImplementedError(f"{type(self).__name__}: no valid-size forward yet (its "
+                                "aligned res2 level); evaluate with eval.per_image=True")
+    hw2, hw3, hw4, hw5 = valid_sizes
+    if any(2 * a != b for a, b in zip(res3.shape[1:3], res2.shape[1:3])):
+      raise ValueError("valid-size pixel decoder: the canvas must be a multiple of 32")
+    srcs = [proj[1](proj[0](x), hw) for proj, x, hw in
+            zip(self.input_proj, (res5, res4, res3), (hw5, hw4, hw3))]
+    multi_scale = self.transformer(srcs, [hw5, hw4, hw3])
+    lateral = self.adapter_1(res2, hw2)
+    y = lateral + valid.upsample(multi_scale[-1], hw3, 2).astype(lateral.dtype)
+    y = self.layer_1(y, hw2)
     return self.mask_features(y), multi_scale
 
   def res2_level(self, lateral: jax.Array, top_down: jax.Array, aux: dict | None) -> jax.Array:

@@ -33,7 +33,8 @@ def _unnormalize(g: jax.Array, size: int) -> jax.Array:
   return (hi * s - 0.5) + lo * s
 
 
-def corner_taps(points: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
+def corner_taps(points: jax.Array, height: int | jax.Array, width: int | jax.Array,
+                row_stride: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Flat indices [..., 4] into an H*W map and their weights [..., 4] (float32, 0 for
   taps outside the map) for points [..., 2] given as normalised (x, y), corners in
   the order nw, ne, sw, se.
@@ -41,6 +42,9 @@ def corner_taps(points: jax.Array, height: int, width: int) -> tuple[jax.Array, 
   The arithmetic is that of torch's CPU kernel (the reference's numbers):
   grid = 2 p - 1, x = (g + 1) * (W / 2) - 0.5, weights from the fractional
   parts w = x - floor(x), e = 1 - w (and n, s along y).
+
+  height / width may be traced arrays broadcasting against points[..., 0] (each image's
+  valid map in a canvas, models/valid.py); row_stride is then the canvas width.
   """
   grid = 2.0 * points.astype(jnp.float32) - 1.0
   ix = _unnormalize(grid[..., 0], width)                               # [...]
@@ -54,12 +58,14 @@ def corner_taps(points: jax.Array, height: int, width: int) -> tuple[jax.Array, 
   xs = jnp.stack([x0, x0 + 1.0, x0, x0 + 1.0], axis=-1)               # [..., 4]
   ys = jnp.stack([y0, y0, y0 + 1.0, y0 + 1.0], axis=-1)
   weights = jnp.stack([fs * fe, fs * fw, fn * fe, fn * fw], axis=-1)
+  if jnp.ndim(width) or jnp.ndim(height):  # traced sizes: broadcast over the 4 corners
+    height, width = jnp.asarray(height)[..., None], jnp.asarray(width)[..., None]
   inside = (xs >= 0) & (xs <= width - 1) & (ys >= 0) & (ys <= height - 1)
   # Clip before the integer cast (far-away points must not overflow); masked taps
   # read pixel 0 with weight 0.
   xi = jnp.clip(xs, 0, width - 1).astype(jnp.int32)
   yi = jnp.clip(ys, 0, height - 1).astype(jnp.int32)
-  index = jnp.where(inside, yi * width + xi, 0)
+  index = jnp.where(inside, yi * (width if row_stride is None else row_stride) + xi, 0)
   return index, jnp.where(inside, weights, 0.0)
 
 

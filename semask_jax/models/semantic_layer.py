@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from semask_jax.models import layers
+from semask_jax.models import valid
 from semask_jax.models.windows import pad_to_multiple, window_partition, window_reverse
 
 # How a semantic attention starts (SemanticAttention's init; BackboneConfig.semantic_init).
@@ -53,14 +54,19 @@ class SemanticAttention(nnx.Module):
     self.gamma = nnx.Param(jnp.zeros((1,), jnp.float32)) if use_gamma else None
     self.dropout = dropout
 
-  def __call__(self, y: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """y: [B, nW, N, C] token groups -> (new y, semantic map [B, nW, N, K])."""
+  def __call__(self, y: jax.Array, rng: jax.Array | None,
+               key_valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """y: [B, nW, N, C] token groups -> (new y, semantic map [B, nW, N, K]).
+    key_valid: [B, N] bool, the keys of each image's own map (valid-size forward of the
+    global attention; the others get softmax weight 0)."""
     sem = self.mlp_cls_q(y)
     if self.attention == "semantic":
       q, k = sem, self.mlp_cls_k(y)
     else:
       q, k = self.mlp_q(y), self.mlp_k(y)
     logits = jnp.einsum("bwqc,bwkc->bwqk", q, k).astype(jnp.float32) * self.scale
+    if key_valid is not None:
+      logits = jnp.where(key_valid[:, None, None, :], logits, -jnp.inf)
     attn = jax.nn.softmax(logits, axis=-1).astype(y.dtype)
     f = self.mlp_res(jnp.einsum("bwqk,bwkc->bwqc", attn, self.mlp_v(y)))
     f = layers.dropout(f, self.dropout, rng)
@@ -84,17 +90,24 @@ class SemanticLayer(nnx.Module):
                           dropout=dropout, init=init, dtype=dtype, rngs=rngs)
         for _ in range(num_blocks)])
 
-  def __call__(self, x: jax.Array, keys: layers.KeyChain) -> tuple[jax.Array, jax.Array]:
-    """x: [B, H, W, C] -> (y [B, H, W, C], semantic map [B, H, W, K] float32)."""
+  def __call__(self, x: jax.Array, keys: layers.KeyChain, valid_hw: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
+    """x: [B, H, W, C] -> (y [B, H, W, C], semantic map [B, H, W, K] float32).
+    valid_hw: [B, 2] token grid per image (valid-size forward, models/valid.py)."""
     b, h, w, c = x.shape
     y = self.norm1(x)
+    key_valid = None
     if self.global_attention:
       y = y.reshape(b, 1, h * w, c)
+      if valid_hw is not None:
+        key_valid = valid.key_mask(valid_hw, (h, w))                   # [B, HW]
     else:  # Zero padding after the norm; padded tokens take part, no mask.
       m = self.window_size
+      if valid_hw is not None:
+        y = valid.mask(y, valid_hw)
       y = window_partition(pad_to_multiple(y, m), m)
     for blk in self.class_injection:
-      y, sem = blk(y, keys.next())
+      y, sem = blk(y, keys.next(), key_valid)
     if self.global_attention:
       y, sem = y.reshape(b, h, w, c), sem.reshape(b, h, w, -1)
     else:

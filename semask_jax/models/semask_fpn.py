@@ -10,7 +10,7 @@ from flax import nnx
 from semask_jax.models import layers
 from semask_jax.models.config import FPNHeadConfig, ModelConfig
 from semask_jax.models.decoders import FPNHead, semantic_decoder
-from semask_jax.models.swin import SeMaskSwin
+from semask_jax.models.swin import SeMaskSwin, stage_sizes
 
 STRIDES = (4, 8, 16, 32)
 
@@ -20,6 +20,8 @@ class SeMaskFPN(nnx.Module):
 
   # segment() returns logits (multi-scale evaluation averages their softmax).
   SCORES_ARE_PROBABILITIES = False
+  # segment()'s scores are at ceil(input size / 4) (the valid-size forward's output).
+  OUTPUT_STRIDE = 4
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     if not isinstance(config.head, FPNHeadConfig):
@@ -51,6 +53,15 @@ class SeMaskFPN(nnx.Module):
         out["cls_logits"] = semantic_decoder(sems, STRIDES)
     return out
 
-  def segment(self, images: jax.Array) -> jax.Array:
-    """Eval-mode per-class scores: the Semantic-FPN logits [B, H/4, W/4, K]."""
-    return self(images, train=False)["seg_logits"]
+  def segment(self, images: jax.Array, valid_hw: jax.Array | None = None) -> jax.Array:
+    """Eval-mode per-class scores: the Semantic-FPN logits [B, H/4, W/4, K].
+
+    valid_hw: [B, 2] int32 size of each image in the canvas `images` (models/valid.py):
+    then per image the logits of images[b, :h, :w] alone, valid over ceil((h, w) / 4)."""
+    if valid_hw is None:
+      return self(images, train=False)["seg_logits"]
+    valid_hw = valid_hw.astype(jnp.int32)
+    keys = layers.KeyChain(None)
+    feats, _ = self.backbone(images.astype(self.dtype), keys, valid_hw)
+    return self.decode_head(feats, train=False, rng=None,
+                            valid_sizes=stage_sizes(valid_hw, len(feats)))

@@ -14,12 +14,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from semask_jax.models import layers
+from semask_jax.models import valid
 from semask_jax.models.config import Mask2FormerHeadConfig, ModelConfig
 from semask_jax.models.fapn import MSDeformAttnPixelFANDecoder, PixelFANDecoder
 from semask_jax.models.mask2former_decoder import MultiScaleMaskedTransformerDecoder
 from semask_jax.models.pixel_decoder import MSDeformAttnPixelDecoder
 from semask_jax.models.semantic_head import semantic_head, semantic_inference
-from semask_jax.models.swin import SeMaskSwin
+from semask_jax.models.swin import SeMaskSwin, stage_sizes
 
 
 class SemSegHead(nnx.Module):
@@ -50,6 +51,8 @@ class SeMaskMask2Former(nnx.Module):
   # segment() returns class-times-mask scores in [0, 1], averaged as they are over
   # scales and flips (detectron2's test-time augmentation), not through a softmax.
   SCORES_ARE_PROBABILITIES = True
+  # segment()'s scores are at the input size.
+  OUTPUT_STRIDE = 1
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     if not isinstance(config.head, Mask2FormerHeadConfig):
@@ -96,6 +99,25 @@ class SeMaskMask2Former(nnx.Module):
                multi_scale_features=multi_scale, pixel_decoder_aux=pixel_aux)
     return out
 
-  def segment(self, images: jax.Array) -> jax.Array:
-    """Eval-mode per-class scores at the input size [B, H, W, K] (semantic inference)."""
-    return self(images, train=False)["sem_seg"]
+  def segment(self, images: jax.Array, valid_hw: jax.Array | None = None) -> jax.Array:
+    """Eval-mode per-class scores at the input size [B, H, W, K] (semantic inference).
+
+    valid_hw: [B, 2] int32 multiples of 32, each image's (already padded) size in the
+    canvas `images` (whose sides are multiples of 32; models/valid.py): then per image the
+    scores of images[b, :h, :w] alone, valid over (h, w)."""
+    if valid_hw is None:
+      return self(images, train=False)["sem_seg"]
+    if images.shape[1] % 32 or images.shape[2] % 32:
+      raise ValueError(f"valid-size forward: canvas {images.shape[1:3]} is not a multiple "
+                       "of 32")
+    valid_hw = valid_hw.astype(jnp.int32)
+    sizes = stage_sizes(valid_hw, 4)
+    feats, _ = self.backbone(images.astype(self.dtype), layers.KeyChain(None), valid_hw)
+    mask_features, multi_scale = self.sem_seg_head.pixel_decoder(feats, valid_sizes=sizes)
+    out = self.sem_seg_head.predictor(multi_scale, mask_features, sizes[:0:-1])
+    logits, masks = out["pred_logits"][-1], out["pred_masks"][-1]     # [B, Q, K+1], [B, Q, h, w]
+    # semantic_inference at the padded size (= the valid size): masks x4 from their own
+    # valid map, class probabilities times mask sigmoids.
+    masks = valid.upsample(jnp.transpose(masks, (0, 2, 3, 1)), sizes[0], 4)  # [B, H, W, Q]
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., :-1]
+    return jnp.einsum("bqk,bhwq->bhwk", probs, jax.nn.sigmoid(masks))

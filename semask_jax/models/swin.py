@@ -18,6 +18,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from semask_jax.models import layers
+from semask_jax.models import valid
 from semask_jax.models.config import (INIT_MMSEG, REMAT_POLICIES, BackboneConfig,
                                       resolve_block_loop)
 from semask_jax.models.semantic_layer import SemanticLayer
@@ -76,7 +77,7 @@ class WindowAttention(nnx.Module):
     return bias.transpose(2, 0, 1)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """x: [B, nW, N, C]; mask: [nW, N, N] or None."""
+    """x: [B, nW, N, C]; mask: [nW, N, N], per image [B, nW, N, N], or None."""
     return self.proj(self.attend(self.qkv(x), mask))
 
   def attend(self, qkv: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -88,12 +89,15 @@ class WindowAttention(nnx.Module):
     c, h = c3 // 3, self.num_heads
     qkv = qkv.reshape(b, nw, n, 3, h, c // h)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # [B, nW, N, h, d]
-    if self.impl in ("fused", "cudnn"):
+    per_image = mask is not None and mask.ndim == 4  # valid-size forward: einsum path
+    if self.impl in ("fused", "cudnn") and not per_image:
       return self._fused(q, k, v, mask).reshape(b, nw, n, c)
     q = q * jnp.asarray(self.scale, q.dtype)
     logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k).astype(jnp.float32)
     logits = logits + self.relative_bias()[None, None]
-    if mask is not None:
+    if per_image:
+      logits = logits + mask[:, :, None]
+    elif mask is not None:
       logits = logits + jnp.asarray(mask)[None, :, None]
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     attn = checkpoint_name(attn, "attn")
@@ -167,12 +171,17 @@ class SwinBlock(nnx.Module):
     self.mlp = Mlp(dim, 4 * dim, dtype=dtype, rngs=rngs, init=init)
 
   def __call__(self, x: jax.Array, keys: layers.KeyChain,
-               keep_prob: jax.Array | None = None) -> jax.Array:
+               keep_prob: jax.Array | None = None,
+               valid_hw: jax.Array | None = None) -> jax.Array:
     """x: [B, H, W, C]. keys: hands out the block's two drop-path draws ([B] uniforms, see
     drop_path; None when deterministic). keep_prob: traced 1 - drop_path (the stage
-    scan's), else the attribute."""
+    scan's), else the attribute. valid_hw: [B, 2] int32 token grid of each image (see
+    models/valid.py), or None (x is the image's whole map)."""
     b, h, w, c = x.shape
     m, s = self.window_size, self.shift
+    if valid_hw is not None:
+      x = x + self._attention_valid(x, valid_hw, h, w)  # inference: no drop path
+      return x + self.mlp(self.norm2(x))
     # qkv runs on the real tokens only; the tokens that padding adds after norm1
     # are zeros, whose qkv is exactly the bias, so they are filled in as such.
     # proj runs after the crop. Same numbers as padding first, without the
@@ -192,6 +201,24 @@ class SwinBlock(nnx.Module):
     x = x + drop_path(y, keep, keys.next())
     x = x + drop_path(self.mlp(self.norm2(x)), keep, keys.next())
     return x
+
+  def _attention_valid(self, x: jax.Array, hw: jax.Array, h: int, w: int) -> jax.Array:
+    """The attention branch per image: the padding after norm1 (qkv bias) from its own
+    valid size, the roll and the shift mask over its own padded map (Hp, Wp)."""
+    m, s = self.window_size, self.shift
+    bias = self.attn.qkv.bias[...]
+    y = valid.pad_canvas(self.attn.qkv(self.norm1(x)), m)              # [B, Hc, Wc, 3C]
+    y = valid.mask(y, hw, bias.astype(y.dtype))
+    hc, wc = y.shape[1:3]
+    extent = valid.round_up(hw, m)                                     # [B, 2] (Hp, Wp)
+    if s:
+      y = valid.roll(y, -s, extent)
+    y = self.attn.attend(window_partition(y, m),
+                         valid.shift_mask(extent, (hc, wc), m, s) if s else None)
+    y = window_reverse(y, m, hc, wc)
+    if s:
+      y = valid.roll(y, s, extent)
+    return self.attn.proj(y[:, :h, :w])
 
 
 def drop_path(x: jax.Array, keep_prob: float | jax.Array, u: jax.Array | None) -> jax.Array:
@@ -219,7 +246,10 @@ class PatchMerging(nnx.Module):
     self.reduction = layers.Linear(4 * dim, 2 * dim, use_bias=False, init=init, dtype=dtype,
                                    rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, valid_hw: jax.Array | None = None) -> jax.Array:
+    """valid_hw: the token grid of each image (its merge pads with zeros after it)."""
+    if valid_hw is not None:
+      x = valid.mask(x, valid_hw)
     x = pad_to_multiple(x, 2)
     x = jnp.concatenate(
         [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
@@ -234,7 +264,10 @@ class PatchEmbed(nnx.Module):
     self.proj = layers.Conv2d(3, embed_dim, patch_size, stride=patch_size, dtype=dtype, rngs=rngs)
     self.norm = layers.LayerNorm(embed_dim, dtype=dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, valid_hw: jax.Array | None = None) -> jax.Array:
+    """valid_hw: each image's pixel size: zeros beyond it, as the reference's pad."""
+    if valid_hw is not None:
+      x = valid.mask(x, valid_hw)
     return self.norm(self.proj(pad_to_multiple(x, self.patch_size)))
 
 
@@ -267,12 +300,15 @@ class BasicLayer(nnx.Module):
     self.remat_policy = remat_policy
     self.scan_blocks = resolve_block_loop(block_loop)  # training only; see _blocks
 
-  def __call__(self, x: jax.Array, keys: layers.KeyChain
+  def __call__(self, x: jax.Array, keys: layers.KeyChain, valid_hw: jax.Array | None = None
                ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Returns (stage output, semantic map or None, input of the next stage or None).
+    valid_hw: [B, 2] token grid per image (inference only; see models/valid.py).
 
     Named scopes ('blocks', 'semantic_layer', 'downsample', under the stage's
     'layers.{i}') label the HLO ops by part, for profiles (jax.profiler traces)."""
+    if valid_hw is not None:
+      return self._call_valid(x, keys, valid_hw)
     with jax.named_scope("blocks"):
       x = self._blocks(x, keys)
     sem = None
@@ -284,6 +320,24 @@ class BasicLayer(nnx.Module):
     if self.downsample is not None:
       with jax.named_scope("downsample"):
         nxt = self.downsample(x)
+    return x, sem, nxt
+
+  def _call_valid(self, x: jax.Array, keys: layers.KeyChain, hw: jax.Array
+                  ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """The stage at inference on a canvas with per-image token grids hw [B, 2]."""
+    if not keys.deterministic:
+      raise ValueError("the valid-size forward is for inference (train=False)")
+    with jax.named_scope("blocks"):
+      for blk in self.blocks:
+        x = blk(x, keys, None, hw)
+    sem = None
+    if self.semantic_layer is not None:
+      with jax.named_scope("semantic_layer"):
+        x, sem = self.semantic_layer(x, keys, hw)
+    nxt = None
+    if self.downsample is not None:
+      with jax.named_scope("downsample"):
+        nxt = self.downsample(x, hw)
     return x, sem, nxt
 
   def _blocks(self, x: jax.Array, keys: layers.KeyChain) -> jax.Array:
@@ -467,15 +521,28 @@ class SeMaskSwin(nnx.Module):
     for i in range(c.num_stages):
       setattr(self, f"norm{i}", layers.LayerNorm(c.widths[i], dtype=dtype))
 
-  def __call__(self, x: jax.Array, keys: layers.KeyChain
+  def __call__(self, x: jax.Array, keys: layers.KeyChain, valid_hw: jax.Array | None = None
                ) -> tuple[list[jax.Array], list[jax.Array | None]]:
-    """x: [B, H, W, 3] -> (feats [B, H/4/2^i, W/4/2^i, C_i], sems [..., K] or None)."""
+    """x: [B, H, W, 3] -> (feats [B, H/4/2^i, W/4/2^i, C_i], sems [..., K] or None).
+
+    valid_hw: [B, 2] int32 pixel size of each image in the canvas x (inference): each
+    map's valid region is then that image's own map (sizes: stage_sizes)."""
+    sizes = stage_sizes(valid_hw, self.num_stages) if valid_hw is not None else None
     with jax.named_scope("patch_embed"):
-      x = self.patch_embed(x)
+      x = self.patch_embed(x, valid_hw)
     feats, sems = [], []
     for i, stage in enumerate(self.layers):
       with jax.named_scope(f"layers.{i}"):
-        out, sem, x = stage(x, keys)
+        out, sem, x = stage(x, keys, None if sizes is None else sizes[i])
         feats.append(getattr(self, f"norm{i}")(out))
       sems.append(sem)
     return feats, sems
+
+
+def stage_sizes(valid_hw: jax.Array, num_stages: int = 4) -> list[jax.Array]:
+  """The token grids [B, 2] of each stage for images of pixel sizes valid_hw: ceil(/4),
+  then ceil(/2) per patch merging (the reference pads to even sizes before merging)."""
+  sizes = [valid.ceil_div(valid_hw, 4)]
+  for _ in range(num_stages - 1):
+    sizes.append(valid.ceil_div(sizes[-1], 2))
+  return sizes

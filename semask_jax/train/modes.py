@@ -1,7 +1,8 @@
 """The eval and predict modes of main.py: restore a train state, then evaluate or predict.
 
 `--mode=eval` restores the latest checkpoint of a workdir (or config.init_from) and
-computes mIoU as the reference does (evaluation.evaluator.evaluate_per_image);
+computes mIoU as the reference does (evaluation.evaluator.evaluate_exact, batched per
+bucket canvas on every device; config.eval.per_image: one image at a time);
 `--mode=predict` writes colour masks for image files; the demo writes and predicts a
 few generated scenes.
 """
@@ -17,7 +18,8 @@ from absl import logging
 from semask_jax import compile_cache
 from semask_jax import sharding as sharding_lib
 from semask_jax.evaluation import predict
-from semask_jax.evaluation.evaluator import evaluate_per_image, write_eval_results
+from semask_jax.evaluation.evaluator import (evaluate_exact, evaluate_per_image,
+                                             write_eval_results)
 from semask_jax.evaluation.metrics import format_table
 from semask_jax.train.state import restore_for_inference
 
@@ -26,7 +28,10 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   """--mode eval: the latest checkpoint of workdir (or init_from) on the eval split."""
   mesh = sharding_lib.make_mesh()
   state, graphdef, rest, step = restore_for_inference(config, workdir, mesh)
-  results = evaluate_per_image(config, graphdef, rest, state)
+  if config.eval.get('per_image', False):  # one image at a time (the test oracle)
+    results = evaluate_per_image(config, graphdef, rest, state)
+  else:  # the same numbers, batched per bucket canvas on every device
+    results = evaluate_exact(config, graphdef, rest, state, mesh)
   path = write_eval_results(workdir, step, results)
   if jax.process_index() == 0:
     logging.info('Eval of step %d (%s):\n%s', step, path, format_table(results))

@@ -1,0 +1,166 @@
+"""Bucket canvases for the exact batched evaluation: which canvas each test image uses.
+
+A canvas side is taken from a fixed ladder: multiples of `multiple` (32) spaced like a
+float with a few mantissa steps per octave (steps_per_octave 4: 256, 320, 384, 448, 512,
+640, 768, 896, 1024, ...), so that any side wastes at most 1 / steps_per_octave of its
+length and the number of distinct canvases grows with the log of the size range, not
+with the number of sizes. An image of (h, w) runs in the canvas (ladder(h), ladder(w));
+images sharing a canvas are batched, each with its own valid size (models/valid.py).
+Nothing here compiles or reads images: eval_plan and the evaluator share it.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+import math
+from typing import Any, Iterable, Sequence
+
+import ml_collections
+
+# The paper's multi-scale test ratios (mmseg / detectron2 ADE20K configs).
+PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+DEFAULT_STEPS_PER_OCTAVE = 4
+DEFAULT_MULTIPLE = 32
+
+
+@functools.lru_cache(maxsize=None)
+def ladder(steps_per_octave: int = DEFAULT_STEPS_PER_OCTAVE, multiple: int = DEFAULT_MULTIPLE,
+           max_side: int = 1 << 15) -> tuple[int, ...]:
+  """The canvas sides: every multiple of `multiple` up to multiple * steps_per_octave, then
+  steps_per_octave evenly spaced multiples per octave (rounded up to `multiple`)."""
+  if steps_per_octave < 1 or multiple < 32 or multiple % 32:
+    raise ValueError(f"config.eval.bucket_steps_per_octave ({steps_per_octave}) must be >= 1 "
+                     f"and config.eval.bucket_multiple ({multiple}) a multiple of 32 (the "
+                     "backbone's total stride: every stage's canvas an exact halving)")
+  sides = {multiple * k for k in range(1, steps_per_octave + 1)}
+  base = multiple * steps_per_octave
+  while base < max_side:
+    step = base // steps_per_octave
+    sides.update(-(-(base + k * step) // multiple) * multiple for k in range(1, steps_per_octave + 1))
+    base *= 2
+  return tuple(sorted(sides))
+
+
+def ceil_side(side: int, sides: Sequence[int]) -> int:
+  """The smallest ladder side >= side (beyond the ladder: side rounded up to its last
+  step's multiple)."""
+  i = bisect.bisect_left(sides, side)
+  if i < len(sides):
+    return sides[i]
+  return -(-side // sides[-1]) * sides[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketSpec:
+  """How canvases are chosen: config.eval.bucket_steps_per_octave / bucket_multiple;
+  `pad_multiple`: the model's own pad (Mask2Former's 32, applied before bucketing)."""
+  steps_per_octave: int = DEFAULT_STEPS_PER_OCTAVE
+  multiple: int = DEFAULT_MULTIPLE
+  pad_multiple: int = 0
+
+  @property
+  def sides(self) -> tuple[int, ...]:
+    return ladder(self.steps_per_octave, self.multiple)
+
+  def model_size(self, hw: Sequence[int]) -> tuple[int, int]:
+    """The size the model sees for a test image of size hw (the model's own pad)."""
+    m = self.pad_multiple
+    return tuple(int(v) if not m else -(-int(v) // m) * m for v in hw)
+
+  def canvas(self, hw: Sequence[int]) -> tuple[int, int]:
+    """The bucket canvas of a test image of size hw."""
+    h, w = self.model_size(hw)
+    return ceil_side(h, self.sides), ceil_side(w, self.sides)
+
+
+def bucket_spec(config: ml_collections.ConfigDict, pad_multiple: int) -> BucketSpec:
+  ev = config.eval
+  return BucketSpec(int(ev.get('bucket_steps_per_octave', DEFAULT_STEPS_PER_OCTAVE)),
+                    int(ev.get('bucket_multiple', DEFAULT_MULTIPLE)), int(pad_multiple))
+
+
+@dataclasses.dataclass
+class Plan:
+  """What an evaluation over a list of original sizes compiles and pads."""
+  canvases: dict[tuple[int, int], int]  # canvas -> number of terms (image x scale)
+  valid_pixels: int
+  canvas_pixels: int
+
+  @property
+  def programs(self) -> int:
+    return len(self.canvases)
+
+  @property
+  def padded_ratio(self) -> float:
+    return self.canvas_pixels / max(self.valid_pixels, 1)
+
+
+def default_max_programs(num_scales: int) -> int:
+  """config.eval.bucket_max_programs by default: about 8 canvases per test scale, at
+  least 12."""
+  return max(12, 8 * int(num_scales))
+
+
+def assign(term_sizes: Sequence[Sequence[int]], spec: BucketSpec,
+           max_programs: int | None = None) -> dict[tuple[int, int], tuple[int, int]]:
+  """Model size -> canvas for every size of the list: its ladder canvas, then, while more
+  than max_programs canvases are used, the canvas whose move costs the fewest extra
+  pixels (its terms times the area difference) moves into the smallest-cost used canvas
+  that holds it. Deterministic in the list (every process computes the same)."""
+  counts: dict[tuple[int, int], int] = {}
+  to_canvas: dict[tuple[int, int], tuple[int, int]] = {}
+  for hw in term_sizes:
+    m = spec.model_size(hw)
+    c = spec.canvas(hw)
+    to_canvas[m] = c
+    counts[c] = counts.get(c, 0) + 1
+  merged: dict[tuple[int, int], tuple[int, int]] = {c: c for c in counts}
+  while max_programs is not None and len(counts) > max_programs:
+    best = None
+    for c, n in counts.items():
+      for d in counts:
+        if d != c and d[0] >= c[0] and d[1] >= c[1]:
+          cost = n * (d[0] * d[1] - c[0] * c[1])
+          if best is None or (cost, c, d) < best:
+            best = (cost, c, d)
+    if best is None:
+      break  # no used canvas holds another: the ladder's count stands
+    _, c, d = best
+    counts[d] += counts.pop(c)
+    for k, v in merged.items():
+      if v == c:
+        merged[k] = d
+  return {m: merged[c] for m, c in to_canvas.items()}
+
+
+def plan(term_sizes: Iterable[Sequence[int]], spec: BucketSpec,
+         max_programs: int | None = None) -> Plan:
+  """The canvases that test images of the given sizes use (one model program each) and
+  the padding: canvas pixels over the pixels the reference's model sees."""
+  term_sizes = [tuple(int(v) for v in hw) for hw in term_sizes]
+  to_canvas = assign(term_sizes, spec, max_programs)
+  canvases: dict[tuple[int, int], int] = {}
+  valid = total = 0
+  for hw in term_sizes:
+    m = spec.model_size(hw)
+    c = to_canvas[m]
+    canvases[c] = canvases.get(c, 0) + 1
+    valid += math.prod(m)
+    total += math.prod(c)
+  return Plan(dict(sorted(canvases.items())), valid, total)
+
+
+def group(items: Sequence[Any], key: Any, batch: int, order: Any = None) -> list[list[Any]]:
+  """Items split into batches of at most `batch` that share key(item), in the order of
+  the keys' first appearance, members sorted by order(item) (stable; deterministic:
+  every process builds the same batches)."""
+  by_key: dict[Any, list[Any]] = {}
+  for it in items:
+    by_key.setdefault(key(it), []).append(it)
+  out = []
+  for members in by_key.values():
+    if order is not None:
+      members = sorted(members, key=order)
+    out.extend(members[i:i + batch] for i in range(0, len(members), batch))
+  return out
