@@ -23,6 +23,8 @@ from input_pipeline import transforms as T
 from semask_jax.cli import InputError, PathNotFoundError
 from semask_jax import sharding as sharding_lib
 from semask_jax.evaluation import bucketed
+from semask_jax.evaluation import inference as inference_lib
+from semask_jax.models import has_valid_size_forward
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -108,19 +110,25 @@ def predict_paths(config: ml_collections.ConfigDict, graphdef: Any, rest: Any, p
   mesh = sharding_lib.make_mesh(jax.local_devices())
   local = lambda x: x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable else x  # noqa: E731
   params, batch_stats = jax.tree.map(local, (params, batch_stats))
-  inference = bucketed.make_bucketed_inference(config, graphdef, rest, params, batch_stats,
-                                               mesh)
   recipe = config.data.recipe
-  ratios = tuple(float(r) for r in config.eval.scales)
-  tta = pipeline.is_tta(ratios, config.eval.flip)
-  items = []
-  for path in files:  # sizes first (one decode each), then batches of one canvas
-    hw = load_rgb(path, recipe).shape[:2]
-    items.append((pipeline.scale_sizes(hw, config.data, ratios, tta=tta), hw))
   load = lambda i: {'images': scale_images(load_rgb(files[i], recipe), config)}  # noqa: E731
+  if has_valid_size_forward(config.model):  # batched per bucket canvas
+    inference = bucketed.make_bucketed_inference(config, graphdef, rest, params, batch_stats,
+                                                 mesh)
+    ratios = tuple(float(r) for r in config.eval.scales)
+    tta = pipeline.is_tta(ratios, config.eval.flip)
+    items = []
+    for path in files:  # sizes first (one decode each), then batches of one canvas
+      hw = load_rgb(path, recipe).shape[:2]
+      items.append((pipeline.scale_sizes(hw, config.data, ratios, tta=tta), hw))
+    preds = bucketed.predict_bucketed(inference, items, load)
+  else:  # one image at a time (the heads without a valid-size forward)
+    one = inference_lib.make_per_image_inference(config, graphdef, rest, params, batch_stats)
+    preds = ((i, one.predict(load(i)['images'], load_rgb(files[i], recipe).shape[:2]))
+             for i in range(len(files)))
   os.makedirs(output_dir, exist_ok=True)
   stems = output_names(files)
-  for i, pred in bucketed.predict_bucketed(inference, items, load):
+  for i, pred in preds:
     path, stem = files[i], stems[i]
     image = load_rgb(path, recipe)
     color = colorize(pred, palette)
