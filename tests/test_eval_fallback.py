@@ -7,7 +7,6 @@ import pytest
 from PIL import Image
 
 import input_pipeline
-
 from configs import demo_mask2former, demo_maskformer, tiny
 from semask_jax import sharding as sharding_lib
 from semask_jax.evaluation import evaluator, predict
