@@ -55,18 +55,9 @@ def maskformer_short_edges(base: int) -> tuple[int, ...]:
 
 
 def maskformer_loss_config() -> ml_collections.ConfigDict:
-  """SeMaskSetCriterion (MaskFormer) settings (SPEC 11)."""
-  loss = ml_collections.ConfigDict()
-  loss.class_weight = 1.0
-  loss.mask_weight = 20.0
-  loss.dice_weight = 1.0
-  loss.cate_weight = 0.4
-  loss.no_object_weight = 0.1
-  loss.max_targets = 64  # static target slots per image (ADE20K crops have <= ~40 classes)
-  loss.slot_chunk = 8    # slots per step of the full-resolution focal / dice losses
-  # loss_ce / loss_cate: means per group of one reference GPU's images (16 on 8 GPUs).
-  loss.group_size = common.REFERENCE_IMAGES_PER_GPU
-  return loss
+  """SeMaskSetCriterion (MaskFormer) settings (SPEC 11): no point sampling (full-resolution
+  focal / dice over the slots)."""
+  return common.set_criterion_loss_config(1.0, 20.0, 1.0)
 
 
 def semask_maskformer_config(variant: str) -> ml_collections.ConfigDict:

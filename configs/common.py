@@ -8,6 +8,8 @@ optimizer updates of `batch_size` images, i.e. mmseg iterations.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -205,17 +207,17 @@ MASK2FORMER_NO_DECAY_KEYS = ('absolute_pos_embed', 'relative_position_bias_table
                              'predictor.level_embed')
 
 
-def mask2former_loss_config() -> ml_collections.ConfigDict:
-  """SeMaskSetCriterion settings (detectron2 MODEL.MASK_FORMER.* defaults, SPEC 10)."""
+def set_criterion_loss_config(class_weight: float, mask_weight: float, dice_weight: float,
+                              **extra: Any) -> ml_collections.ConfigDict:
+  """The settings of a SeMask set criterion (Mask2Former's, MaskFormer's): the three
+  matching / loss weights and `extra`, beside what both share."""
   loss = ml_collections.ConfigDict()
-  loss.class_weight = 2.0
-  loss.mask_weight = 5.0
-  loss.dice_weight = 5.0
-  loss.cate_weight = 0.4
+  loss.class_weight = class_weight
+  loss.mask_weight = mask_weight
+  loss.dice_weight = dice_weight
+  loss.cate_weight = 0.4  # SeMask's semantic head
   loss.no_object_weight = 0.1
-  loss.train_num_points = 12544
-  loss.oversample_ratio = 3.0
-  loss.importance_sample_ratio = 0.75
+  loss.update(extra)
   # Static target slots per image (ADE20K crops have <= ~40 classes). The reference has no
   # cap: a training crop with more classes stops the run with an error naming its image.
   loss.max_targets = 64
@@ -227,6 +229,12 @@ def mask2former_loss_config() -> ml_collections.ConfigDict:
   # groups; 0 = the whole (micro) batch. Must divide the micro batch.
   loss.group_size = REFERENCE_IMAGES_PER_GPU
   return loss
+
+
+def mask2former_loss_config() -> ml_collections.ConfigDict:
+  """SeMaskSetCriterion settings (detectron2 MODEL.MASK_FORMER.* defaults, SPEC 10)."""
+  return set_criterion_loss_config(2.0, 5.0, 5.0, train_num_points=12544,
+                                   oversample_ratio=3.0, importance_sample_ratio=0.75)
 
 
 def semask_mask2former_config(dataset: str, variant: str, pixel_decoder: str = 'msdeformattn'

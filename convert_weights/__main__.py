@@ -60,20 +60,16 @@ def _parser() -> argparse.ArgumentParser:
                      "FaPN-/MSFaPN-Mask2Former, MaskFormer) read from its keys")
   t.add_argument("--pth", required=True,
                  help="mmcv ({'state_dict': ...}) or detectron2 ({'model': ...}) checkpoint")
-  t.add_argument("--nheads", type=int, default=None,
-                 help="FaPN-Mask2Former and MaskFormer: the decoder's attention heads, which "
-                 "their shapes do not show (default 8, the released configs')")
-  m = sub.add_parser("semask_mask2former",
-                     help="a released SeMask-Mask2Former .pth (detectron2 {'model': ...})")
+  m = sub.add_parser("semask_mask2former", help="semask for the Mask2Former family only "
+                     "(SeMask-, FaPN-, MSFaPN-Mask2Former; detectron2 {'model': ...})")
   m.add_argument("--pth", required=True, help="detectron2 checkpoint ({'model': ...})")
-  m.add_argument("--nheads", type=int, default=None,
-                 help="FaPN-Mask2Former only: the decoder's attention heads, which its shapes "
-                 "do not show (default 8, the released configs')")
   f = sub.add_parser("semask_maskformer",
-                     help="a released SeMask-MaskFormer .pth (detectron2 {'model': ...})")
+                     help="semask for SeMask-MaskFormer only (detectron2 {'model': ...})")
   f.add_argument("--pth", required=True, help="detectron2 checkpoint ({'model': ...})")
-  f.add_argument("--nheads", type=int, default=None,
-                 help="decoder attention heads (not in the shapes; default the reference's 8)")
+  for q in (t, m, f):
+    q.add_argument("--nheads", type=int, default=None,
+                   help="FaPN-Mask2Former and MaskFormer: the decoder's attention heads, "
+                   "which their shapes do not show (default 8, the released configs')")
   for q in (s, t, m, f):
     q.add_argument("--out", required=True, help="output directory (must not exist yet)")
     q.add_argument("--allow_pickle", action="store_true",

@@ -318,6 +318,23 @@ def released_sem_window(window_size: int, num_classes: int) -> int:
   return window_size if num_classes == 150 else 7
 
 
+def _detectron2_backbone(sd: StateDict, source: str, kind: str, name: str):
+  """(get, backbone shapes, class count, a config of model `name` with the backbone's
+  semantic blocks and window set) of a detectron2 SeMask checkpoint: one positive
+  number of semantic blocks in every stage, the classes from class_embed (K + 1)."""
+  get = _getter(sd, source, f"{kind} (detectron2)")
+  bb = _backbone_shapes(sd, get)
+  num_classes = int(get("sem_seg_head.predictor.class_embed.weight").shape[0]) - 1
+  cfg = default_model_config("T", num_classes, name=name)
+  nsb = set(bb.pop("num_sem_blocks"))
+  if len(nsb) != 1 or 0 in nsb:
+    raise ConversionError(f"{source}: {kind} has the same positive number of semantic "
+                          f"blocks in every stage, found {sorted(nsb)}")
+  cfg.num_sem_blocks = nsb.pop()
+  cfg.sem_window_size = released_sem_window(bb["window_size"], num_classes)
+  return get, bb, num_classes, cfg
+
+
 def infer_mask2former_config(sd: StateDict, *, source: str = "state dict",
                              nheads: int | None = None):
   """A SeMask-Mask2Former model config matching a detectron2 state dict's shapes: variant,
@@ -326,18 +343,10 @@ def infer_mask2former_config(sd: StateDict, *, source: str = "state dict",
 
   FaPN has no deformable encoder, and the decoder's attention heads do not show in its
   shapes: nheads is then `nheads`, else the released configs' 8."""
-  get = _getter(sd, source, "SeMask-Mask2Former (detectron2)")
-  bb = _backbone_shapes(sd, get)
+  get, bb, num_classes, cfg = _detectron2_backbone(sd, source, "SeMask-Mask2Former",
+                                                  SEMASK_MASK2FORMER)
   pd, pr = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
-  num_classes = get(pr + "class_embed.weight").shape[0] - 1
-  cfg = default_model_config("T", int(num_classes), name=SEMASK_MASK2FORMER)
-  nsb = set(bb.pop("num_sem_blocks"))
-  if len(nsb) != 1 or 0 in nsb:
-    raise ConversionError(f"{source}: SeMask-Mask2Former has the same positive number of "
-                          f"semantic blocks in every stage, found {sorted(nsb)}")
   cfg.update(bb)
-  cfg.num_sem_blocks = nsb.pop()
-  cfg.sem_window_size = released_sem_window(cfg.window_size, int(num_classes))
   cfg.mask_dim = int(get(pd + "mask_features.weight").shape[0])
   if pd + "align_3.offset.weight" in sd:
     cfg.pixel_decoder = "fapn"
@@ -372,22 +381,14 @@ def infer_maskformer_config(sd: StateDict, *, source: str = "state dict"):
   window, class count, queries, decoder depth and widths (SPEC section 11). Not in the
   shapes: the decoder's attention heads (the reference's 8) and the semantic window
   (released_sem_window)."""
-  get = _getter(sd, source, "SeMask-MaskFormer (detectron2)")
-  bb = _backbone_shapes(sd, get)
+  get, bb, num_classes, cfg = _detectron2_backbone(sd, source, "SeMask-MaskFormer",
+                                                  SEMASK_MASKFORMER)
   pd, pr = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
   dec = pr + "transformer.decoder.layers."
-  num_classes = get(pr + "class_embed.weight").shape[0] - 1
-  cfg = default_model_config("T", int(num_classes), name=SEMASK_MASKFORMER)
-  nsb = set(bb.pop("num_sem_blocks"))
-  if len(nsb) != 1 or 0 in nsb:
-    raise ConversionError(f"{source}: SeMask-MaskFormer has the same positive number of "
-                          f"semantic blocks in every stage, found {sorted(nsb)}")
   if any(k.startswith(pr + "transformer.encoder.") for k in sd):
     raise ConversionError(f"{source}: a TransformerPredictor with encoder layers "
                           "(transformer.encoder.*) is not supported (the SeMask configs use 0)")
   cfg.update(bb)
-  cfg.num_sem_blocks = nsb.pop()
-  cfg.sem_window_size = released_sem_window(cfg.window_size, int(num_classes))
   cfg.conv_dim = int(get(pd + "layer_4.weight").shape[0])
   cfg.mask_dim = int(get(pd + "mask_features.weight").shape[0])
   cfg.hidden_dim = int(get(pr + "query_embed.weight").shape[1])

@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from semask_jax import sharding as sharding_lib
 from semask_jax.evaluation import buckets as buckets_lib
 from semask_jax.evaluation import metrics as metrics_lib
+from semask_jax.evaluation import inference as inference_lib
 from semask_jax.evaluation.inference import flip_valid, test_size_divisibility
 from semask_jax.models import model_class, valid
 from semask_jax.models.functional import merge_model
@@ -150,11 +151,8 @@ class BucketedInference:
 
   def _finish_program(self, n_terms: int, acc: jax.Array, label: jax.Array | None = None,
                       cm: jax.Array | None = None) -> jax.Array:
-    pred = jnp.argmax(acc / n_terms if n_terms > 1 else acc, axis=-1).astype(jnp.int32)
-    if label is None:
-      return pred
-    return cm + metrics_lib.confusion_matrix(pred, label.astype(jnp.int32), self.num_classes,
-                                             ignore_index=self.ignore_index)
+    return inference_lib.argmax_and_confusion(n_terms, acc, label, cm, self.num_classes,
+                                              self.ignore_index)
 
   # ------------------------------------------------------------------ compilation
 

@@ -355,11 +355,7 @@ class PerImageInference:
   def _finish_program(self, n_terms: int, acc: jax.Array, label: jax.Array | None = None,
                       cm: jax.Array | None = None) -> jax.Array:
     """argmax of the mean; with a label: cm + this image's confusion matrix."""
-    pred = jnp.argmax(acc / n_terms if n_terms > 1 else acc, axis=-1).astype(jnp.int32)
-    if label is None:
-      return pred
-    return cm + metrics_lib.confusion_matrix(pred[None], label[None].astype(jnp.int32),
-                                             self.num_classes, ignore_index=self.ignore_index)
+    return argmax_and_confusion(n_terms, acc, label, cm, self.num_classes, self.ignore_index)
 
   # ----------------------------------------------------------- compilation
 
@@ -520,6 +516,20 @@ def evaluate_per_image(inference: PerImageInference, examples: Iterable[Mapping[
                result['num_images'], result['num_shapes'], result['compile_seconds'],
                precompile_wall, result['seconds'])
   return result
+
+
+def argmax_and_confusion(n_terms: int, acc: jax.Array, label: jax.Array | None,
+                         cm: jax.Array | None, num_classes: int, ignore_index: int
+                         ) -> jax.Array:
+  """The class map of n_terms summed probabilities acc [..., H, W, K] (the argmax of their
+  mean), or with a label [..., H, W]: cm + the maps' confusion matrix."""
+  pred = jnp.argmax(acc / n_terms if n_terms > 1 else acc, axis=-1).astype(jnp.int32)
+  if label is None:
+    return pred
+  hw = pred.shape[-2:]
+  return cm + metrics_lib.confusion_matrix(pred.reshape((-1,) + hw),
+                                           label.astype(jnp.int32).reshape((-1,) + hw),
+                                           num_classes, ignore_index=ignore_index)
 
 
 def test_size_divisibility(config: ml_collections.ConfigDict) -> int:

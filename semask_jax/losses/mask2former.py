@@ -77,12 +77,7 @@ class CriterionConfig:
   group_size: int = 0                    # images per loss_ce / loss_cate mean (0: all)
 
   def __post_init__(self):
-    for name in ("max_targets", "slot_chunk"):
-      if getattr(self, name) < 1:
-        raise ConfigError(f"config.loss.{name} must be >= 1, got {getattr(self, name)}")
-    if not isinstance(self.group_size, int) or self.group_size < 0:
-      raise ConfigError("config.loss.group_size must be an integer >= 0 (0: the whole "
-                        f"batch), got {self.group_size!r}")
+    check_slots_and_groups(self)
 
   @property
   def empty_weight(self) -> np.ndarray:
@@ -115,6 +110,17 @@ def group_mean(num: jax.Array, den: jax.Array, group_size: int) -> jax.Array:
                       f"(micro) batch of {b} images")
   num, den = num.reshape(b // g, g).sum(1), den.reshape(b // g, g).sum(1)
   return jnp.mean(jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0))
+
+
+def check_slots_and_groups(cfg: Any) -> None:
+  """The config checks every set criterion shares: its target slots, its chunks of them,
+  and the loss groups (config.loss.max_targets, slot_chunk, group_size)."""
+  for name in ("max_targets", "slot_chunk"):
+    if getattr(cfg, name) < 1:
+      raise ConfigError(f"config.loss.{name} must be >= 1, got {getattr(cfg, name)}")
+  if not isinstance(cfg.group_size, int) or cfg.group_size < 0:
+    raise ConfigError("config.loss.group_size must be an integer >= 0 (0: the whole "
+                      f"batch), got {cfg.group_size!r}")
 
 
 class CriterionDraws(NamedTuple):

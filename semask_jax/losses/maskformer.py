@@ -35,8 +35,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from semask_jax.cli import ConfigError
-from semask_jax.losses.mask2former import (IGNORE_INDEX, _bce_with_logits, group_mean,
+from semask_jax.losses.mask2former import (IGNORE_INDEX, _bce_with_logits,
+                                           check_slots_and_groups, group_mean,
                                            present_classes, semantic_ce)
 from semask_jax.losses.matching import linear_sum_assignment
 from semask_jax.models.maskformer_pixel_decoder import _nearest_index
@@ -62,12 +62,7 @@ class MaskFormerCriterionConfig:
   group_size: int = 0            # images per loss_ce / loss_cate mean (0: all)
 
   def __post_init__(self):
-    for name in ("max_targets", "slot_chunk"):
-      if getattr(self, name) < 1:
-        raise ConfigError(f"config.loss.{name} must be >= 1, got {getattr(self, name)}")
-    if not isinstance(self.group_size, int) or self.group_size < 0:
-      raise ConfigError("config.loss.group_size must be an integer >= 0 (0: the whole "
-                        f"batch), got {self.group_size!r}")
+    check_slots_and_groups(self)
 
 
 # ----------------------------------------------------------------------------- matcher

@@ -40,7 +40,7 @@ def _linear(in_features: int, out_features: int, *, xavier: bool, zero_bias: boo
 
 
 class MultiheadAttention(nnx.Module):
-  """torch.nn.MultiheadAttention (no dropout): packed in-projection, q scaled by
+  """torch.nn.MultiheadAttention: packed in-projection, q scaled by
   1/sqrt(head_dim) after it, boolean mask True = may not attend, softmax in float32.
 
   `in_proj_weight` is stored [C, 3C] (q | k | v columns); the converter transposes
@@ -59,9 +59,11 @@ class MultiheadAttention(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array,
-               mask: jax.Array | None = None) -> jax.Array:
+               mask: jax.Array | None = None, rate: float = 0.0,
+               rng: jax.Array | None = None) -> jax.Array:
     """query [B, Q, C], key / value [B, S, C], mask [B, Q, S] bool (broadcast over
-    heads) -> [B, Q, C]."""
+    heads) -> [B, Q, C]. With a key, dropout at `rate` on the attention probabilities
+    (torch nn.MultiheadAttention(dropout=rate): MaskFormer's DETR decoder)."""
     b, nq, c = query.shape
     h = self.num_heads
     d = c // h
@@ -80,7 +82,7 @@ class MultiheadAttention(nnx.Module):
                         preferred_element_type=jnp.float32)             # [B, h, Q, S]
     if mask is not None:
       logits = jnp.where(mask[:, None], -jnp.inf, logits)
-    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    attn = layers.dropout(jax.nn.softmax(logits, axis=-1), rate, rng).astype(self.dtype)
     out = jnp.einsum("bhqs,bshd->bqhd", attn, v).reshape(b, nq, c)      # [B, Q, C]
     return self.out_proj(out)
 

@@ -29,35 +29,6 @@ from semask_jax.models.mask2former_decoder import MLP, MultiheadAttention, _line
 from semask_jax.models.position_encoding import position_embedding_sine
 
 
-class DropoutMultiheadAttention(MultiheadAttention):
-  """torch nn.MultiheadAttention(dropout=rate): Mask2Former's MultiheadAttention (same
-  parameters, init and numbers) plus dropout on the attention probabilities when a key
-  is given. No attention mask (DETR's decoder uses none here)."""
-
-  def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array,
-               rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
-    """query [B, Q, C], key / value [B, S, C] -> [B, Q, C]."""
-    b, nq, c = query.shape
-    h = self.num_heads
-    d = c // h
-    w = layers.weight(self.in_proj_weight[...], self.dtype)             # [C, 3C]
-    bias = self.in_proj_bias[...]                                       # [3C] float32
-
-    def proj(x: jax.Array, i: int) -> jax.Array:                        # [B, N, C] -> [B, N, h, d]
-      y = jnp.einsum("bnc,co->bno", x.astype(self.dtype), w[:, i * c:(i + 1) * c])
-      y = layers.add_bias(y, bias[i * c:(i + 1) * c])
-      return y.reshape(x.shape[0], x.shape[1], h, d)
-
-    q = proj(query, 0) * jnp.asarray(math.sqrt(1.0 / d), self.dtype)  # [B, Q, h, d]
-    k = proj(key, 1)                                                    # [B, S, h, d]
-    v = proj(value, 2)                                                  # [B, S, h, d]
-    logits = jnp.einsum("bqhd,bshd->bhqs", q, k,
-                        preferred_element_type=jnp.float32)             # [B, h, Q, S]
-    attn = layers.dropout(jax.nn.softmax(logits, axis=-1), rate, rng).astype(self.dtype)
-    out = jnp.einsum("bhqs,bshd->bqhd", attn, v).reshape(b, nq, c)      # [B, Q, C]
-    return self.out_proj(out)
-
-
 class TransformerDecoderLayer(nnx.Module):
   """DETR's post-norm decoder layer: self-attention, cross-attention, FFN (ReLU)."""
 
@@ -65,8 +36,8 @@ class TransformerDecoderLayer(nnx.Module):
                dtype: jnp.dtype, rngs: nnx.Rngs):
     # The Transformer's _reset_parameters: xavier_uniform on every matrix (in_proj,
     # out_proj, linear1/2); MHA biases 0; FFN biases torch's default.
-    self.self_attn = DropoutMultiheadAttention(dim, num_heads, dtype=dtype, rngs=rngs)
-    self.multihead_attn = DropoutMultiheadAttention(dim, num_heads, dtype=dtype, rngs=rngs)
+    self.self_attn = MultiheadAttention(dim, num_heads, dtype=dtype, rngs=rngs)
+    self.multihead_attn = MultiheadAttention(dim, num_heads, dtype=dtype, rngs=rngs)
     self.linear1 = _linear(dim, dim_feedforward, xavier=True, dtype=dtype, rngs=rngs)
     self.linear2 = _linear(dim_feedforward, dim, xavier=True, dtype=dtype, rngs=rngs)
     self.norm1 = layers.LayerNorm(dim)
@@ -79,9 +50,9 @@ class TransformerDecoderLayer(nnx.Module):
     """tgt [B, Q, C] float32, memory / memory_with_pos [B, S, C], query_pos [B, Q, C]."""
     r = self.dropout
     qk = tgt + query_pos
-    x = self.self_attn(qk, qk, tgt, r, keys.next())
+    x = self.self_attn(qk, qk, tgt, rate=r, rng=keys.next())
     tgt = self.norm1(tgt + layers.dropout(x, r, keys.next()))
-    x = self.multihead_attn(tgt + query_pos, memory_with_pos, memory, r, keys.next())
+    x = self.multihead_attn(tgt + query_pos, memory_with_pos, memory, rate=r, rng=keys.next())
     tgt = self.norm2(tgt + layers.dropout(x, r, keys.next()))
     x = layers.dropout(jax.nn.relu(self.linear1(tgt)), r, keys.next())
     x = self.linear2(x)

@@ -45,6 +45,37 @@ class SemSegHead(nnx.Module):
         c.dec_layers, c.mask_dim, dtype=dtype, rngs=rngs)
 
 
+def add_semantic_outputs(out: dict[str, Any], sems: list[jax.Array], size: tuple[int, int],
+                         train: bool) -> None:
+  """out['sem_pred'] (the semantic head's prior sum at the input size) and, in eval mode,
+  out['sem_seg'] (semantic inference of the final prediction; the criterion does not
+  read it, and its [B, H, W, K] map costs memory in training)."""
+  with jax.named_scope("semantic_head"):
+    out["sem_pred"] = semantic_head([s.astype(jnp.float32) for s in sems], size)
+  if not train:
+    out["sem_seg"] = semantic_inference(out["pred_logits"][-1], out["pred_masks"][-1],
+                                        size, size, size)
+
+
+def build_backbone_and_head(model: nnx.Module, config: ModelConfig, head_config: type,
+                            head: type, *, rngs: nnx.Rngs) -> None:
+  """Sets model.config, .dtype, .backbone (SeMask Swin) and .sem_seg_head (`head` of the
+  `head_config`): what the detectron2 heads (Mask2Former, MaskFormer) build alike. Their
+  semantic head sums the four prior maps, so every stage needs semantic layers."""
+  name = type(model).__name__
+  if not isinstance(config.head, head_config):
+    raise ValueError(f"{name} needs a {head_config.__name__}, got {type(config.head).__name__}")
+  bb = config.backbone
+  if not bb.has_semantic:
+    raise ValueError(f"{name} needs semantic layers (num_sem_blocks > 0): its semantic "
+                     "head sums the four prior maps")
+  model.config = config
+  model.dtype = jnp.dtype(bb.dtype)
+  model.backbone = SeMaskSwin(bb, rngs=rngs)
+  model.sem_seg_head = head(bb.widths, bb.num_classes, config.head, dtype=model.dtype,
+                            rngs=rngs)
+
+
 class SeMaskMask2Former(nnx.Module):
   """images [B, H, W, 3] -> Mask2Former predictions + the SeMask semantic prior."""
 
@@ -55,18 +86,7 @@ class SeMaskMask2Former(nnx.Module):
   OUTPUT_STRIDE = 1
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    if not isinstance(config.head, Mask2FormerHeadConfig):
-      raise ValueError("SeMaskMask2Former needs a Mask2Former head config, got "
-                       f"{type(config.head).__name__}")
-    bb = config.backbone
-    if not bb.has_semantic:
-      raise ValueError("SeMask-Mask2Former needs semantic layers (num_sem_blocks > 0): its "
-                       "semantic head sums the four prior maps")
-    self.config = config
-    self.dtype = jnp.dtype(bb.dtype)
-    self.backbone = SeMaskSwin(bb, rngs=rngs)
-    self.sem_seg_head = SemSegHead(bb.widths, bb.num_classes, config.head, dtype=self.dtype,
-                                   rngs=rngs)
+    build_backbone_and_head(self, config, Mask2FormerHeadConfig, SemSegHead, rngs=rngs)
 
   def __call__(self, images: jax.Array, *, train: bool = False,
                rng: jax.Array | None = None) -> dict[str, Any]:
@@ -89,12 +109,7 @@ class SeMaskMask2Former(nnx.Module):
       mask_features, multi_scale = self.sem_seg_head.pixel_decoder(feats, pixel_aux)
     with jax.named_scope("sem_seg_head/predictor"):
       out = dict(self.sem_seg_head.predictor(multi_scale, mask_features))
-    size = tuple(images.shape[1:3])
-    with jax.named_scope("semantic_head"):
-      out["sem_pred"] = semantic_head([s.astype(jnp.float32) for s in sems], size)
-    if not train:  # the criterion does not read it; its [B, H, W, K] map costs memory
-      out["sem_seg"] = semantic_inference(out["pred_logits"][-1], out["pred_masks"][-1],
-                                          size, size, size)
+    add_semantic_outputs(out, sems, tuple(images.shape[1:3]), train)
     out.update(feats=feats, sems=sems, mask_features=mask_features,
                multi_scale_features=multi_scale, pixel_decoder_aux=pixel_aux)
     return out

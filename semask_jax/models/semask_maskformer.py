@@ -18,8 +18,7 @@ from semask_jax.models import layers
 from semask_jax.models.config import MaskFormerHeadConfig, ModelConfig
 from semask_jax.models.maskformer_decoder import TransformerPredictor
 from semask_jax.models.maskformer_pixel_decoder import BasePixelDecoder
-from semask_jax.models.semantic_head import semantic_head, semantic_inference
-from semask_jax.models.swin import SeMaskSwin
+from semask_jax.models.semask_mask2former import add_semantic_outputs, build_backbone_and_head
 
 
 class SemSegHead(nnx.Module):
@@ -45,18 +44,7 @@ class SeMaskMaskFormer(nnx.Module):
   SCORES_ARE_PROBABILITIES = True
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    if not isinstance(config.head, MaskFormerHeadConfig):
-      raise ValueError("SeMaskMaskFormer needs a MaskFormer head config, got "
-                       f"{type(config.head).__name__}")
-    bb = config.backbone
-    if not bb.has_semantic:
-      raise ValueError("SeMask-MaskFormer needs semantic layers (num_sem_blocks > 0): its "
-                       "semantic head sums the four prior maps")
-    self.config = config
-    self.dtype = jnp.dtype(bb.dtype)
-    self.backbone = SeMaskSwin(bb, rngs=rngs)
-    self.sem_seg_head = SemSegHead(bb.widths, bb.num_classes, config.head, dtype=self.dtype,
-                                   rngs=rngs)
+    build_backbone_and_head(self, config, MaskFormerHeadConfig, SemSegHead, rngs=rngs)
 
   def __call__(self, images: jax.Array, *, train: bool = False,
                rng: jax.Array | None = None) -> dict[str, Any]:
@@ -76,12 +64,7 @@ class SeMaskMaskFormer(nnx.Module):
       mask_features, _ = self.sem_seg_head.pixel_decoder(feats)
     with jax.named_scope("sem_seg_head/predictor"):
       out = dict(self.sem_seg_head.predictor(feats[-1], mask_features, keys))
-    size = tuple(images.shape[1:3])
-    with jax.named_scope("semantic_head"):
-      out["sem_pred"] = semantic_head([s.astype(jnp.float32) for s in sems], size)
-    if not train:  # the criterion does not read it; its [B, H, W, K] map costs memory
-      out["sem_seg"] = semantic_inference(out["pred_logits"][-1], out["pred_masks"][-1],
-                                          size, size, size)
+    add_semantic_outputs(out, sems, tuple(images.shape[1:3]), train)
     out.update(feats=feats, sems=sems, mask_features=mask_features)
     return out
 
