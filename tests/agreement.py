@@ -10,6 +10,10 @@ beyond 1e-6 only where the gradients Adam was given are below 1e-6. Those gradie
 read from Adam's second moment (the bias-corrected root mean square of every gradient
 the optimizer was given, after clipping if any): an element counts as "no gradient" only
 where all of them were below the threshold.
+
+Also the 1-vs-8-device train step of the mask-classification heads that test_maskformer,
+test_train_mask2former and test_train_fapn share (mask_step_on_one_and_all_devices), and
+the coarser element criterion two of them use (assert_params_mostly_agree).
 """
 from __future__ import annotations
 
@@ -19,10 +23,16 @@ import jax
 import numpy as np
 import optax
 
+import input_pipeline
+from semask_jax import sharding as sharding_lib
+from semask_jax.train import loop as train
 from semask_jax.train import optim
+from semask_jax.train import state as state_lib
 
 AGREE = 1e-6       # |a - b| allowed anywhere
 NO_GRADIENT = 1e-6  # |grad| below which Adam's step is rounding noise
+# The mask-classification metrics that two runs' steps must agree on (1e-5 relative).
+MASK_LOSS_METRICS = ('loss', 'loss_ce', 'loss_mask', 'loss_dice', 'loss_cate', 'grad_norm')
 
 
 def adam_state(opt_state: Any) -> optax.ScaleByAdamState:
@@ -92,3 +102,60 @@ def assert_moments_agree(got_opt_state: Any, want_opt_state: Any, b1: float, b2:
                        ('sqrt(v_hat)', np.sqrt(f(v_got) / c2), np.sqrt(f(v_want) / c2))):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=AGREE,
                                  err_msg=f'{what} of {optim.param_name(path)}')
+
+
+def tiny_mask_config(config: Any) -> Any:
+  """A demo mask-classification config shrunk for the 1-vs-8-device steps (16-dim Swin,
+  8 queries), with a full-lr first step (no warm-up) so that the update shows, and fast
+  XLA:CPU compiles."""
+  config.model.embed_dim = 16
+  config.model.num_heads = (1, 1, 2, 2)
+  config.model.num_queries = 8
+  config.optimizer.warmup_steps = 0
+  config.xla_cpu_fast_compile = True
+  return config
+
+
+def mask_step_on_one_and_all_devices(config: Any, model: Any, check_num_masks: bool = True):
+  """One train step of a mask-classification head (MaskFormer, Mask2Former, FaPN) from
+  `model` on the same global batch of 8, on one device and on all of them (8): both
+  finite, no target dropped, MASK_LOSS_METRICS within 1e-5 relative and, where
+  check_num_masks, num_masks the targets of the whole global batch (not of one device's
+  share). Returns ((state_1, metrics_1), (state_8, metrics_8)) on the host."""
+  batch = next(input_pipeline.create_train_iterator(config.data, seed=0, global_batch_size=8))
+  labels = np.asarray(batch['label'])
+  want_masks = sum(len(np.setdiff1d(np.unique(l), [255])) for l in labels)
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = sharding_lib.make_mesh(devices)
+    state, graphdef, rest, tx, schedule = state_lib.init_train_state(config, model, mesh)
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    step = train.jit_train_step(train.make_train_step(graphdef, rest, tx, schedule, config),
+                                shardings, mesh, sharding_lib.compiler_options(config))
+    state, metrics = step(state, input_pipeline.make_global_batch(batch, mesh))
+    results.append((jax.device_get(state), jax.device_get(metrics)))
+  (_, m1), (_, m8) = results
+  for m in (m1, m8):
+    if check_num_masks:
+      assert m['num_masks'] == want_masks
+    assert m['finite'] == 1.0 and m['dropped_targets'] == 0
+  for k in MASK_LOSS_METRICS:
+    np.testing.assert_allclose(m1[k], m8[k], rtol=1e-5, err_msg=k)
+  return results
+
+
+def assert_params_mostly_agree(got: Any, want: Any, lr: float) -> None:
+  """The coarser criterion: every element within 2 x lr (Adam's first step moves
+  rounding-level gradients by up to lr) and more than 99.5 % of them within 1e-6."""
+  flat_want = dict(jax.tree_util.tree_leaves_with_path(want))
+  diffs = np.concatenate([np.abs(np.asarray(a) - np.asarray(flat_want[p])).ravel()
+                          for p, a in jax.tree_util.tree_leaves_with_path(got)])
+  assert diffs.max() <= 2 * lr and np.mean(diffs <= 1e-6) > 0.995, np.quantile(
+      diffs, [0.5, 0.995, 1.0])
+
+
+def largest_move(params: Any, model: Any) -> float:
+  """max |params - the parameters of `model`| over every element (what the steps did)."""
+  before = state_lib.split_model(model)[1]
+  return max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
+      jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(before)))

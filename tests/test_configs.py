@@ -1,12 +1,10 @@
 """The experiment configs carry the reference recipes (SPEC sections 6 and 10)."""
-import jax
 import pytest
-from flax import nnx
 
 from configs import (ade20k_semask_mask2former, cityscapes_semask_mask2former, common,
                      swin_fpn)
-from semask_jax.train import optim
-from semask_jax.models import ModelConfig, build_model
+from semask_jax.models import ModelConfig
+from tests.param_masks import masks_by_name
 
 
 @pytest.mark.parametrize("dataset", ["ade20k", "cityscapes", "coco_stuff10k"])
@@ -60,14 +58,7 @@ def test_mask2former_recipe(module, classes, global_stage3):
 def test_mask2former_no_decay_and_backbone_masks():
   """detectron2's rule: no decay for norms (GroupNorm at input_proj.<l>.1 too), the decoder's
   embeddings and the Swin bias tables; the pixel decoder's bare level_embed decays."""
-  c = ade20k_semask_mask2former.get_config("T")
-  c.model.depths = (1, 1, 1, 1)
-  params = nnx.to_pure_dict(nnx.state(
-      nnx.eval_shape(lambda: build_model(c.model, rngs=nnx.Rngs(0))), nnx.Param))
-  decay = {optim.param_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(
-      optim.decay_mask(params, c.optimizer.no_decay_keys))}
-  backbone = {optim.param_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(
-      optim.backbone_mask(params))}
+  decay, backbone = masks_by_name(ade20k_semask_mask2former.get_config("T"))
   pd, pr = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
   assert not decay[pd + "input_proj.0.1.scale"] and not decay[pd + "adapter_1.norm.bias"]
   assert decay[pd + "input_proj.0.0.kernel"] and decay[pd + "transformer.level_embed"]

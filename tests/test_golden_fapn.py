@@ -24,30 +24,17 @@ import pytest
 from flax import nnx
 
 from convert_weights import ConversionError, convert_semask_mask2former, infer_mask2former_config
-from convert_weights.__main__ import main as cli_main
-from semask_jax.losses import mask2former as ml
 from semask_jax.models import model_config_from_dict
-from tests.golden_utils import GOLDEN_DIR, jit_forward, load_vector
-from tests.test_mask2former_loss import _case as loss_case
+from tests.golden_utils import (GOLDEN_DIR, RELEASED_BUFFERS, assert_cli_writes,
+                                assert_m2f_criterion_reproduces_reference, assert_same_params,
+                                check, check_layers, check_m2f_semantic, check_multi_scale,
+                                check_weights_and_backbone, converted_forward, load_vector, nchw,
+                                worst_error, write_released_pth)
 
 FAPN_GOLDEN_DIR = pathlib.Path(os.environ.get("SEMASK_FAPN_GOLDEN_DIR", GOLDEN_DIR / "fapn"))
 FILES = sorted(FAPN_GOLDEN_DIR.glob("*.npz"))
-RTOL = 1e-4  # max |err| <= 1e-4 * max(1, max |ref|)
 # Config values that no parameter shape shows (the converter takes the window's).
 UNSEEN = ("sem_window_size",)
-
-
-def _check(name: str, got, ref) -> float:
-  got, ref = np.asarray(got, np.float32), np.asarray(ref)
-  assert got.shape == ref.shape, (name, got.shape, ref.shape)
-  err = float(np.abs(got - ref).max())
-  bound = RTOL * max(1.0, float(np.abs(ref).max()))
-  assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e}"
-  return err
-
-
-def _nchw(x) -> np.ndarray:
-  return np.asarray(x).transpose(0, 3, 1, 2)
 
 
 def test_fapn_golden_vectors_exist():
@@ -83,49 +70,29 @@ def _converted(path):
   """(vec, meta, cfg, conversion of the state dict, forward outputs)."""
   vec, meta, sd = _state_dict(path)
   cfg = _config(meta, sd)
-  conv = convert_semask_mask2former(sd, cfg)
-  _, state = nnx.split(conv.model)
-  out = jit_forward(conv.model)(state, jnp.asarray(vec["image"].transpose(0, 2, 3, 1)))
-  return vec, meta, cfg, conv, jax.device_get(out)
+  return (vec, meta, cfg) + converted_forward(convert_semask_mask2former, sd, cfg, vec)
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
 def test_fapn_golden(path):
   vec, meta, cfg, conv, out = _converted(path)
-  abs_sum = sum(float(np.abs(a).astype(np.float64).sum()) for a in _state_dict(path)[2].values())
-  np.testing.assert_allclose(abs_sum, float(vec["weights_abs_sum"]), rtol=1e-9,
-                             err_msg="the recipe's random stream changed, not the model")
   assert cfg.pixel_decoder == meta["config"]["pixel_decoder"]
   assert conv.model.config.backbone.sem_global == (False, False, True, True)
   for pair in meta["tied_keys"]:  # one copy loaded (layer_N.norm), the other checked equal
     assert {k in conv.report.used for k in pair} == {True, False}, pair
     assert {k in conv.report.skipped for k in pair} == {True, False}, pair
-  errs = {}
-  for i in range(4):
-    errs[f"feat{i}"] = _check(f"feat{i}", _nchw(out["feats"][i]), vec[f"feat{i}"])
-    errs[f"sem{i}"] = _check(f"sem{i}", _nchw(out["sems"][i]), vec[f"sem{i}"])
+  errs = check_weights_and_backbone(_state_dict(path)[2], out, vec)
   aux = out["pixel_decoder_aux"]
   align_keys = sorted(k for k in vec if k.startswith("align"))
   n_levels = len(meta["align_levels"])
   assert len(align_keys) == 5 * n_levels, align_keys
   for k in align_keys + ["fpn_res2"]:
-    errs[k] = _check(k, _nchw(aux[k]), vec[k])
-  errs["mask_features"] = _check("mask_features", _nchw(out["mask_features"]),
-                                 vec["mask_features"])
-  for i, ms in enumerate(out["multi_scale_features"]):
-    errs[f"multi_scale{i}"] = _check(f"multi_scale{i}", _nchw(ms), vec[f"multi_scale{i}"])
-  n_pred = vec["pred_logits"].shape[0]
+    errs[k] = check(k, nchw(aux[k]), vec[k])
+  check_multi_scale(errs, out, vec)
+  n_pred = check_layers(errs, out, vec, ("pred_logits", "pred_masks"))
   assert n_pred == meta["config"]["dec_layers"] + 1
-  for layer in range(n_pred):
-    errs[f"pred_logits{layer}"] = _check(f"pred_logits[{layer}]", out["pred_logits"][layer],
-                                         vec["pred_logits"][layer])
-    errs[f"pred_masks{layer}"] = _check(f"pred_masks[{layer}]", out["pred_masks"][layer],
-                                        vec["pred_masks"][layer])
-  s = meta["full_res_stride"]
-  errs["sem_pred"] = _check("sem_pred", _nchw(out["sem_pred"])[:, :, ::s, ::s], vec["sem_pred"])
-  errs["semseg"] = _check("semseg", _nchw(out["sem_seg"])[:, :, ::s, ::s], vec["semseg"])
-  worst = max(errs, key=errs.get)
-  print(json.dumps({path.stem: {"worst": worst, "max_abs_err": f"{errs[worst]:.2e}",
+  check_m2f_semantic(errs, out, vec, stride=meta["full_res_stride"])
+  print(json.dumps({path.stem: {**worst_error(errs),
                                 "errors": {k: f"{v:.2e}" for k, v in errs.items()}}}))
 
 
@@ -134,20 +101,7 @@ def test_fapn_golden_losses_from_our_forward(path):
   """The (unchanged) Mask2Former criterion on this model's outputs with the reference's
   stored draws: the same matches and the same losses as the reference."""
   vec, _, _, _, out = _converted(path)
-  _, cfg, _, label, draws, _ = loss_case(path)
-  outputs = {k: jnp.asarray(out[k]) for k in ("pred_logits", "pred_masks", "sem_pred")}
-  total, aux = jax.jit(functools.partial(ml.set_criterion, cfg=cfg))(outputs, label,
-                                                                      draws=draws)
-  matches = np.asarray(aux["matches"])  # [L1, B, T] query per target slot
-  for layer in range(matches.shape[0]):
-    for b in range(matches.shape[1]):
-      queries, targets = vec[f"match_{layer}_{b}"]
-      np.testing.assert_array_equal(matches[layer, b, targets], queries, f"match {layer} {b}")
-  for name in ("ce", "mask", "dice", "cate"):
-    ref = np.asarray([vec[f"loss_{name}_{l}"] for l in range(matches.shape[0])])
-    np.testing.assert_allclose(np.asarray(aux[f"loss_{name}"]), ref, rtol=1e-4, atol=1e-7,
-                               err_msg=name)
-  np.testing.assert_allclose(float(total), float(vec["loss_total"]), rtol=1e-4)
+  assert_m2f_criterion_reproduces_reference(path, vec, out)
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
@@ -155,29 +109,18 @@ def test_fapn_converter_reads_a_released_pth(path, tmp_path):
   """A .pth as released ({"model": state_dict} with buffers and both copies of the shared
   GroupNorms) converts, with the config read from the shapes, to exactly the parameters
   of the state-dict conversion; the command line writes the orbax directory."""
-  import torch
   _, meta, sd = _state_dict(path)
   _, _, cfg, conv_sd, _ = _converted(path)
-  full = {k: torch.from_numpy(v) for k, v in sd.items()}
-  full["pixel_mean"] = torch.zeros(3, 1, 1)  # buffers the converter must skip
-  full["pixel_std"] = torch.ones(3, 1, 1)
-  full["criterion.empty_weight"] = torch.ones(cfg.num_classes + 1)
-  pth = tmp_path / "model_final.pth"
-  torch.save({"model": full, "iteration": 0}, pth)
+  pth = write_released_pth(sd, cfg.num_classes, tmp_path / "model_final.pth")
   nheads = meta["config"]["nheads"] if cfg.pixel_decoder == "fapn" else None
   conv = convert_semask_mask2former(str(pth), nheads=nheads)
   for k in cfg.keys():
     if k not in UNSEEN:
       assert conv.config[k] == cfg[k], (k, conv.config[k], cfg[k])
-  assert {"pixel_mean", "pixel_std", "criterion.empty_weight"} <= set(conv.report.skipped)
-  argv = ["semask_mask2former", "--pth", str(pth), "--out", str(tmp_path / "out")]
-  assert cli_main(argv + (["--nheads", str(nheads)] if nheads else [])) == 0
-  assert (tmp_path / "out" / "conversion.json").is_file()
-  got = nnx.to_flat_state(nnx.state(conv.model, nnx.Param))
-  want = dict(nnx.to_flat_state(nnx.state(conv_sd.model, nnx.Param)))
-  assert len(got) == len(want)
-  for k, v in got:
-    np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(want[k][...]), str(k))
+  assert set(RELEASED_BUFFERS) <= set(conv.report.skipped)
+  assert_cli_writes("semask_mask2former", pth, tmp_path / "out",
+                    *(["--nheads", str(nheads)] if nheads else []))
+  assert_same_params(conv.model, conv_sd.model)
 
 
 @pytest.mark.parametrize("path", FILES[:1], ids=lambda p: p.stem)

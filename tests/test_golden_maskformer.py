@@ -18,33 +18,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from convert_weights import ConversionError, convert_semask_maskformer
 from convert_weights.__main__ import main as cli_main
 from semask_jax.losses import maskformer as mfl
 from semask_jax.losses.matching import linear_sum_assignment
 from semask_jax.models import SEMASK_MASKFORMER, model_config_from_dict
-from tests.golden_utils import GOLDEN_DIR, jit_forward, load_vector
+from tests.golden_utils import (GOLDEN_DIR, RELEASED_BUFFERS, RTOL, assert_cli_writes,
+                                assert_same_params, check, check_layers,
+                                check_weights_and_backbone, converted_forward, load_vector, nchw,
+                                worst_error, write_released_pth)
 
 MF_GOLDEN_DIR = pathlib.Path(os.environ.get("SEMASK_MASKFORMER_GOLDEN_DIR",
                                             GOLDEN_DIR / "maskformer"))
 FILES = sorted(MF_GOLDEN_DIR.glob("*.npz"))
-RTOL = 1e-4  # max |err| <= 1e-4 * max(1, max |ref|)
 EXTRA_SLOTS = 2  # padded target slots beyond the classes present: they must not matter
-
-
-def _check(name: str, got, ref) -> float:
-  got, ref = np.asarray(got, np.float32), np.asarray(ref)
-  assert got.shape == ref.shape, (name, got.shape, ref.shape)
-  err = float(np.abs(got - ref).max())
-  bound = RTOL * max(1.0, float(np.abs(ref).max()))
-  assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e}"
-  return err
-
-
-def _nchw(x) -> np.ndarray:
-  return np.asarray(x).transpose(0, 3, 1, 2)
 
 
 def _model_config(meta):
@@ -78,10 +66,7 @@ def _converted(path):
   """(vec, meta, cfg, conversion from the recipe's state dict, forward outputs)."""
   vec, meta, sd = load_vector(path)
   cfg = _model_config(meta)
-  conv = convert_semask_maskformer(sd, cfg)
-  _, state = nnx.split(conv.model)
-  out = jit_forward(conv.model)(state, jnp.asarray(vec["image"].transpose(0, 2, 3, 1)))
-  return vec, meta, cfg, conv, jax.device_get(out)
+  return (vec, meta, cfg) + converted_forward(convert_semask_maskformer, sd, cfg, vec)
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,37 +88,20 @@ def _criterion(path):
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
 def test_maskformer_golden(path):
   vec, meta, _, _, out = _converted(path)
-  _, _, sd = load_vector(path)
-  abs_sum = sum(float(np.abs(a).astype(np.float64).sum()) for a in sd.values())
-  np.testing.assert_allclose(abs_sum, float(vec["weights_abs_sum"]), rtol=1e-9,
-                             err_msg="the recipe's random stream changed, not the model")
-  errs = {}
-  for i in range(4):
-    errs[f"feat{i}"] = _check(f"feat{i}", _nchw(out["feats"][i]), vec[f"feat{i}"])
-    errs[f"sem{i}"] = _check(f"sem{i}", _nchw(out["sems"][i]), vec[f"sem{i}"])
-  errs["mask_features"] = _check("mask_features", _nchw(out["mask_features"]),
-                                 vec["mask_features"])
-  errs["transformer_in"] = _check("transformer_in", _nchw(out["transformer_in"]),
-                                  vec["transformer_in"])
+  errs = check_weights_and_backbone(load_vector(path)[2], out, vec)
+  for key in ("mask_features", "transformer_in"):
+    errs[key] = check(key, nchw(out[key]), vec[key])
   pos = np.broadcast_to(np.asarray(out["transformer_pos"]).transpose(2, 0, 1)[None],
                         vec["transformer_pos"].shape)                  # [h, w, C] -> [B, C, h, w]
-  errs["transformer_pos"] = _check("transformer_pos", pos, vec["transformer_pos"])
-  n_pred = vec["pred_logits"].shape[0]
+  errs["transformer_pos"] = check("transformer_pos", pos, vec["transformer_pos"])
+  n_pred = check_layers(errs, out, vec, ("decoder_hs", "pred_logits", "pred_masks"))
   assert n_pred == meta["config"]["dec_layers"]
-  for layer in range(n_pred):
-    errs[f"decoder_hs{layer}"] = _check(f"decoder_hs[{layer}]", out["decoder_hs"][layer],
-                                        vec["decoder_hs"][layer])
-    errs[f"pred_logits{layer}"] = _check(f"pred_logits[{layer}]", out["pred_logits"][layer],
-                                         vec["pred_logits"][layer])
-    errs[f"pred_masks{layer}"] = _check(f"pred_masks[{layer}]", out["pred_masks"][layer],
-                                        vec["pred_masks"][layer])
   sub = int(meta.get("sub", 3))  # sem_pred_sub{sub} = x[..., ::sub, ::sub]
   for name, key in (("sem_pred", "sem_pred"), ("semseg", "sem_seg")):
-    errs[f"{name}_sub{sub}"] = _check(f"{name}_sub{sub}", _nchw(out[key])[..., ::sub, ::sub],
-                                      vec[f"{name}_sub{sub}"])
+    errs[f"{name}_sub{sub}"] = check(f"{name}_sub{sub}", nchw(out[key])[..., ::sub, ::sub],
+                                     vec[f"{name}_sub{sub}"])
   np.testing.assert_array_equal(np.asarray(out["sem_seg"]).argmax(-1), vec["semseg_argmax"])
-  worst = max(errs, key=errs.get)
-  print(json.dumps({path.stem: {"worst": worst, "max_abs_err": f"{errs[worst]:.2e}"}}))
+  print(json.dumps({path.stem: worst_error(errs)}))
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
@@ -217,31 +185,19 @@ def test_maskformer_converter_reads_a_released_pth(path, tmp_path):
   """A .pth as released ({"model": state_dict} with buffers) converts to exactly the
   parameters of the state-dict conversion; the config read from its shapes is the
   vector's but for the attention heads, which the shapes do not hold."""
-  import torch
   _, meta, sd = load_vector(path)
   _, _, cfg, conv_sd, _ = _converted(path)
-  full = {k: torch.from_numpy(v) for k, v in sd.items()}
-  full["pixel_mean"] = torch.zeros(3, 1, 1)  # buffers the converter must skip
-  full["pixel_std"] = torch.ones(3, 1, 1)
-  full["criterion.empty_weight"] = torch.ones(cfg.num_classes + 1)
-  pth = tmp_path / "model_final.pth"
-  torch.save({"model": full, "iteration": 0}, pth)
+  pth = write_released_pth(sd, cfg.num_classes, tmp_path / "model_final.pth")
   inferred = convert_semask_maskformer(str(pth)).config
   for k in cfg.keys():
     if k != "nheads":
       assert inferred[k] == cfg[k], (k, inferred[k], cfg[k])
   conv = convert_semask_maskformer(str(pth), cfg)
-  assert {"pixel_mean", "pixel_std", "criterion.empty_weight"} <= set(conv.report.skipped)
-  got = nnx.to_flat_state(nnx.state(conv.model, nnx.Param))
-  want = dict(nnx.to_flat_state(nnx.state(conv_sd.model, nnx.Param)))
-  assert len(got) == len(want)
-  for k, v in got:
-    np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(want[k][...]), str(k))
+  assert set(RELEASED_BUFFERS) <= set(conv.report.skipped)
+  assert_same_params(conv.model, conv_sd.model)
   # The command line does the same and writes an orbax directory for config.init_from.
-  args = ["semask_maskformer", "--pth", str(pth), "--out", str(tmp_path / "out"),
-          "--nheads", str(meta["config"]["nheads"])]
-  assert cli_main(args) == 0
-  assert (tmp_path / "out" / "conversion.json").is_file()
+  assert_cli_writes("semask_maskformer", pth, tmp_path / "out",
+                    "--nheads", str(meta["config"]["nheads"]))
 
 
 @pytest.mark.parametrize("path", FILES[:1], ids=lambda p: p.stem)

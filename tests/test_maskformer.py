@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import input_pipeline
 from configs import ade20k_semask_maskformer, demo_maskformer
-from semask_jax import sharding as sharding_lib
 from semask_jax.losses import maskformer as mfl
-from semask_jax.train import loop as train
-from semask_jax.train import optim
 from semask_jax.train import state as state_lib
 from semask_jax.models import (SEMASK_MASKFORMER, ModelConfig, SeMaskMaskFormer, build_model,
                                default_model_config, reference_sem_global)
 from semask_jax.models.maskformer_pixel_decoder import resize_nearest
+from tests import agreement
+from tests.param_masks import masks_by_name
 
 
 @pytest.mark.parametrize("classes", [150, 19, 171])
@@ -76,12 +74,7 @@ def test_recipe():
 
 
 def test_no_decay_mask():
-  c = ade20k_semask_maskformer.get_config("T")
-  c.model.depths = (1, 1, 1, 1)
-  params = nnx.to_pure_dict(nnx.state(
-      nnx.eval_shape(lambda: build_model(c.model, rngs=nnx.Rngs(0))), nnx.Param))
-  decay = {optim.param_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(
-      optim.decay_mask(params, c.optimizer.no_decay_keys))}
+  decay, _ = masks_by_name(ade20k_semask_maskformer.get_config("T"))
   pd, pr = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
   dec = pr + "transformer.decoder."
   for name in (pd + "adapter_1.norm.scale", pd + "layer_4.norm.bias", dec + "norm.scale",
@@ -175,46 +168,17 @@ def test_non_square_model_loss_and_gradients():
 
 
 def tiny_config():
-  c = demo_maskformer.get_config()
-  c.model.embed_dim = 16
-  c.model.num_heads = (1, 1, 2, 2)
-  c.model.num_queries = 8
+  c = agreement.tiny_mask_config(demo_maskformer.get_config())
   c.model.dec_layers = 2  # two matched predictions (deep supervision)
-  c.optimizer.warmup_steps = 0  # a full-lr first step, so that the update shows
-  c.xla_cpu_fast_compile = True
   return c
 
 
 def test_maskformer_step_one_and_eight_devices_agree():
   config = tiny_config()
   model = state_lib.create_model(config)
-  batch = next(input_pipeline.create_train_iterator(config.data, seed=0, global_batch_size=8))
-  labels = np.asarray(batch['label'])
-  want_masks = sum(len(np.setdiff1d(np.unique(l), [255])) for l in labels)
-  results = []
-  for devices in (jax.devices()[:1], jax.devices()):
-    mesh = sharding_lib.make_mesh(devices)
-    state, graphdef, rest, tx, schedule = state_lib.init_train_state(config, model, mesh)
-    shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    step = train.jit_train_step(train.make_train_step(graphdef, rest, tx, schedule, config),
-                                shardings, mesh, sharding_lib.compiler_options(config))
-    state, metrics = step(state, input_pipeline.make_global_batch(batch, mesh))
-    results.append((jax.device_get(state), jax.device_get(metrics)))
-  (s1, m1), (s8, m8) = results
-  for m in (m1, m8):
-    # num_masks counts the targets of the whole global batch, not of one device's share.
-    assert m['num_masks'] == want_masks
-    assert m['finite'] == 1.0 and m['dropped_targets'] == 0
-  for k in ('loss', 'loss_ce', 'loss_mask', 'loss_dice', 'loss_cate', 'grad_norm'):
-    np.testing.assert_allclose(m1[k], m8[k], rtol=1e-5, err_msg=k)
-  diffs = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(
-      jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s8.params))])
+  # num_masks over the whole global batch; the loss terms and grad_norm within 1e-5.
+  (s1, _), (s8, _) = agreement.mask_step_on_one_and_all_devices(config, model)
   # As in test_train_mask2former: Adam's first step moves rounding-level gradients by up
   # to lr; everything else agrees to 1e-6.
-  lr = config.optimizer.learning_rate
-  assert diffs.max() <= 2 * lr and np.mean(diffs <= 1e-6) > 0.995, np.quantile(
-      diffs, [0.5, 0.995, 1.0])
-  before = state_lib.split_model(model)[1]
-  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
-      jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(before)))
-  assert moved > 1e-5  # the update did something
+  agreement.assert_params_mostly_agree(s8.params, s1.params, config.optimizer.learning_rate)
+  assert agreement.largest_move(s1.params, model) > 1e-5  # the update did something
