@@ -16,6 +16,7 @@ from ml_collections import config_dict
 from input_pipeline import default_data_config
 from input_pipeline.config import use_detectron2_recipe
 from semask_jax.models import SEMASK_MASK2FORMER, default_model_config
+from semask_jax.models.config import released_sem_window
 
 # Per-dataset recipe: lr, weight decay, total batch, warmup ratio, OHEM variants.
 RECIPES = {
@@ -185,10 +186,6 @@ MASK2FORMER_RECIPES = {
     'ade20k': dict(crop=(512, 512), crop_l=(640, 640), steps=160_000),
     'cityscapes': dict(crop=(512, 1024), crop_l=(512, 1024), steps=90_000),
 }
-# MODEL.SEM_WINDOW_SIZE: the ADE20K yamls set it to the Swin window; the Cityscapes ones
-# leave detectron2's default of 7 (for L too, whose Swin window is 12).
-MASK2FORMER_DEFAULT_SEM_WINDOW = 7
-MASK2FORMER_SEM_WINDOW_IS_SWIN_WINDOW = {'ade20k': True, 'cityscapes': False}
 MASK2FORMER_INPUT = {
     ('ade20k', 512): dict(base=512, max_size=2048, size_divisibility=512,
                           test_short_edge=512, test_max_size=2048, test_aug_max_size=3584),
@@ -250,8 +247,7 @@ def semask_mask2former_config(dataset: str, variant: str, pixel_decoder: str = '
   c.data = default_data_config(dataset)
   c.model = default_model_config(variant, c.data.num_classes, num_sem_blocks=1,
                                  name=SEMASK_MASK2FORMER)
-  if not MASK2FORMER_SEM_WINDOW_IS_SWIN_WINDOW[dataset]:
-    c.model.sem_window_size = MASK2FORMER_DEFAULT_SEM_WINDOW
+  c.model.sem_window_size = released_sem_window(c.model.window_size, c.data.num_classes)
   c.model.pixel_decoder = pixel_decoder
   # How the semantic attention starts (SPEC 13, models/config.py): 'reference' as the
   # official detectron2 code, whose mlp_res and gamma start at 0 and stay 0 (the branch

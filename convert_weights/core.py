@@ -36,6 +36,7 @@ from convert_weights.bicubic import resize_bias_table
 from semask_jax.cli import PathNotFoundError
 from semask_jax.models import (SEMASK_MASK2FORMER, SEMASK_MASKFORMER, build_model,
                                default_model_config)
+from semask_jax.models.config import released_sem_window
 
 StateDict = dict[str, np.ndarray]
 
@@ -309,13 +310,6 @@ def _getter(sd: StateDict, source: str, kind: str):
       raise ConversionError(f"{source}: key {key!r} not found; is this a {kind} checkpoint?")
     return sd[key]
   return get
-
-
-def released_sem_window(window_size: int, num_classes: int) -> int:
-  """The detectron2 heads' semantic window, which the shapes do not show (the windowed
-  semantic attention has no position table): the released ADE20K (150-class) configs set
-  SEM_WINDOW_SIZE to the Swin window, the others (Cityscapes) keep the default, 7."""
-  return window_size if num_classes == 150 else 7
 
 
 def _detectron2_backbone(sd: StateDict, source: str, kind: str, name: str):

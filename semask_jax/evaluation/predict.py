@@ -106,31 +106,35 @@ def predict_paths(config: ml_collections.ConfigDict, graphdef: Any, rest: Any, p
   if jax.process_index() != 0:  # process 0 predicts and writes every file
     return written
   palette = input_pipeline.dataset_info(config.data.name).palette
-  # This process's devices: process 0 alone predicts.
-  mesh = sharding_lib.make_mesh(jax.local_devices())
   local = lambda x: x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable else x  # noqa: E731
   params, batch_stats = jax.tree.map(local, (params, batch_stats))
   recipe = config.data.recipe
-  load = lambda i: {'images': scale_images(load_rgb(files[i], recipe), config)}  # noqa: E731
   if has_valid_size_forward(config.model):  # batched per bucket canvas
+    # This process's devices: process 0 alone predicts.
     inference = bucketed.make_bucketed_inference(config, graphdef, rest, params, batch_stats,
-                                                 mesh)
+                                                 sharding_lib.make_mesh(jax.local_devices()))
     ratios = tuple(float(r) for r in config.eval.scales)
     tta = pipeline.is_tta(ratios, config.eval.flip)
     items = []
     for path in files:  # sizes first (one decode each), then batches of one canvas
       hw = load_rgb(path, recipe).shape[:2]
       items.append((pipeline.scale_sizes(hw, config.data, ratios, tta=tta), hw))
-    preds = bucketed.predict_bucketed(inference, items, load)
-  else:  # one image at a time (the heads without a valid-size forward)
+    load = lambda i: {'images': scale_images(load_rgb(files[i], recipe), config)}  # noqa: E731
+    preds = ((i, pred, load_rgb(files[i], recipe))
+             for i, pred in bucketed.predict_bucketed(inference, items, load))
+  else:  # one image at a time (the heads without a valid-size forward), one decode each
     one = inference_lib.make_per_image_inference(config, graphdef, rest, params, batch_stats)
-    preds = ((i, one.predict(load(i)['images'], load_rgb(files[i], recipe).shape[:2]))
-             for i in range(len(files)))
+
+    def one_at_a_time():
+      for i, path in enumerate(files):
+        image = load_rgb(path, recipe)
+        yield i, one.predict(scale_images(image, config), image.shape[:2]), image
+
+    preds = one_at_a_time()
   os.makedirs(output_dir, exist_ok=True)
   stems = output_names(files)
-  for i, pred in preds:
-    path, stem = files[i], stems[i]
-    image = load_rgb(path, recipe)
+  for i, pred, image in preds:
+    stem = stems[i]
     color = colorize(pred, palette)
     for suffix, arr in (('mask', color), ('overlay', overlay(image, color, config.predict.opacity))):
       out = os.path.join(output_dir, f'{stem}_{suffix}.png')

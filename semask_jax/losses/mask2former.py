@@ -118,9 +118,16 @@ def check_slots_and_groups(cfg: Any) -> None:
   for name in ("max_targets", "slot_chunk"):
     if getattr(cfg, name) < 1:
       raise ConfigError(f"config.loss.{name} must be >= 1, got {getattr(cfg, name)}")
-  if not isinstance(cfg.group_size, int) or cfg.group_size < 0:
+  check_group_size(cfg.group_size)
+
+
+def check_group_size(group: Any) -> int:
+  """config.loss.group_size (the images of one loss mean and of one OHEM selection),
+  refused unless an integer >= 0."""
+  if not isinstance(group, int) or group < 0:
     raise ConfigError("config.loss.group_size must be an integer >= 0 (0: the whole "
-                      f"batch), got {cfg.group_size!r}")
+                      f"batch), got {group!r}")
+  return group
 
 
 class CriterionDraws(NamedTuple):

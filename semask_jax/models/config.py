@@ -216,6 +216,14 @@ def model_keys(name: str = SEMASK_FPN) -> tuple[str, ...]:
   return ("name",) + _BACKBONE_KEYS + _HEAD_KEYS[name]
 
 
+def released_sem_window(window_size: int, num_classes: int) -> int:
+  """The detectron2 heads' MODEL.SEM_WINDOW_SIZE: the released ADE20K (150-class) configs
+  set it to the Swin window, the others (Cityscapes) keep detectron2's default, 7 (for L
+  too, whose Swin window is 12). Not in a checkpoint's shapes (the windowed semantic
+  attention has no position table), so the converter reads it from this rule too."""
+  return window_size if num_classes == 150 else 7
+
+
 def reference_sem_global(embed_dim: int, num_classes: int, num_stages: int = 4,
                          name: str = SEMASK_FPN,
                          pixel_decoder: str = "msdeformattn") -> tuple[bool, ...]:

@@ -66,30 +66,18 @@ LossFn = Callable[[Mapping[str, Any], jax.Array, jax.Array],
 _CRITERION_STREAM = 0x51EB
 
 
-def criterion_config(config: ml_collections.ConfigDict) -> mask2former_loss.CriterionConfig:
-  """The Mask2Former criterion's settings from config.loss and config.data."""
-  fields = [f.name for f in dataclasses.fields(mask2former_loss.CriterionConfig)]
-  return mask2former_loss.CriterionConfig(
-      num_classes=config.model.num_classes, ignore_index=config.data.ignore_index,
-      **{k: config.loss[k] for k in fields if k in config.loss})
-
-
-def maskformer_criterion_config(config: ml_collections.ConfigDict
-                                ) -> maskformer_loss.MaskFormerCriterionConfig:
-  """The MaskFormer criterion's settings from config.loss and config.data."""
-  fields = [f.name for f in dataclasses.fields(maskformer_loss.MaskFormerCriterionConfig)]
-  return maskformer_loss.MaskFormerCriterionConfig(
-      num_classes=config.model.num_classes, ignore_index=config.data.ignore_index,
-      **{k: config.loss[k] for k in fields if k in config.loss and k != 'num_classes'})
+def criterion_config(config: ml_collections.ConfigDict, cls: type) -> Any:
+  """A set criterion's settings (`cls`: mask2former_loss.CriterionConfig or
+  maskformer_loss.MaskFormerCriterionConfig) from config.loss and config.data."""
+  fields = [f.name for f in dataclasses.fields(cls)]
+  return cls(num_classes=config.model.num_classes, ignore_index=config.data.ignore_index,
+             **{k: config.loss[k] for k in fields if k in config.loss and k != 'num_classes'})
 
 
 def check_group_size(config: ml_collections.ConfigDict, used: bool) -> int:
   """config.loss.group_size, refused up front where it is not an integer >= 0 or, where
   the loss uses it, does not divide the micro batch."""
-  group = config.loss.group_size
-  if not isinstance(group, int) or group < 0:
-    raise ConfigError(f'config.loss.group_size must be an integer >= 0 (0: the whole '
-                      f'batch), got {group!r}')
+  group = mask2former_loss.check_group_size(config.loss.group_size)
   if used and group and micro_batch_size(config) % group:
     raise ConfigError(f'config.loss.group_size={group} does not divide the micro batch '
                       f'of {micro_batch_size(config)} images (config.batch_size / '
@@ -104,34 +92,27 @@ def make_loss(config: ml_collections.ConfigDict) -> LossFn:
   SeMask-Mask2Former / SeMask-MaskFormer: the set criterion over all predictions
   (SPEC 10 / 11); the metrics are the final prediction's terms.
   """
-  if model_class(config.model) in (SeMaskMask2Former, SeMaskMaskFormer):
+  family = model_class(config.model)
+  if family in (SeMaskMask2Former, SeMaskMaskFormer):
     check_group_size(config, used=True)  # loss_ce and loss_cate are per-group means
-  if model_class(config.model) is SeMaskMask2Former:
-    crit = criterion_config(config)
-
-    @jax.named_scope("loss")
-    def m2f_loss(out, labels, rng):
-      total, aux = mask2former_loss.set_criterion(
+    if family is SeMaskMask2Former:
+      crit = criterion_config(config, mask2former_loss.CriterionConfig)
+      criterion = lambda out, labels, rng: mask2former_loss.set_criterion(  # noqa: E731
           out, labels, crit, key=jax.random.fold_in(rng, _CRITERION_STREAM))
-      metrics = {f'loss_{k}': aux[f'loss_{k}'][-1] for k in ('ce', 'mask', 'dice', 'cate')}
-      metrics['num_masks'] = aux['num_masks']
-      metrics['dropped_targets'] = aux['num_dropped_targets'].sum().astype(jnp.float32)
-      return total, metrics
-
-    return m2f_loss
-  if model_class(config.model) is SeMaskMaskFormer:
-    mf_crit = maskformer_criterion_config(config)
+    else:  # the MaskFormer criterion draws nothing
+      crit = criterion_config(config, maskformer_loss.MaskFormerCriterionConfig)
+      criterion = lambda out, labels, rng: maskformer_loss.set_criterion(  # noqa: E731
+          out, labels, crit)
 
     @jax.named_scope("loss")
-    def mf_loss(out, labels, rng):
-      del rng  # the MaskFormer criterion draws nothing
-      total, aux = maskformer_loss.set_criterion(out, labels, mf_crit)
+    def set_loss(out, labels, rng):
+      total, aux = criterion(out, labels, rng)
       metrics = {f'loss_{k}': aux[f'loss_{k}'][-1] for k in ('ce', 'mask', 'dice', 'cate')}
       metrics['num_masks'] = aux['num_masks']
       metrics['dropped_targets'] = aux['num_dropped_targets'].sum().astype(jnp.float32)
       return total, metrics
 
-    return mf_loss
+    return set_loss
   loss_cfg = config.loss
   check_ce_backward(loss_cfg.ce_backward)
   group = check_group_size(config, used=bool(loss_cfg.ohem_min_kept))
