@@ -108,7 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.backbone_lr_mult = 1.0  # detectron2 BACKBONE_MULTIPLIER (0.1 for Mask2Former)
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 8  # images per eval batch over all devices (rounded up to a multiple of them)
+  c.eval.batch_size = 0  # images per eval batch over all devices: 0 one per device; else rounded up to a multiple of them
   # The exact evaluation batches images per bucket canvas (docs/evaluation.md): canvas sides
   # from a ladder of multiples of bucket_multiple (of 32) with bucket_steps_per_octave steps
   # per octave, at most bucket_max_programs canvases (0: max(12, 8 per test scale)).

@@ -95,7 +95,7 @@ def decode_label(data: bytes | np.ndarray, what: str = 'label') -> np.ndarray:
 
 
 # detectron2 _apply_exif_orientation: EXIF Orientation tag -> PIL transpose.
-_EXIF_ORIENTATION = 0x0112
+EXIF_ORIENTATION = 0x0112
 _EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
                    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
@@ -115,7 +115,7 @@ def decode_image_pil(data: bytes | np.ndarray, what: str = 'image') -> np.ndarra
   try:
     with Image.open(io.BytesIO(data)) as im:
       try:
-        orientation = im.getexif().get(_EXIF_ORIENTATION)
+        orientation = im.getexif().get(EXIF_ORIENTATION)
       except Exception:  # pylint: disable=broad-except  (corrupt EXIF: as detectron2)
         orientation = None
       out = im.transpose(_EXIF_TRANSPOSE[orientation]) if orientation in _EXIF_TRANSPOSE else im

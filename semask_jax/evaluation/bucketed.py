@@ -13,15 +13,18 @@ PerImageInference computes on it alone. Programs:
   (unless the model's scores are probabilities), flipped back, added to the image's sum;
 * finish (per output canvas): argmax, confusion matrix (or the prediction).
 
-A batch is B images that share their canvases at every scale; B (config.eval.batch_size)
-is rounded up to a multiple of the devices of the mesh, the batch axis is split over
-all of them, and short batches are filled with dummy images whose labels are all
-ignored. The confusion matrix stays on device, replicated, summed by the programs.
+A batch is B images that share their canvases at every scale; B is config.eval.batch_size
+(0, the default: one image per device; else rounded up to a multiple of the devices),
+the batch axis is split over all of them. A canvas' short last batch is filled with
+images of smaller canvases (they run exactly in a larger one), and what is still short
+with dummy images whose labels are all ignored. Each process reads only the images of
+its devices' rows (a grain dataset reading ahead on threads). The confusion matrix stays
+on device, replicated, summed by the programs.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +44,13 @@ from semask_jax.models.functional import merge_model
 # images [B, H, W, 3], valid_hw [B, 2] -> scores [B, H', W', K]
 ValidModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 DUMMY_HW = 32  # the valid size of a dummy image (finite numbers; its labels are ignored)
+
+
+def eval_batch_size(requested: int | None, num_devices: int) -> int:
+  """config.eval.batch_size over all devices: 0 (the default) one image per device;
+  otherwise rounded up to a multiple of the devices (never refused: dummy rows fill)."""
+  per_device = -(-int(requested) // num_devices) if requested and int(requested) > 0 else 1
+  return max(1, per_device) * num_devices
 
 
 class BucketedInference:
@@ -68,10 +78,8 @@ class BucketedInference:
     self.pad_multiple = int(pad_multiple)
     self.flips = (False, True) if cfg.flip else (False,)
     self.scales = tuple(float(r) for r in cfg.scales)
-    ndev = mesh.devices.size
-    requested = int(batch_size if batch_size is not None else cfg.get('batch_size', ndev))
-    # Never refused: rounded up to a multiple of the devices (dummy rows fill the rest).
-    self.batch_size = max(1, -(-max(requested, 1) // ndev)) * ndev
+    self.batch_size = eval_batch_size(batch_size if batch_size is not None
+                                      else cfg.get('batch_size', 0), mesh.devices.size)
     self.spec = spec or buckets_lib.BucketSpec(pad_multiple=self.pad_multiple)
     self.max_programs = (buckets_lib.default_max_programs(len(self.scales))
                          if max_programs is None else max_programs)
@@ -195,8 +203,8 @@ class BucketedInference:
     b, k = self.batch_size, self.num_classes
     acc = self._spec((b, *out, k), jnp.float32)
     fn = lambda *a: self._finish_program(n_terms, *a)  # noqa: E731
-    if not with_label:
-      return self._get(('pred', out, n_terms), fn, self._data, acc)
+    if not with_label:  # replicated: every process gets the whole batch's predictions
+      return self._get(('pred', out, n_terms), fn, self._rep, acc)
     return self._get(('cm', out, n_terms), fn, self._rep, acc,
                      self._spec((b, *out), jnp.uint8), self._spec((k, k), jnp.int32, False))
 
@@ -205,28 +213,16 @@ class BucketedInference:
   def make_plan(self, items: Sequence[tuple[Sequence[tuple[int, int]], tuple[int, int]]]
                 ) -> tuple[dict, list[list[int]]]:
     """items: (scale sizes, original size) per image -> (model size -> canvas, batches of
-    item indices sharing their canvases at every scale)."""
-    all_sizes = [tuple(int(v) for v in hw) for sizes, _ in items for hw in sizes]
-    to_canvas = buckets_lib.assign(all_sizes, self.spec, self.max_programs)
-
-    def key(i: int) -> tuple:
-      return tuple(to_canvas[self.spec.model_size(hw)] for hw in items[i][0])
-
-    # Within a canvas group, by original size: a batch's output canvas fits its largest.
-    order = lambda i: (items[i][1][0] * items[i][1][1], tuple(items[i][1]))  # noqa: E731
-    batches = buckets_lib.group(list(range(len(items))), key, self.batch_size, order)
-    return to_canvas, batches
+    item indices; see buckets.plan_batches)."""
+    return buckets_lib.plan_batches(items, self.spec, self.batch_size, self.max_programs)
 
   def canvas_of(self, to_canvas: dict, hw: Sequence[int]) -> tuple[int, int]:
     """The canvas of a test image of size hw under a plan (make_plan's first value)."""
     return to_canvas[self.spec.model_size(hw)]
 
   def out_shape(self, hws: Iterable[Sequence[int]]) -> tuple[int, int]:
-    """The output canvas of a batch of original sizes: sides from the model's ladder (the
-    post and finish programs are keyed by it: few of them)."""
-    hws = list(hws)
-    sides = self.spec.sides
-    return tuple(buckets_lib.ceil_side(max(int(hw[i]) for hw in hws), sides) for i in (0, 1))
+    """The output canvas of a batch of original sizes (buckets.out_canvas)."""
+    return buckets_lib.out_canvas(hws, self.spec)
 
   # ------------------------------------------------------------------ running
 
@@ -235,44 +231,77 @@ class BucketedInference:
     sharding = self._data if sharded else self._rep
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-  def run_batch(self, examples: Sequence[Mapping[str, Any]], canvases: Sequence[tuple[int, int]],
-                cm: jax.Array | None) -> jax.Array:
+  def _rows(self, shape: tuple[int, ...], dtype: Any, row: Callable[[int], np.ndarray]
+            ) -> jax.Array:
+    """[B, ...] split over the devices, row(j) called only for the rows of this
+    process's devices (the others are another process's to build)."""
+    def shard(idx):
+      rows = range(*idx[0].indices(shape[0]))
+      return np.stack([row(j) for j in rows]).astype(dtype, copy=False)
+    return jax.make_array_from_callback(shape, self._data, shard)
+
+  def local_rows(self) -> list[int]:
+    """The rows of a batch that live on this process's devices (all of them on one
+    process): only their images need to be read here."""
+    rows: set[int] = set()
+    for idx in self._data.addressable_devices_indices_map((self.batch_size,)).values():
+      rows.update(range(*idx[0].indices(self.batch_size)))
+    return sorted(rows)
+
+  def run_batch(self, examples: Sequence[Mapping[str, Any] | None],
+                canvases: Sequence[tuple[int, int]], cm: jax.Array | None,
+                sizes: Sequence[tuple[Sequence[tuple[int, int]], tuple[int, int]]] | None = None
+                ) -> jax.Array:
     """One batch: examples ({'images': per-scale normalised [h, w, 3], 'label' uint8
     original size, or 'out_hw'}), all of whose scale-r images fit canvases[r]. Returns
-    cm + the batch's confusion matrix, or (cm None) the predictions [B, Ho, Wo] int32."""
-    acc, t, out = self.scores_batch(examples, canvases)
+    cm + the batch's confusion matrix, or (cm None) the predictions [B, Ho, Wo] int32.
+    sizes: (scale sizes, original size) per example (items'); with them, an example
+    that is not on this process's devices may be None (see local_rows)."""
+    sizes = sizes if sizes is not None else [_sizes_of(ex) for ex in examples]
+    acc, t, out = self.scores_batch(examples, canvases, sizes)
     if cm is None:
       return self._finish(out, t, False)(acc)
-    b = self.batch_size
-    label = np.full((b, *out), self.ignore_index, np.uint8)
-    for i, ex in enumerate(examples):
-      lh, lw = ex['label'].shape[:2]
-      label[i, :lh, :lw] = ex['label']
-    return self._finish(out, t, True)(acc, self._global(label), cm)
 
-  def scores_batch(self, examples: Sequence[Mapping[str, Any]],
-                   canvases: Sequence[tuple[int, int]]) -> tuple[jax.Array, int, tuple[int, int]]:
+    def label(j: int) -> np.ndarray:
+      row = np.full(out, self.ignore_index, np.uint8)
+      if j < len(examples):
+        lab = examples[j]['label']
+        if tuple(lab.shape[:2]) != tuple(sizes[j][1]):
+          raise ValueError(f'label of size {lab.shape[:2]} where the plan has {sizes[j][1]}')
+        row[:lab.shape[0], :lab.shape[1]] = lab
+      return row
+
+    return self._finish(out, t, True)(acc, self._rows((self.batch_size, *out), np.uint8,
+                                                      label), cm)
+
+  def scores_batch(self, examples: Sequence[Mapping[str, Any] | None],
+                   canvases: Sequence[tuple[int, int]],
+                   sizes: Sequence[tuple[Sequence[tuple[int, int]], tuple[int, int]]] | None = None
+                   ) -> tuple[jax.Array, int, tuple[int, int]]:
     """(summed per-term probabilities [B, Ho, Wo, K] at the original sizes, number of
     terms, (Ho, Wo)) of a batch (see run_batch)."""
     b, n = self.batch_size, len(examples)
-    out_hws = [tuple(ex['label'].shape[:2]) if 'label' in ex else tuple(ex['out_hw'])
-               for ex in examples]
-    out = self.out_shape(out_hws)
+    sizes = sizes if sizes is not None else [_sizes_of(ex) for ex in examples]
+    out = self.out_shape(hw for _, hw in sizes)
     out_hw = np.full((b, 2), 1, np.int32)
-    out_hw[:n] = out_hws
+    out_hw[:n] = [hw for _, hw in sizes]
     out_hw_dev = self._global(out_hw)
     acc, t = None, 0
     for r, canvas in enumerate(canvases):
       hw = np.full((b, 2), DUMMY_HW, np.int32)
-      sizes = [tuple(ex['images'][r].shape[:2]) for ex in examples]
-      hw[:n] = sizes
+      hw[:n] = [s[r] for s, _ in sizes]
       in_hw = self._global(hw)
       for flip in self.flips:
-        x = np.zeros((b, *canvas, 3), np.float32)
-        for i, ex in enumerate(examples):
-          im = ex['images'][r]
-          x[i, :im.shape[0], :im.shape[1]] = im[:, ::-1] if flip else im
-        scores = self._model(canvas)(self.params, self._global(x), in_hw)
+        def image(j: int, r: int = r, flip: bool = flip, canvas=canvas) -> np.ndarray:
+          x = np.zeros((*canvas, 3), np.float32)
+          if j < n:
+            im = examples[j]['images'][r]
+            if tuple(im.shape[:2]) != tuple(hw[j]):
+              raise ValueError(f'image of size {im.shape[:2]} where the plan has {tuple(hw[j])}')
+            x[:im.shape[0], :im.shape[1]] = im[:, ::-1] if flip else im
+          return x
+        x = self._rows((b, *canvas, 3), np.float32, image)
+        scores = self._model(canvas)(self.params, x, in_hw)
         post = self._post(canvas, out, acc is None)
         flips = self._global(np.full((b,), flip, np.bool_))
         acc = (post(scores, in_hw, out_hw_dev, flips) if acc is None
@@ -305,45 +334,74 @@ def make_bucketed_inference(config: ml_collections.ConfigDict, graphdef: Any, re
       spec=buckets_lib.bucket_spec(config, pad), max_programs=int(budget) if budget else None)
 
 
-def predict_bucketed(inference: BucketedInference, items: Sequence[tuple[Sequence[tuple[int, int]],
-                                                                        tuple[int, int]]],
-                     load: Callable[[int], Mapping[str, Any]]
-                     ) -> Iterable[tuple[int, np.ndarray]]:
-  """(index, class ids int32 [H, W] at the original size) per item, batch by batch;
-  load(i) -> {'images': per-scale images} of item i (items as evaluate_bucketed's)."""
+def _sizes_of(ex: Mapping[str, Any]) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+  """(scale sizes, original size) of a loaded example."""
+  out = tuple(ex['label'].shape[:2]) if 'label' in ex else tuple(ex['out_hw'])
+  return [tuple(im.shape[:2]) for im in ex['images']], out
+
+
+Items = Sequence[tuple[Sequence[tuple[int, int]], tuple[int, int]]]
+
+
+def load_batches(inference: BucketedInference, items: Items, load: Callable[[int], Any],
+                 num_threads: int = 8) -> Iterator[tuple[list[int], list[Any],
+                                                          list[tuple[int, int]]]]:
+  """(item indices, examples, canvases) per batch of the plan. Only the rows on this
+  process's devices are loaded (None elsewhere), by a grain dataset reading ahead on
+  `num_threads` threads (decoding releases the GIL) about two batches' worth."""
+  import grain  # noqa: PLC0415  (the data loader: only where images are read)
   to_canvas, batches = inference.make_plan(items)
+  local = inference.local_rows()
+  wanted = [i for idx in batches for j, i in enumerate(idx) if j in local]
+  examples = iter(())
+  if wanted:
+    ahead = max(2, 2 * len(local))
+    examples = iter(grain.MapDataset.source(wanted).map(load).to_iter_dataset(
+        grain.ReadOptions(num_threads=max(1, min(num_threads, ahead)),
+                          prefetch_buffer_size=ahead)))
   for idx in batches:
-    examples = [dict(load(i), out_hw=items[i][1]) for i in idx]
-    canvases = [inference.canvas_of(to_canvas, hw) for hw in items[idx[0]][0]]
-    pred = np.asarray(jax.device_get(inference.run_batch(examples, canvases, None)))
+    exs = [next(examples) if j in local else None for j in range(len(idx))]
+    yield idx, exs, [inference.canvas_of(to_canvas, hw) for hw in items[idx[0]][0]]
+
+
+def predict_bucketed(inference: BucketedInference, items: Items,
+                     load: Callable[[int], Mapping[str, Any]]
+                     ) -> Iterable[tuple[int, np.ndarray, Mapping[str, Any]]]:
+  """(index, class ids int32 [H, W] at the original size, load(index) or None where it is
+  another process's row) per item, batch by batch; load(i) -> {'images': per-scale
+  images, ...} of item i (items as evaluate_bucketed's). Every process of the mesh takes
+  part and gets every prediction."""
+  for idx, exs, canvases in load_batches(inference, items, load):
+    pred = np.asarray(inference.run_batch(exs, canvases, None,
+                                          [items[i] for i in idx]).addressable_data(0))
     for j, i in enumerate(idx):
       h, w = items[i][1]
-      yield i, pred[j, :h, :w]
+      yield i, pred[j, :h, :w], exs[j]
 
 
-def evaluate_bucketed(inference: BucketedInference, items: Sequence[tuple[Sequence[tuple[int, int]],
-                                                                         tuple[int, int]]],
+def evaluate_bucketed(inference: BucketedInference, items: Items,
                       load: Callable[[int], Mapping[str, Any]], class_names: list[str]
                       ) -> dict[str, Any]:
   """mIoU of the reference's test over the eval split, batched per bucket.
 
   items: (scale sizes, original size) of every image of the split (every process the
   same list); load(i) -> {'images': per-scale images, 'label': uint8} of image i. Every
-  process runs every batch (the batch is split over all devices)."""
+  process runs every batch (split over all devices) and reads only its rows' images."""
   start = time.time()
-  to_canvas, batches = inference.make_plan(items)
   cm = inference.zeros_cm()
-  for idx in batches:
-    examples = [load(i) for i in idx]
-    canvases = [inference.canvas_of(to_canvas, hw) for hw in items[idx[0]][0]]
-    cm = inference.run_batch(examples, canvases, cm)
+  num_batches = 0
+  for num_batches, (idx, exs, canvases) in enumerate(load_batches(inference, items, load), 1):
+    cm = inference.run_batch(exs, canvases, cm, [items[i] for i in idx])
+    if num_batches % 50 == 0:
+      logging.info('Evaluated %d batches of %d (%.0fs)', num_batches, inference.batch_size,
+                   time.time() - start)
   cm_host = np.asarray(jax.device_get(cm.addressable_data(0)))
   result = metrics_lib.compute_metrics(cm_host, class_names)
-  result.update(num_images=len(items), num_batches=len(batches),
+  result.update(num_images=len(items), num_batches=num_batches,
                 num_shapes=len(inference.model_canvases),
                 compile_seconds=inference.compile_seconds, seconds=time.time() - start)
   logging.info('Evaluated %d images in %d batches of %d on %d bucket canvases (reference-'
-               'exact): %.1fs compiling, %.1fs in all', len(items), len(batches),
+               'exact): %.1fs compiling, %.1fs in all', len(items), num_batches,
                inference.batch_size, len(inference.model_canvases), inference.compile_seconds,
                result['seconds'])
   return result

@@ -43,8 +43,10 @@ class ParamsAndStats(Protocol):
 
 
 def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
-                 mesh: jax.sharding.Mesh) -> Callable[[ParamsAndStats], dict[str, Any]]:
-  """state -> metrics dict over the whole eval split (confusion matrix on device)."""
+                 mesh: jax.sharding.Mesh, *, cache: dict[str, Any] | None = None
+                 ) -> Callable[[ParamsAndStats], dict[str, Any]]:
+  """state -> metrics dict over the whole eval split (confusion matrix on device).
+  cache: shared with make_summary_images_fn (one set of compiled programs)."""
   info = input_pipeline.dataset_info(config.data.name)
   num_classes = config.model.num_classes
   names = list(info.class_names)
@@ -58,7 +60,7 @@ def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
       logging.info('%s has no valid-size forward: the evaluation runs one image at a '
                    'time (exact, one program per input shape)', config.model.name)
       return functools.partial(evaluate_per_image, config, graphdef, rest)
-    cache: dict[str, Any] = {}  # one BucketedInference: its programs compile once per run
+    cache = {} if cache is None else cache  # one BucketedInference: compiled once per run
 
     def run_exact(state: ParamsAndStats) -> dict[str, Any]:
       return evaluate_exact(config, graphdef, rest, state, mesh, cache=cache)
@@ -114,13 +116,7 @@ def evaluate_exact(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
   if len(names) != config.model.num_classes:
     raise ConfigError(f'config.model.num_classes={config.model.num_classes} but data set '
                       f'{config.data.name!r} has {len(names)} classes')
-  cache = {} if cache is None else cache
-  if 'inference' not in cache:
-    cache['inference'] = bucketed_lib.make_bucketed_inference(
-        config, graphdef, rest, state.params, state.batch_stats, mesh)
-  else:
-    cache['inference'].set_params((state.params, state.batch_stats))
-  inference = cache['inference']
+  inference = _bucketed(config, graphdef, rest, state, mesh, {} if cache is None else cache)
   ratios = tuple(float(r) for r in config.eval.scales)
   tta = pipeline.is_tta(ratios, config.eval.flip)
   sizes = pipeline.per_image_eval_sizes(config.data, process_index=0, process_count=1)
@@ -129,6 +125,18 @@ def evaluate_exact(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
   transform = pipeline.PerImageEvalTransform(config.data, ratios, tta)
   return bucketed_lib.evaluate_bucketed(inference, items,
                                         lambda i: transform.map(source[i]), names)
+
+
+def _bucketed(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
+              state: ParamsAndStats, mesh: jax.sharding.Mesh,
+              cache: dict[str, Any]) -> bucketed_lib.BucketedInference:
+  """The cached BucketedInference (its programs compile once per run) with state's params."""
+  if 'inference' not in cache:
+    cache['inference'] = bucketed_lib.make_bucketed_inference(
+        config, graphdef, rest, state.params, state.batch_stats, mesh)
+  else:
+    cache['inference'].set_params((state.params, state.batch_stats))
+  return cache['inference']
 
 
 def evaluate_per_image(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
@@ -170,52 +178,42 @@ def summary_image(image: np.ndarray, image_hw: np.ndarray, label: np.ndarray,
 
 
 def make_summary_images_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
-                           mesh: jax.sharding.Mesh
+                           mesh: jax.sharding.Mesh, *, cache: dict[str, Any] | None = None
                            ) -> Callable[[ParamsAndStats], dict[str, np.ndarray]] | None:
   """state -> {'eval/example_<i>': summary_image} for TensorBoard, or None when turned off.
 
   The first `config.eval.num_summary_images` examples of the eval split, read once and
-  predicted with the evaluation's inference: one extra jitted call on a small batch,
-  replicated on every device (every process reads the same examples and takes part).
+  predicted with the evaluation's exact inference (bucketed; `cache`: the one make_eval_fn
+  uses, so its programs are shared), on every device (every process takes part and gets
+  the whole prediction).
   """
   n = int(config.eval.num_summary_images)
   if n <= 0:
     return None
   palette = input_pipeline.dataset_info(config.data.name).palette
-  probabilities = model_class(config.model).SCORES_ARE_PROBABILITIES
-  replicated = sharding_lib.replicated(mesh)
-  examples: dict[str, Any] = {}
+  ratios = tuple(float(r) for r in config.eval.scales)
+  tta = pipeline.is_tta(ratios, config.eval.flip)
+  shown = ratios.index(1.0) if 1.0 in ratios else 0  # the input shown: the 1.0 test image
+  cache = {} if cache is None else cache
+  examples: list[dict[str, Any]] = []
 
-  @functools.partial(jax.jit, out_shardings=replicated,
-                     compiler_options=sharding_lib.compiler_options(config, 'eval'))
-  def predict_fn(params, batch_stats, batch):
-    params, batch_stats = jax.lax.with_sharding_constraint((params, batch_stats), replicated)
-    model = merge_model(graphdef, params, batch_stats, rest)
-    scores = evaluate_lib.inference(
-        model.segment, batch['image'], batch['image_hw'], batch['label_hw'],
-        batch['label'].shape[1:3], config.eval, config.model.num_classes,
-        probabilities=probabilities)
-    return jnp.argmax(scores, axis=-1).astype(jnp.int32)  # [n, Lh_pad, Lw_pad]
-
-  def run(state: TrainState) -> dict[str, np.ndarray]:
+  def run(state: ParamsAndStats) -> dict[str, np.ndarray]:
     if not examples:
-      data_cfg = config.data.copy_and_resolve_references()
-      data_cfg.worker_count = 0  # one small batch: no worker processes
-      batch = next(iter(input_pipeline.create_eval_iterator(
-          data_cfg, global_batch_size=n, process_index=0, process_count=1)))
-      valid = np.asarray(batch['valid'])
-      examples['host'] = {k: np.asarray(batch[k])[valid]
-                          for k in ('image', 'image_hw', 'label', 'label_hw')}
-      examples['device'] = sharding_lib.replicate(examples['host'], mesh)
-    host = examples['host']
-    if not len(host['image']):  # an empty eval split
+      source = pipeline.data_source(config.data, config.data.eval_split)
+      transform = pipeline.PerImageEvalTransform(config.data, ratios, tta)
+      examples.extend(transform.map(source[i]) for i in range(min(n, len(source))))
+    if not examples:  # an empty eval split
       return {}
-    pred = predict_fn(state.params, state.batch_stats, examples['device'])
-    pred = np.asarray(pred.addressable_data(0))  # replicated: the whole batch
-    return {f'eval/example_{i}': summary_image(host['image'][i], host['image_hw'][i],
-                                               host['label'][i], host['label_hw'][i], pred[i],
-                                               palette, config.data)
-            for i in range(len(pred))}
+    inference = _bucketed(config, graphdef, rest, state, mesh, cache)
+    items = [([im.shape[:2] for im in ex['images']], tuple(ex['label'].shape[:2]))
+             for ex in examples]
+    out = {}
+    for i, pred, _ in bucketed_lib.predict_bucketed(inference, items, examples.__getitem__):
+      ex = examples[i]  # every process read them all (the load reads only its rows)
+      image = ex['images'][shown]
+      out[f'eval/example_{i}'] = summary_image(image, image.shape[:2], ex['label'],
+                                               ex['label'].shape, pred, palette, config.data)
+    return dict(sorted(out.items()))
 
   return run
 

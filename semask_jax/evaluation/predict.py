@@ -74,6 +74,21 @@ def check_readable(paths: list[str]) -> None:
       raise InputError(f'cannot read image {path!r}: {e}') from e
 
 
+def image_size(path: str) -> tuple[int, int]:
+  """(height, width) of an image file as load_rgb decodes it (EXIF orientation applied),
+  from its header."""
+  try:
+    with Image.open(path) as im:
+      w, h = im.size
+      try:
+        orientation = im.getexif().get(T.EXIF_ORIENTATION)
+      except Exception:  # pylint: disable=broad-except  (corrupt EXIF: as the decoders)
+        orientation = None
+  except OSError as e:
+    raise InputError(f'cannot read image {path!r}: {e}') from e
+  return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # the transposing orientations
+
+
 def colorize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
   """Class ids [H, W] -> RGB uint8 [H, W, 3]; ids outside the palette (e.g. 255) are black."""
   palette = np.asarray(palette, np.uint8)
@@ -115,13 +130,18 @@ def predict_paths(config: ml_collections.ConfigDict, graphdef: Any, rest: Any, p
                                                  sharding_lib.make_mesh(jax.local_devices()))
     ratios = tuple(float(r) for r in config.eval.scales)
     tta = pipeline.is_tta(ratios, config.eval.flip)
-    items = []
-    for path in files:  # sizes first (one decode each), then batches of one canvas
-      hw = load_rgb(path, recipe).shape[:2]
-      items.append((pipeline.scale_sizes(hw, config.data, ratios, tta=tta), hw))
-    load = lambda i: {'images': scale_images(load_rgb(files[i], recipe), config)}  # noqa: E731
-    preds = ((i, pred, load_rgb(files[i], recipe))
-             for i, pred in bucketed.predict_bucketed(inference, items, load))
+    sizes = [image_size(path) for path in files]  # headers only: each image decoded once
+    items = [(pipeline.scale_sizes(hw, config.data, ratios, tta=tta), hw) for hw in sizes]
+
+    def load(i: int) -> dict[str, Any]:
+      rgb = load_rgb(files[i], recipe)
+      if rgb.shape[:2] != sizes[i]:
+        raise InputError(f'image {files[i]!r} decodes to {rgb.shape[:2]}, its header says '
+                         f'{sizes[i]}')
+      return {'images': scale_images(rgb, config), 'rgb': rgb}
+
+    preds = ((i, pred, ex['rgb'])
+             for i, pred, ex in bucketed.predict_bucketed(inference, items, load))
   else:  # one image at a time (the heads without a valid-size forward), one decode each
     one = inference_lib.make_per_image_inference(config, graphdef, rest, params, batch_stats)
 

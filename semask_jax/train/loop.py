@@ -296,8 +296,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                               state_sharding.params),
                               state_sharding, mesh,
                               sharding_lib.compiler_options(config, 'train'))
-  run_eval = make_eval_fn(config, graphdef, rest, mesh)
-  summary_images = make_summary_images_fn(config, graphdef, rest, mesh)  # None: off
+  inference_cache: dict = {}  # the evaluation's compiled programs, shared by both
+  run_eval = make_eval_fn(config, graphdef, rest, mesh, cache=inference_cache)
+  summary_images = make_summary_images_fn(config, graphdef, rest, mesh,
+                                          cache=inference_cache)  # None: off
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     keep=config.keep_checkpoints,
                                     async_save=config.async_checkpointing)
