@@ -517,14 +517,19 @@ def run_bench(*, model: str = "fpn", variant: str = "T", num_classes: int = 150,
       opt.step()
       return loss
 
+  losses = []
+
   def timed() -> float:
     t = time.perf_counter()
     out = step()
     if device == "cuda":
       torch.cuda.synchronize()
-    if mode == "train" and not torch.isfinite(out):
-      raise FloatingPointError(f"training step produced loss {float(out)}")
-    return time.perf_counter() - t
+    elapsed = time.perf_counter() - t
+    if mode == "train":
+      losses.append(float(out))
+      if not math.isfinite(losses[-1]):
+        raise FloatingPointError(f"training step produced loss {losses[-1]}")
+    return elapsed
 
   if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
@@ -541,7 +546,8 @@ def run_bench(*, model: str = "fpn", variant: str = "T", num_classes: int = 150,
       impl="torch_reference", **extra, variant=variant, num_classes=num_classes, mode=mode,
       batch=batch, size=size, dtype="amp_bfloat16" if amp else "float32",
       threads=torch.get_num_threads(), step_times_s=times, median_step_s=median,
-      images_per_s=batch / median, peak_memory_bytes=peak, peak_memory_kind=peak_kind,
+      images_per_s=batch / median, **({"losses": losses} if mode == "train" else {}),
+      peak_memory_bytes=peak, peak_memory_kind=peak_kind,
       process_peak_rss_bytes=bench_host.process_peak_rss(),
       device=device if device == "cpu" else f"cuda:{torch.cuda.get_device_name()}",
       host=platform.node(), cpu_count=os.cpu_count(), torch_version=torch.__version__,

@@ -635,6 +635,19 @@ def prepare_targets(labels: torch.Tensor) -> list[dict[str, torch.Tensor]]:
   return targets
 
 
+def nested_tensor_from_tensor_list(tensors: Sequence[torch.Tensor]):
+  """DETR's: zero-padded to the largest shape of the list (here: the most targets), with
+  the padding mask."""
+  max_size = [max(s) for s in zip(*[t.shape for t in tensors])]
+  b, (_, h, w) = len(tensors), max_size
+  out = torch.zeros([b] + max_size, dtype=tensors[0].dtype, device=tensors[0].device)
+  mask = torch.ones((b, h, w), dtype=torch.bool, device=tensors[0].device)
+  for t, pad, m in zip(tensors, out, mask):
+    pad[:t.shape[0], :t.shape[1], :t.shape[2]].copy_(t)
+    m[:t.shape[1], :t.shape[2]] = False
+  return out, mask
+
+
 def point_sample(inp, coords):
   """detectron2's point_sample: grid_sample at 2 * coords - 1, align_corners=False."""
   return F.grid_sample(inp, 2.0 * coords.unsqueeze(2) - 1.0, align_corners=False).squeeze(3)
@@ -747,7 +760,8 @@ class SeMaskCriterion:
       out["loss_cate"] = F.cross_entropy(sem_pred, seg, ignore_index=tref.IGNORE_INDEX)
     # masks
     src_masks = masks[batch_idx, src_idx][:, None]
-    target_masks = torch.stack([t["masks"] for t in targets]).to(src_masks)
+    target_masks, _ = nested_tensor_from_tensor_list([t["masks"] for t in targets])
+    target_masks = target_masks.to(src_masks)
     target_masks = target_masks[tgt_batch, tgt_idx][:, None]
     with torch.no_grad():
       coords = self.uncertain_points(src_masks)

@@ -207,8 +207,13 @@ def test_training_step_and_solver(m2f):
   criterion = m2f.SeMaskCriterion(model.cfg)
   torch.manual_seed(0)
   logits, masks, sem_pred = model(torch.from_numpy(vec["image"]))
-  loss = sum(criterion.weighted(criterion(logits, masks, sem_pred, m2f.prepare_targets(
-      torch.from_numpy(vec["label"]).long()))).values())
+  labels = torch.from_numpy(vec["label"]).long()
+  # Other target counts per image (the criterion pads the target masks), ignored pixels.
+  labels[1][labels[1] == labels[1].max()] = 255
+  labels[0][:, :8] = 149
+  targets = m2f.prepare_targets(labels)
+  assert len(targets[0]["labels"]) != len(targets[1]["labels"])
+  loss = sum(criterion.weighted(criterion(logits, masks, sem_pred, targets)).values())
   assert torch.isfinite(loss).all()
   before = {n: p.detach().clone() for n, p in model.named_parameters()}
   opt.zero_grad()
@@ -228,5 +233,7 @@ def test_bench_runs_without_jax(tmp_path, model, mode):
                       "1", "--warmup", "0", "--runs", "1", "--threads", "1")
   assert row["model"] == model and row["mode"] == mode and row["threads"] == 1
   assert len(row["step_times_s"]) == 1 and row["peak_memory_bytes"] > 0
+  if mode == "train":
+    assert len(row["losses"]) == 1 and np.isfinite(row["losses"]).all() and row["losses"][0] > 0
   if model == "fapn":
     assert row["dcn_impl"] in ("torchvision", "im2col")
