@@ -16,6 +16,11 @@ AdamW update), so what is timed is the reference's function.
   python benchmarks/torch_reference.py --variant T --mode train --batch 2 --size 512
   python benchmarks/torch_reference.py --variant B --mode train --batch 16 --device cuda --amp
 
+--model mask2former | fapn | msfapn times the Mask2Former family instead, as the official
+detectron2 code computes it (benchmarks/torch_reference_m2f.py; its own training recipe:
+AdamW lr 1e-4, weight decay 0.05, backbone x 0.1, gradient clipping 0.01); the JSON row
+carries the model's name (and the DCNv2 op FaPN's ran with: --dcn).
+
 One JSON line per run (and --json FILE): median step time, images/s, peak memory (CPU:
 the process's peak RSS during the warm-up and timed steps, the mark reset after the model
 is built, as semask_jax.bench does after compiling; CUDA: torch.cuda.max_memory_allocated).
@@ -239,14 +244,15 @@ class BasicLayer(nn.Module):
 
   def __init__(self, dim: int, depth: int, num_heads: int, ws: int, drop_paths: Sequence[float],
                num_classes: int, num_sem_blocks: int, global_sem: bool, sem_dropout: float,
-               downsample: bool):
+               downsample: bool, sem_ws: int | None = None):
     super().__init__()
     self.ws, self.shift = ws, ws // 2
     self.blocks = nn.ModuleList([
         SwinBlock(dim, num_heads, ws, 0 if i % 2 == 0 else ws // 2, drop_paths[i])
         for i in range(depth)])
-    self.semantic_layer = (SemanticLayer(dim, num_classes, num_sem_blocks, ws, global_sem,
-                                         sem_dropout) if num_sem_blocks > 0 else None)
+    self.semantic_layer = (SemanticLayer(dim, num_classes, num_sem_blocks, sem_ws or ws,
+                                         global_sem, sem_dropout)
+                           if num_sem_blocks > 0 else None)
     self.downsample = PatchMerging(dim) if downsample else None
 
   def shift_mask(self, h: int, w: int, device) -> torch.Tensor:
@@ -298,12 +304,18 @@ class PatchEmbed(nn.Module):
 class SeMaskSwin(nn.Module):
 
   def __init__(self, *, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int],
-               window_size: int, num_classes: int, num_sem_blocks: Sequence[int] = (1, 1, 1, 1),
-               drop_path_rate: float = 0.3, sem_dropout: float = 0.1):
+               window_size: int, num_classes: int,
+               num_sem_blocks: int | Sequence[int] = (1, 1, 1, 1), drop_path_rate: float = 0.3,
+               sem_dropout: float = 0.1, sem_global: Sequence[bool] | None = None,
+               sem_window_size: int | None = None):
     super().__init__()
     self.patch_embed = PatchEmbed(embed_dim)
-    # SPEC 2: global semantic attention in stages 2, 3 for embed 96/192 and > 19 classes.
-    global_sem = embed_dim in (96, 192) and num_classes > 19
+    if isinstance(num_sem_blocks, int):  # the detectron2 heads' one value for all stages
+      num_sem_blocks = (num_sem_blocks,) * len(depths)
+    if sem_global is None:
+      # SPEC 2: global semantic attention in stages 2, 3 for embed 96/192 and > 19 classes.
+      fpn_rule = embed_dim in (96, 192) and num_classes > 19
+      sem_global = [fpn_rule and i >= 2 for i in range(len(depths))]
     dpr = [float(v) for v in torch.linspace(0, drop_path_rate, sum(depths))]
     self.layers = nn.ModuleList()
     self.widths = [embed_dim * 2 ** i for i in range(len(depths))]
@@ -311,8 +323,8 @@ class SeMaskSwin(nn.Module):
       start = sum(depths[:i])
       self.layers.append(BasicLayer(
           self.widths[i], depth, num_heads[i], window_size, dpr[start:start + depth],
-          num_classes, num_sem_blocks[i], global_sem and i >= 2, sem_dropout,
-          downsample=i < len(depths) - 1))
+          num_classes, num_sem_blocks[i], sem_global[i], sem_dropout,
+          downsample=i < len(depths) - 1, sem_ws=sem_window_size))
     for i, width in enumerate(self.widths):
       self.add_module(f"norm{i}", nn.LayerNorm(width))
 
@@ -458,10 +470,13 @@ def synthetic_batch(batch: int, size: int, num_classes: int, seed: int = 0):
   return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-def run_bench(*, variant: str = "T", num_classes: int = 150, mode: str = "infer",
-              batch: int = 1, size: int = 512, device: str = "cpu", amp: bool = False,
-              threads: int | None = None, warmup: int = 1, runs: int = 5,
-              lr: float = 6e-5, weight_decay: float = 0.01) -> dict[str, Any]:
+def run_bench(*, model: str = "fpn", variant: str = "T", num_classes: int = 150,
+              mode: str = "infer", batch: int = 1, size: int = 512, device: str = "cpu",
+              amp: bool = False, threads: int | None = None, warmup: int = 1, runs: int = 5,
+              lr: float | None = None, weight_decay: float | None = None,
+              dcn: str = "auto") -> dict[str, Any]:
+  """model 'fpn' (this file; lr 6e-5, weight decay 0.01 by default) or one of the Mask2Former
+  family of torch_reference_m2f.py (lr 1e-4, weight decay 0.05)."""
   if threads:
     torch.set_num_threads(threads)
   if amp and device != "cuda":
@@ -469,23 +484,32 @@ def run_bench(*, variant: str = "T", num_classes: int = 150, mode: str = "infer"
   if device == "cuda":
     torch.backends.cudnn.benchmark = True  # mmseg's default_runtime: cudnn_benchmark = True
   torch.manual_seed(0)
-  model = build(variant, num_classes).to(device)
   images, labels = synthetic_batch(batch, size, num_classes)
   images, labels = images.to(device), labels.to(device)
   autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=amp)
-  if mode == "infer":
-    model.eval()
+  extra: dict[str, Any] = {"model": model}
+  if model != "fpn":
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import torch_reference_m2f as m2f
+    if model not in m2f.MODELS:
+      raise SystemExit(f"--model {model}: fpn or one of {m2f.MODELS}")
+    step, extra = m2f.make_step(
+        model, variant=variant, num_classes=num_classes, mode=mode, images=images,
+        labels=labels, device=device, autocast=autocast, dcn=dcn,
+        lr=1e-4 if lr is None else lr, weight_decay=0.05 if weight_decay is None else weight_decay)
+  elif mode == "infer":
+    net = build(variant, num_classes).to(device).eval()
 
     def step():
       with torch.no_grad(), autocast:
-        return model(images)[0]
+        return net(images)[0]
   else:
-    model.train()
-    opt = adamw(model, lr, weight_decay)
+    net = build(variant, num_classes).to(device).train()
+    opt = adamw(net, 6e-5 if lr is None else lr, 0.01 if weight_decay is None else weight_decay)
 
     def step():
       with autocast:
-        seg, cls, _, _ = model(images)
+        seg, cls, _, _ = net(images)
         loss_ce, loss_cate = segmentation_loss(seg.float(), cls.float(), labels)
         loss = loss_ce + loss_cate
       opt.zero_grad()
@@ -493,14 +517,19 @@ def run_bench(*, variant: str = "T", num_classes: int = 150, mode: str = "infer"
       opt.step()
       return loss
 
+  losses = []
+
   def timed() -> float:
     t = time.perf_counter()
     out = step()
     if device == "cuda":
       torch.cuda.synchronize()
-    if mode == "train" and not torch.isfinite(out):
-      raise FloatingPointError(f"training step produced loss {float(out)}")
-    return time.perf_counter() - t
+    elapsed = time.perf_counter() - t
+    if mode == "train":
+      losses.append(float(out))
+      if not math.isfinite(losses[-1]):
+        raise FloatingPointError(f"training step produced loss {losses[-1]}")
+    return elapsed
 
   if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
@@ -514,10 +543,11 @@ def run_bench(*, variant: str = "T", num_classes: int = 150, mode: str = "infer"
     peak, peak_kind = bench_host.peak_rss_since_reset(rss_was_reset)
   median = statistics.median(times)
   return dict(
-      impl="torch_reference", variant=variant, num_classes=num_classes, mode=mode,
+      impl="torch_reference", **extra, variant=variant, num_classes=num_classes, mode=mode,
       batch=batch, size=size, dtype="amp_bfloat16" if amp else "float32",
       threads=torch.get_num_threads(), step_times_s=times, median_step_s=median,
-      images_per_s=batch / median, peak_memory_bytes=peak, peak_memory_kind=peak_kind,
+      images_per_s=batch / median, **({"losses": losses} if mode == "train" else {}),
+      peak_memory_bytes=peak, peak_memory_kind=peak_kind,
       process_peak_rss_bytes=bench_host.process_peak_rss(),
       device=device if device == "cpu" else f"cuda:{torch.cuda.get_device_name()}",
       host=platform.node(), cpu_count=os.cpu_count(), torch_version=torch.__version__,
@@ -527,6 +557,8 @@ def run_bench(*, variant: str = "T", num_classes: int = 150, mode: str = "infer"
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="fpn", choices=("fpn", "mask2former", "fapn", "msfapn"),
+                 help="SeMask-FPN (this file) or the Mask2Former family (torch_reference_m2f.py)")
   p.add_argument("--variant", default="T", choices=sorted(VARIANTS))
   p.add_argument("--num_classes", type=int, default=150)
   p.add_argument("--mode", choices=("infer", "train"), default="infer")
@@ -538,11 +570,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  help="torch.set_num_threads (default: torch's, one per core)")
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--runs", type=int, default=5)
+  p.add_argument("--dcn", default="auto", choices=("auto", "torchvision", "im2col"),
+                 help="FaPN/MSFaPN's DCNv2 op (torch_reference_m2f.py); auto: torchvision "
+                 "where it imports")
   p.add_argument("--json", default=None, help="also write the result here")
   a = p.parse_args(argv)
-  res = run_bench(variant=a.variant, num_classes=a.num_classes, mode=a.mode, batch=a.batch,
-                  size=a.size, device=a.device, amp=a.amp, threads=a.threads,
-                  warmup=a.warmup, runs=a.runs)
+  res = run_bench(model=a.model, dcn=a.dcn, variant=a.variant, num_classes=a.num_classes,
+                  mode=a.mode, batch=a.batch, size=a.size, device=a.device, amp=a.amp,
+                  threads=a.threads, warmup=a.warmup, runs=a.runs)
   print(json.dumps(res))
   if a.json:
     with open(a.json, "w") as f:

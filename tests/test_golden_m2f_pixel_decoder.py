@@ -1,11 +1,11 @@
 """Mask2Former pixel decoder against the reference: the golden vectors (SPEC section 10) and
-the deformable-attention core against a torch transcription of ms_deform_attn_core_pytorch."""
+the deformable-attention core against the torch transcription of ms_deform_attn_core_pytorch
+in benchmarks/torch_reference_m2f.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from flax import nnx
 
 from golden_utils import load_submodule, load_vector, m2f_golden_files
@@ -50,25 +50,9 @@ def test_pixel_decoder_matches_golden(path, dtype, rel_tol):
     assert err <= rel_tol * max(1.0, np.abs(ref).max()), (name, err, np.abs(ref).max())
 
 
-def _torch_core(value, shapes, locations, weights):
-  """ms_deform_attn_core_pytorch (Mask2Former's CPU path), transcribed: F.grid_sample per
-  level on grid = 2 * loc - 1, then the attention-weighted sum."""
-  n, _, m, d = value.shape
-  _, lq, m, n_levels, n_points, _ = locations.shape
-  value_list = value.split([h * w for h, w in shapes], dim=1)
-  grids = 2 * locations - 1
-  sampled = []
-  for lvl, (h, w) in enumerate(shapes):
-    v = value_list[lvl].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
-    g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)               # [N*M, Lq, P, 2]
-    sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros",
-                                 align_corners=False))                  # [N*M, D, Lq, P]
-  a = weights.transpose(1, 2).reshape(n * m, 1, lq, n_levels * n_points)
-  out = (torch.stack(sampled, dim=-2).flatten(-2) * a).sum(-1).view(n, m * d, lq)
-  return out.transpose(1, 2).contiguous()
-
-
-def test_deform_attn_core_matches_torch_transcription():
+def test_deform_attn_core_matches_torch_transcription(load_benchmark):
+  # ms_deform_attn_core_pytorch (Mask2Former's CPU path) as benchmarks/ transcribes it.
+  torch_core = load_benchmark("torch_reference_m2f").ms_deform_attn_core
   rng = np.random.default_rng(0)
   shapes = ((3, 5), (6, 9), (11, 4))                                     # non-square levels
   n, lq, m, d, n_points = 2, 23, 3, 4, 5
@@ -78,7 +62,7 @@ def test_deform_attn_core_matches_torch_transcription():
   locations = rng.uniform(-0.4, 1.4, size=(n, lq, m, len(shapes), n_points, 2)).astype(np.float32)
   logits = rng.normal(size=(n, lq, m, len(shapes) * n_points)).astype(np.float32)
   weights = np.asarray(jax.nn.softmax(logits, -1)).reshape(n, lq, m, len(shapes), n_points)
-  ref = _torch_core(*(torch.tensor(x) if isinstance(x, np.ndarray) else x
+  ref = torch_core(*(torch.tensor(x) if isinstance(x, np.ndarray) else x
                       for x in (value, shapes, locations, weights))).numpy()
   out = jax.jit(deform_attn_core, static_argnums=1)(jnp.asarray(value), shapes,
                                                      jnp.asarray(locations), jnp.asarray(weights))
@@ -88,7 +72,7 @@ def test_deform_attn_core_matches_torch_transcription():
   # Gradients w.r.t. value, locations and weights against torch autograd.
   cot = rng.normal(size=ref.shape).astype(np.float32)
   tv, tl, tw = (torch.tensor(x, requires_grad=True) for x in (value, locations, weights))
-  (_torch_core(tv, shapes, tl, tw) * torch.tensor(cot)).sum().backward()
+  (torch_core(tv, shapes, tl, tw) * torch.tensor(cot)).sum().backward()
   # Also through the rematerialising custom VJP that MSDeformAttn uses.
   for core in (deform_attn_core, _deform_attn_core_remat):
     grads = jax.jit(jax.grad(lambda v, l, w: (core(v, shapes, l, w) * cot).sum(),  # noqa: B023

@@ -110,20 +110,27 @@ def test_training_step_is_the_golden_one(tr, path):
   assert moved > 0.5, moved  # the step moved the parameters (by about lr)
 
 
-def test_bench_runs_without_jax(tmp_path):
-  """A tiny training bench in its own process: one JSON line with the timings, and jax never
-  imported (its runtime would count in the reference's peak RSS)."""
+def run_bench_cli(tmp_path, *args: str) -> dict:
+  """benchmarks/torch_reference.py with `args` (and --json) in its own process: it succeeds,
+  prints the one JSON row it writes, and never imports jax (its runtime would count in the
+  reference's peak RSS). Returns the row."""
   out = tmp_path / "row.json"
-  code = ("import runpy, sys; sys.argv = ['torch_reference', '--mode', 'train', '--size', '64', "
-          f"'--batch', '1', '--runs', '2', '--threads', '1', '--json', {str(out)!r}]; "
-          "runpy.run_path('benchmarks/torch_reference.py', run_name='__main__'); "
-          "assert 'jax' not in sys.modules, 'jax was imported'")
+  code = (f"import runpy, sys; sys.argv = ['torch_reference', *{list(args)!r}, '--json', "
+          f"{str(out)!r}]; runpy.run_path('benchmarks/torch_reference.py', run_name='__main__');"
+          " assert 'jax' not in sys.modules, 'jax was imported'")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                         timeout=300, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  line = json.loads(proc.stdout.strip().splitlines()[-1])
   row = json.loads(out.read_text())
-  assert line == row
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == row
+  return row
+
+
+def test_bench_runs_without_jax(tmp_path):
+  """A tiny training bench: the timings, SeMask-FPN by default."""
+  row = run_bench_cli(tmp_path, "--mode", "train", "--size", "64", "--batch", "1", "--runs",
+                      "2", "--threads", "1")
   assert row["impl"] == "torch_reference" and row["mode"] == "train" and row["threads"] == 1
+  assert row["model"] == "fpn"
   assert len(row["step_times_s"]) == 2 and row["images_per_s"] > 0
   assert row["peak_memory_bytes"] > 0
