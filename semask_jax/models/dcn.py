@@ -12,13 +12,16 @@ Layouts follow the reference: offset channel k = group k // (2 K), tap (k mod 2 
 tap k mod K; input channel c belongs to group c // (C / dg). Maps are NHWC here, so
 the channels are the last axis.
 
-The op is written for XLA: all taps of all groups are read by gathers of the bilinear
-corners from the input viewed as [B, H * W * dg, C / dg] (index = pixel * dg + group: no
-transpose), the four corners blended with the mask folded into their weights, then one
-matmul over (tap, channel) against the kernel (im2col). No loop over pixels or taps,
-no host callback; it runs under jit, vmap and grad on every backend. The backward pass
-recomputes the samples rather than keeping them (see _deform_conv_remat). Everything
-inside is float32, as the reference casts to float32 before its op.
+The op is written for XLA: a lax.scan over the kernel taps, each reading all groups by
+gathers of the bilinear corners from the input viewed as [B, H * W * dg, C / dg] (index =
+pixel * dg + group: no transpose), the four corners blended with the mask folded into
+their weights, then one matmul of the tap's columns against its slice of the kernel,
+added to the output (im2col one tap at a time: the columns of all taps at once were
+K = 9 x larger, 1.2 GB for SeMask-T FaPN's res2 at 512x512, batch 2, with their gradient
+as much again). No loop over pixels, no host callback; it runs under jit, vmap and grad
+on every backend. The backward pass recomputes the samples tap by tap rather than
+keeping them (see _deform_conv_remat). Everything inside is float32, as the reference
+casts to float32 before its op.
 """
 from __future__ import annotations
 
@@ -72,24 +75,12 @@ def _check_shapes(x_shape, offset_shape, mask_shape, kernel_shape, stride, paddi
                      f"the output is {ho}x{wo}")
 
 
-def _corner_taps(x: jax.Array, offset: jax.Array, mask: jax.Array, kh: int, kw: int,
-                 stride: int, padding: int, dilation: int
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The input as [B, H * W * dg, C / dg] (row = pixel * dg + group), and for every
-  (output pixel, group, tap) its four bilinear corners nw, ne, sw, se: rows of that view
-  [B, N, 4] and weights [B, N, 4] (bilinear weight x mask; 0 outside the map), N = Ho Wo dg K."""
-  b, h, w, c = x.shape
-  _, ho, wo, _ = offset.shape
-  taps = kh * kw
-  dg = mask.shape[-1] // taps
-  off = offset.reshape(b, ho, wo, dg, taps, 2)
-  mask = mask.reshape(b, ho, wo, dg, taps)
-  # Integer grid positions of every (output pixel, tap), exact in float32.
-  tap_i, tap_j = np.divmod(np.arange(taps), kw)
-  base_r = (np.arange(ho)[:, None] * stride - padding + tap_i[None] * dilation)  # [Ho, K]
-  base_c = (np.arange(wo)[:, None] * stride - padding + tap_j[None] * dilation)  # [Wo, K]
-  rows = jnp.asarray(base_r, jnp.float32)[:, None, None, :] + off[..., 0]   # [B, Ho, Wo, dg, K]
-  cols = jnp.asarray(base_c, jnp.float32)[None, :, None, :] + off[..., 1]
+def _tap_corners(b: int, h: int, w: int, dg: int, rows: jax.Array, cols: jax.Array,
+                 mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The four bilinear corners nw, ne, sw, se of one tap's sampling points rows, cols
+  [B, Ho, Wo, dg] (pixel units) in the input viewed as [B, H * W * dg, C / dg] (row =
+  pixel * dg + group): rows of that view [B, N, 4] and weights [B, N, 4] (bilinear
+  weight x mask; 0 outside the map), N = Ho Wo dg."""
   valid = (rows > -1) & (cols > -1) & (rows < h) & (cols < w)
   r0 = jnp.floor(rows)
   c0 = jnp.floor(cols)
@@ -99,7 +90,7 @@ def _corner_taps(x: jax.Array, offset: jax.Array, mask: jax.Array, kh: int, kw: 
   r0i = jnp.clip(r0, -1, h).astype(jnp.int32)
   c0i = jnp.clip(c0, -1, w).astype(jnp.int32)
   m = jnp.where(valid, mask, 0.0)
-  group = jnp.arange(dg, dtype=jnp.int32)[:, None]                         # [dg, 1]
+  group = jnp.arange(dg, dtype=jnp.int32)
   index, weights = [], []
   # The reference's order: w1 v1 + w2 v2 + w3 v3 + w4 v4 (nw, ne, sw, se), then * mask.
   for dr, dc, wgt in ((0, 0, hr * hc), (0, 1, hr * lc), (1, 0, lr * hc), (1, 1, lr * lc)):
@@ -107,27 +98,29 @@ def _corner_taps(x: jax.Array, offset: jax.Array, mask: jax.Array, kh: int, kw: 
     inside = (ri >= 0) & (ri < h) & (ci >= 0) & (ci < w)
     index.append((jnp.clip(ri, 0, h - 1) * w + jnp.clip(ci, 0, w - 1)) * dg + group)
     weights.append(jnp.where(inside, wgt * m, 0.0))
-  n = ho * wo * dg * taps
-  index = jnp.stack(index, -1).reshape(b, n, 4)
-  weights = jnp.stack(weights, -1).reshape(b, n, 4)
-  return x.reshape(b, h * w * dg, c // dg), index, weights
+  n = rows.size // b
+  return jnp.stack(index, -1).reshape(b, n, 4), jnp.stack(weights, -1).reshape(b, n, 4)
 
 
-def _deform_conv(x: jax.Array, offset: jax.Array, mask: jax.Array, kernel: jax.Array,
-                 stride: int, padding: int, dilation: int, *, one_gather: bool) -> jax.Array:
-  """deform_conv2d without bias, float32 arguments. Two forms of the same numbers (up to
-  float32 rounding): one_gather=False reads each corner by its own gather and blends them
-  elementwise, the fastest forward on XLA:CPU; one_gather=True reads all four corners by
-  one gather and blends them by a batched dot, whose gradient (offsets and mask through
-  the corner weights: a batched dot too, instead of a reduction over the channels of
-  each group) is ~4x faster on XLA:CPU (benchmarks/dcn_speed.py)."""
-  b = x.shape[0]
-  kh, kw, c, c_out = kernel.shape
-  taps = kh * kw
-  dg = mask.shape[-1] // taps
+def _one_tap(x: jax.Array, offset: jax.Array, mask: jax.Array, kernel: jax.Array,
+             tap_i: jax.Array, tap_j: jax.Array, stride: int, padding: int, dilation: int,
+             *, one_gather: bool) -> jax.Array:
+  """One kernel tap (i, j) of deform_conv2d: x [B, H, W, C], offset [B, Ho, Wo, dg, 2]
+  (dy, dx), mask [B, Ho, Wo, dg], kernel [C, O] -> [B, Ho Wo, O]: its im2col columns
+  (the samples of every group) times the tap's slice of the kernel. Two forms of the
+  same numbers (up to float32 rounding): one_gather=False reads each corner by its own
+  gather and blends them elementwise, the fastest forward on XLA:CPU; one_gather=True
+  reads the four corners by one gather and blends them by a batched dot, whose gradient
+  (offsets and mask through the corner weights) is ~4x faster on XLA:CPU."""
+  b, h, w, c = x.shape
+  _, ho, wo, dg, _ = offset.shape
   cg = c // dg
-  _, ho, wo, _ = offset.shape
-  flat, index, weights = _corner_taps(x, offset, mask, kh, kw, stride, padding, dilation)
+  base_r = jnp.arange(ho, dtype=jnp.float32) * stride - padding + tap_i * dilation
+  base_c = jnp.arange(wo, dtype=jnp.float32) * stride - padding + tap_j * dilation
+  rows = base_r[None, :, None, None] + offset[..., 0]                     # [B, Ho, Wo, dg]
+  cols = base_c[None, None, :, None] + offset[..., 1]
+  index, weights = _tap_corners(b, h, w, dg, rows, cols, mask)           # [B, N, 4]
+  flat = x.reshape(b, h * w * dg, cg)
   n = index.shape[1]
   if one_gather:
     samples = jnp.take_along_axis(flat, index.reshape(b, n * 4, 1), axis=1,
@@ -141,33 +134,76 @@ def _deform_conv(x: jax.Array, offset: jax.Array, mask: jax.Array, kernel: jax.A
                                    mode="promise_in_bounds")               # [B, N, Cg]
       term = sample * weights[:, :, q:q + 1]
       columns = term if columns is None else columns + term
-  columns = columns.reshape(b, ho * wo, dg, taps, cg)                      # im2col
-  k = kernel.reshape(taps, dg, cg, c_out)                                  # [K, dg, Cg, O]
-  y = jnp.einsum("bpgkc,kgco->bpo", columns, k, precision=jax.lax.Precision.HIGHEST)
-  return y.reshape(b, ho, wo, c_out)
+  columns = columns.reshape(b, ho * wo, c)        # channel = group * Cg + channel of group
+  return jnp.einsum("bpc,co->bpo", columns, kernel, precision=jax.lax.Precision.HIGHEST)
+
+
+def _per_tap(x: jax.Array, offset: jax.Array, mask: jax.Array, kernel: jax.Array
+             ) -> tuple[tuple[int, int, int, int, int], tuple[jax.Array, ...]]:
+  """((B, Ho, Wo, dg, K), the scan's per-tap inputs: tap rows, tap columns, offsets
+  [K, B, Ho, Wo, dg, 2], masks [K, B, Ho, Wo, dg], kernel slices [K, C, O])."""
+  b = x.shape[0]
+  kh, kw, c, c_out = kernel.shape
+  taps = kh * kw
+  dg = mask.shape[-1] // taps
+  _, ho, wo, _ = offset.shape
+  tap_i, tap_j = np.divmod(np.arange(taps), kw)
+  off = jnp.moveaxis(offset.reshape(b, ho, wo, dg, taps, 2), 4, 0)
+  msk = jnp.moveaxis(mask.reshape(b, ho, wo, dg, taps), 4, 0)
+  xs = (jnp.asarray(tap_i, jnp.float32), jnp.asarray(tap_j, jnp.float32), off, msk,
+        kernel.reshape(taps, c, c_out))
+  return (b, ho, wo, dg, taps), xs
+
+
+def _deform_conv(x: jax.Array, offset: jax.Array, mask: jax.Array, kernel: jax.Array,
+                 stride: int, padding: int, dilation: int) -> jax.Array:
+  """deform_conv2d without bias, float32 arguments: a scan over the kernel taps, each one
+  gather per bilinear corner and one matmul into the output (the im2col of one tap at a
+  time: [B, Ho Wo, C] live, not the K x larger columns of all taps)."""
+  (b, ho, wo, _, _), xs = _per_tap(x, offset, mask, kernel)
+
+  def tap(y, t):
+    ti, tj, off, m, k = t
+    return y + _one_tap(x, off, m, k, ti, tj, stride, padding, dilation,
+                        one_gather=False), None
+
+  y, _ = jax.lax.scan(tap, jnp.zeros((b, ho * wo, kernel.shape[-1]), jnp.float32), xs)
+  return y.reshape(b, ho, wo, -1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _deform_conv_remat(x: jax.Array, offset: jax.Array, mask: jax.Array, kernel: jax.Array,
                        stride: int, padding: int, dilation: int) -> jax.Array:
-  """_deform_conv whose backward pass gathers the corner samples again instead of keeping
-  them ([B, Ho Wo dg K, 4, C / dg] float32: 36x the input), as the pixel decoder's
-  deformable attention; the recomputation is the one_gather form, whose gradient is fast."""
-  return _deform_conv(x, offset, mask, kernel, stride, padding, dilation, one_gather=False)
+  """_deform_conv whose backward pass gathers the corner samples again, one tap at a time,
+  instead of keeping them ([B, Ho Wo dg K, 4, C / dg] float32: 36x the input), as the
+  pixel decoder's deformable attention; the recomputation is the one_gather form, whose
+  gradient is fast."""
+  return _deform_conv(x, offset, mask, kernel, stride, padding, dilation)
 
 
 def _deform_fwd(x, offset, mask, kernel, stride, padding, dilation):
-  y = _deform_conv(x, offset, mask, kernel, stride, padding, dilation, one_gather=False)
-  return y, (x, offset, mask, kernel)
+  return _deform_conv(x, offset, mask, kernel, stride, padding, dilation), (x, offset, mask,
+                                                                            kernel)
 
 
 def _deform_bwd(stride, padding, dilation, res, ct):
   x, offset, mask, kernel = res
   x = layers.after(x, ct)  # recompute once the cotangent exists, not during the forward
   x, offset, mask, kernel = jax.lax.optimization_barrier((x, offset, mask, kernel))
-  _, vjp = jax.vjp(lambda *a: _deform_conv(*a, stride, padding, dilation, one_gather=True),
-                   x, offset, mask, kernel)
-  return vjp(ct)
+  (b, ho, wo, dg, taps), xs = _per_tap(x, offset, mask, kernel)
+  ct = ct.reshape(b, ho * wo, -1)
+
+  def tap(gx, t):  # y = sum over taps: each tap's vjp of the same cotangent
+    ti, tj, off, m, k = t
+    _, vjp = jax.vjp(lambda *a: _one_tap(*a, ti, tj, stride, padding, dilation,
+                                         one_gather=True), x, off, m, k)
+    dx, doff, dm, dk = vjp(ct)
+    return gx + dx, (doff, dm, dk)
+
+  gx, (goff, gm, gk) = jax.lax.scan(tap, jnp.zeros_like(x), xs)
+  goff = jnp.moveaxis(goff, 0, 4).reshape(offset.shape)                  # [B, Ho, Wo, 2 dg K]
+  gm = jnp.moveaxis(gm, 0, 4).reshape(mask.shape)
+  return gx, goff, gm, gk.reshape(kernel.shape)
 
 
 _deform_conv_remat.defvjp(_deform_fwd, _deform_bwd)
