@@ -7,10 +7,16 @@ operation: Swin's window attention (`q @ k.transpose`, `torch.roll`, the view/pe
 window partition, `F.pad` after the norm, the shift mask built per input size), the SeMask
 semantic layer, mmseg's FPNHead with its ConvModules and Upsample modules, the
 CrossEntropyLoss with mean over all pixels, the OHEM pixel sampler and torch's AdamW with
-mmcv's no-decay keys. Module names are the checkpoint's, so a trained SeMask-FPN state
-dict loads with strict=True. tests/test_torch_reference.py checks it against the golden
-vectors (eval outputs; one training step's losses, gradients, BatchNorm statistics and
-AdamW update), so what is timed is the reference's function.
+mmcv's no-decay keys. The training step also computes what the official head and segmentor
+compute in every iteration beside the loss: acc_seg (mmseg's top-1 accuracy of the resized
+logits) and the .item() of each logged value (BaseSegmentor._parse_losses). The inference
+step is the decode head's forward_test: the stride-4 seg logits (with the SeMask class branch,
+which BranchFPNHead.forward computes too), what semask_jax.bench times; it leaves out what
+EncoderDecoder.simple_test adds (the resize to the image, softmax, argmax, and SeMask's second
+extract_feat for the returned feature maps). Module names are the checkpoint's, so a trained
+SeMask-FPN state dict loads with strict=True. tests/test_torch_reference.py checks it
+against the golden vectors (eval outputs; one training step's losses, gradients, BatchNorm
+statistics and AdamW update), so what is timed is the reference's function.
 
   python benchmarks/torch_reference.py --variant T --mode infer --batch 1 --size 512
   python benchmarks/torch_reference.py --variant T --mode train --batch 2 --size 512
@@ -430,10 +436,21 @@ def ohem_weights(ce: torch.Tensor, labels: torch.Tensor, min_kept: int) -> torch
   return weight
 
 
-def segmentation_loss(seg, cls, labels, cate_w: float = 0.4, ohem_min_kept: int | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-  """(loss_ce, loss_cate): CE of the logits resized to the labels, ignore 255, mean over
-  ALL pixels (mmseg's CrossEntropyLoss); the cate term already times cate_w."""
+def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+  """mmseg.models.losses.accuracy with topk=1: the percentage of ALL pixels (255 included)
+  whose top-1 class is the label."""
+  _, pred_label = pred.topk(1, dim=1)
+  pred_label = pred_label.transpose(0, 1)  # [1, B, H, W]
+  correct = pred_label.eq(target.unsqueeze(0).expand_as(pred_label))
+  return correct[:1].reshape(-1).float().sum(0, keepdim=True).mul_(100.0 / target.numel())
+
+
+def decode_head_losses(seg, cls, labels, cate_w: float = 0.4, ohem_min_kept: int | None = None,
+                       with_acc: bool = True) -> dict[str, torch.Tensor]:
+  """SeMaskBaseDecodeHead.losses: loss_ce, loss_cate (CE of the logits resized to the labels,
+  ignore 255, mean over ALL pixels: mmseg's CrossEntropyLoss; the cate term already times
+  cate_w) and, as the official head computes in every training iteration, acc_seg (top-1
+  accuracy of the resized seg logits)."""
   size = labels.shape[1:]
   seg = F.interpolate(seg, size=size, mode="bilinear", align_corners=False)
   ce = F.cross_entropy(seg, labels, reduction="none", ignore_index=IGNORE_INDEX)
@@ -441,7 +458,28 @@ def segmentation_loss(seg, cls, labels, cate_w: float = 0.4, ohem_min_kept: int 
     ce = ce * ohem_weights(ce.detach(), labels, ohem_min_kept)
   cls = F.interpolate(cls, size=size, mode="bilinear", align_corners=False)
   ce2 = F.cross_entropy(cls, labels, reduction="none", ignore_index=IGNORE_INDEX)
-  return ce.mean(), cate_w * ce2.mean()
+  out = {"loss_ce": ce.mean(), "loss_cate": cate_w * ce2.mean()}
+  if with_acc:
+    out["acc_seg"] = accuracy(seg, labels)
+  return out
+
+
+def segmentation_loss(seg, cls, labels, cate_w: float = 0.4, ohem_min_kept: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+  """(loss_ce, loss_cate) of decode_head_losses, without the accuracy."""
+  out = decode_head_losses(seg, cls, labels, cate_w, ohem_min_kept, with_acc=False)
+  return out["loss_ce"], out["loss_cate"]
+
+
+def parse_losses(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+  """BaseSegmentor._parse_losses: the sum of the 'loss' entries; every logged value (the
+  accuracy included) is read back to the host with .item() in each iteration."""
+  log_vars = {k: v.mean() for k, v in losses.items()}
+  loss = sum(v for k, v in log_vars.items() if "loss" in k)
+  log_vars["loss"] = loss
+  for v in log_vars.values():
+    v.item()
+  return loss
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps=1e-8):
@@ -510,8 +548,8 @@ def run_bench(*, model: str = "fpn", variant: str = "T", num_classes: int = 150,
     def step():
       with autocast:
         seg, cls, _, _ = net(images)
-        loss_ce, loss_cate = segmentation_loss(seg.float(), cls.float(), labels)
-        loss = loss_ce + loss_cate
+        # SeMaskBaseDecodeHead.losses (acc_seg included) and BaseSegmentor._parse_losses
+        loss = parse_losses(decode_head_losses(seg.float(), cls.float(), labels))
       opt.zero_grad()
       loss.backward()
       opt.step()

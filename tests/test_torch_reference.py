@@ -134,3 +134,20 @@ def test_bench_runs_without_jax(tmp_path):
   assert row["model"] == "fpn"
   assert len(row["step_times_s"]) == 2 and row["images_per_s"] > 0
   assert row["peak_memory_bytes"] > 0
+
+
+def test_decode_head_losses_add_mmseg_accuracy(tr):
+  """The training step's losses as SeMaskBaseDecodeHead.losses computes them: the two CE
+  terms of segmentation_loss and acc_seg, the top-1 accuracy (in %) of the resized logits
+  over ALL pixels, ignored ones included (mmseg 0.x's accuracy)."""
+  gen = torch.Generator().manual_seed(0)
+  seg, cls = torch.randn(2, 5, 4, 4, generator=gen), torch.randn(2, 5, 4, 4, generator=gen)
+  labels = torch.randint(0, 5, (2, 8, 8), generator=gen)
+  labels[0, 0] = 255
+  out = tr.decode_head_losses(seg, cls, labels, 0.4)
+  ce, cate = tr.segmentation_loss(seg, cls, labels, 0.4)
+  assert torch.equal(out["loss_ce"], ce) and torch.equal(out["loss_cate"], cate)
+  up = torch.nn.functional.interpolate(seg, size=(8, 8), mode="bilinear", align_corners=False)
+  want = (up.argmax(1) == labels).float().mean() * 100
+  torch.testing.assert_close(out["acc_seg"], want.reshape(1))
+  assert float(tr.parse_losses(out)) == pytest.approx(float(ce + cate))
