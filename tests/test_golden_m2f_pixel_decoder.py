@@ -73,11 +73,23 @@ def test_deform_attn_core_matches_torch_transcription(load_benchmark):
   cot = rng.normal(size=ref.shape).astype(np.float32)
   tv, tl, tw = (torch.tensor(x, requires_grad=True) for x in (value, locations, weights))
   (torch_core(tv, shapes, tl, tw) * torch.tensor(cot)).sum().backward()
-  # Also through the rematerialising custom VJP that MSDeformAttn uses.
-  for core in (deform_attn_core, _deform_attn_core_remat):
-    grads = jax.jit(jax.grad(lambda v, l, w: (core(v, shapes, l, w) * cot).sum(),  # noqa: B023
+  # Also through the rematerialising custom VJP that MSDeformAttn uses, in one block of
+  # queries and in blocks of 5 (the last one padded).
+  from semask_jax.models import pixel_decoder  # pylint: disable=import-outside-toplevel
+  assert locations.shape[1] > 5 and locations.shape[1] % 5
+  for core, block in ((deform_attn_core, None), (_deform_attn_core_remat, None),
+                      (_deform_attn_core_remat, 5)):
+    old_block = pixel_decoder.QUERY_BLOCK
+    pixel_decoder.QUERY_BLOCK = block or old_block
+    try:
+      out = jax.jit(core, static_argnums=1)(jnp.asarray(value), shapes, jnp.asarray(locations),
+                                            jnp.asarray(weights))
+      np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=2e-6)
+      grads = jax.jit(jax.grad(lambda v, l, w: (core(v, shapes, l, w) * cot).sum(),  # noqa: B023
                              argnums=(0, 1, 2)))(jnp.asarray(value), jnp.asarray(locations),
                                                  jnp.asarray(weights))
+    finally:
+      pixel_decoder.QUERY_BLOCK = old_block
     for g, t in zip(grads, (tv, tl, tw)):
       ref_g = t.grad.numpy()
       np.testing.assert_allclose(np.asarray(g), ref_g, rtol=0,

@@ -78,28 +78,77 @@ def deform_attn_core(value: jax.Array, spatial_shapes: tuple[tuple[int, int], ..
   return out.reshape(b, q, m * d).astype(value.dtype)
 
 
+# Queries per block of the training path's deformable attention: the corner taps of a
+# block ([B, block, M, L*P*4, D] float32, and their cotangent in the backward pass) are
+# what is live, not those of all queries (504 MB per layer for SeMask-T at 512x512,
+# batch 2).
+QUERY_BLOCK = 1024
+
+
+def _query_blocks(q: int) -> tuple[int, int]:
+  """(number of blocks, queries per block) of Q queries: blocks of about QUERY_BLOCK."""
+  n = max(1, -(-q // QUERY_BLOCK))
+  return n, -(-q // n)
+
+
+def _blocked(x: jax.Array, n: int, size: int) -> jax.Array:
+  """[B, Q, ...] -> [n, B, size, ...], the queries zero-padded to n * size."""
+  pad = n * size - x.shape[1]
+  x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+  return jnp.moveaxis(x.reshape(x.shape[0], n, size, *x.shape[2:]), 1, 0)
+
+
+def _unblocked(x: jax.Array, q: int) -> jax.Array:
+  """[n, B, size, ...] -> [B, Q, ...] (the padding dropped)."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :q]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _deform_attn_core_remat(value: jax.Array, spatial_shapes: tuple[tuple[int, int], ...],
                             locations: jax.Array, weights: jax.Array) -> jax.Array:
-  """deform_attn_core whose backward pass gathers the corner taps again instead of
-  keeping them: they are [B, Q, M, L*P*4, D] float32 per layer, 32x the value they
-  are read from. As swin.sequenced_remat: the recomputation waits for the output's
-  cotangent (layers.after), else XLA:CPU runs it early and keeps it live all the same.
-  """
-  return deform_attn_core(value, spatial_shapes, locations, weights)
+  """deform_attn_core over blocks of queries (lax.scan: one block's corner taps live at a
+  time), whose backward pass gathers the taps again, block by block, instead of keeping
+  them: they are [B, Q, M, L*P*4, D] float32 per layer, 32x the value they are read from.
+  As swin.sequenced_remat: the recomputation waits for the output's cotangent
+  (layers.after), else XLA:CPU runs it early and keeps it live all the same. Padded
+  queries read with weight 0 and are dropped."""
+  return _blocked_core(value, spatial_shapes, locations, weights)
+
+
+def _blocked_core(value: jax.Array, spatial_shapes: tuple[tuple[int, int], ...],
+                  locations: jax.Array, weights: jax.Array) -> jax.Array:
+  q = locations.shape[1]
+  n, size = _query_blocks(q)
+  if n == 1:
+    return deform_attn_core(value, spatial_shapes, locations, weights)
+  out = jax.lax.map(lambda lw: deform_attn_core(value, spatial_shapes, *lw),
+                    (_blocked(locations, n, size), _blocked(weights, n, size)))
+  return _unblocked(out, q)
 
 
 def _deform_fwd(value, spatial_shapes, locations, weights):
-  return deform_attn_core(value, spatial_shapes, locations, weights), (value, locations, weights)
+  return _blocked_core(value, spatial_shapes, locations, weights), (value, locations, weights)
 
 
 def _deform_bwd(spatial_shapes, res, ct):
   value, locations, weights = res
   value = layers.after(value, ct)
   value, locations, weights = jax.lax.optimization_barrier((value, locations, weights))
-  _, vjp = jax.vjp(lambda v, l, w: deform_attn_core(v, spatial_shapes, l, w),
-                   value, locations, weights)
-  return vjp(ct)
+  q = locations.shape[1]
+  n, size = _query_blocks(q)
+
+  def block(gv, xs):  # the output of a block reads value only: its vjp adds into gv
+    loc, wts, c = xs
+    _, vjp = jax.vjp(lambda v, l, w: deform_attn_core(v, spatial_shapes, l, w),
+                     value, loc, wts)
+    dv, dl, dw = vjp(c)
+    return gv + dv, (dl, dw)
+
+  gv, (gl, gw) = jax.lax.scan(block, jnp.zeros_like(value),
+                              (_blocked(locations, n, size), _blocked(weights, n, size),
+                               _blocked(ct, n, size)))
+  return gv, _unblocked(gl, q), _unblocked(gw, q)
 
 
 _deform_attn_core_remat.defvjp(_deform_fwd, _deform_bwd)
