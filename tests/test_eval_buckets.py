@@ -111,9 +111,13 @@ def compare(kind: str, cfg, num_devices: int = 1):
                                            pad_multiple=pad)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:num_devices]), ('data',),
                            axis_types=(jax.sharding.AxisType.Auto,))
+  # The detectron2 heads pad to 32 first, and the ladder has every multiple of 32 up to
+  # 256: each image's canvas would be its own padded size. One program for all makes the
+  # images of a batch differ in size (and it compiles once).
   bucket = bucketed.BucketedInference(seg, state, cfg, NUM_CLASSES, mesh=mesh,
                                       output_stride=4 if kind == 'fpn' else 1,
-                                      probabilities=probs, pad_multiple=pad)
+                                      probabilities=probs, pad_multiple=pad,
+                                      max_programs=1 if pad else None)
   exs = examples(_sizes(), cfg.scales)
   items = [([im.shape[:2] for im in ex['images']], ex['label'].shape) for ex in exs]
   to_canvas, batches = bucket.make_plan(items)
@@ -162,14 +166,14 @@ def test_slide_equals_per_image():
 
 @pytest.mark.parametrize('kind', NEW_KINDS)
 def test_segment_of_a_canvas_equals_each_image_alone(kind):
-  """segment(canvas, valid_hw) against segment(image) per image, model only: three sizes
+  """segment(canvas, valid_hw) against segment(image) per image, model only: two sizes
   (multiples of 32, the heads' own pad) in one canvas whose padding is random, not zero
   (the model must not read it)."""
   graphdef, state, _ = tiny_model(kind)
   segment = jax.jit(lambda s, x, hw=None: nnx.merge(graphdef, s).segment(x, hw))
-  sizes = [(64, 96), (128, 64), (96, 128)]
+  sizes = [(96, 64), (64, 128)]
   rng = np.random.default_rng(0)
-  canvas = 3 * rng.standard_normal((len(sizes), 128, 128, 3)).astype(np.float32)
+  canvas = 3 * rng.standard_normal((len(sizes), 96, 128, 3)).astype(np.float32)
   alone = [rng.standard_normal((h, w, 3)).astype(np.float32) for h, w in sizes]
   for i, (h, w) in enumerate(sizes):
     canvas[i, :h, :w] = alone[i]
