@@ -1,5 +1,7 @@
 """Bucketed exact evaluation (evaluation/bucketed.py) against the per-image oracle
-(PerImageInference), and the eval_plan counts.
+(PerImageInference) for every head (SeMask-FPN; Mask2Former with the MSDeformAttn, FaPN
+and MSFaPN pixel decoders; MaskFormer), each head's valid-size forward against the model
+on each image alone, and the eval_plan counts.
 
 Image sizes come from $SEMASK_EVAL_SIZES (default ../shared/reference/ade20k_val_sizes.json
 from the repo root), divided by SCALE_DOWN so that the tiny models run on a CPU, picked
@@ -143,8 +145,8 @@ def compare(kind: str, cfg, num_devices: int = 1):
               batches=len(batches), devices=mesh.devices.size, batch=bucket.batch_size)
 
 
-def check(r):
-  print('exactness', json.dumps(r))  # pytest -s shows the figures
+def check(r, label: str):
+  print('exactness', label, json.dumps(r))  # pytest -s shows the figures
   assert r['rel'] <= 1e-4, r
   assert r['agree'] >= 0.9999, r
   assert r['miou'] <= 1e-4, r
@@ -152,16 +154,16 @@ def check(r):
 
 @pytest.mark.parametrize('kind', ('fpn',) + DETECTRON2_KINDS)
 def test_single_scale_equals_per_image(kind):
-  check(compare(kind, eval_cfg()))
+  check(compare(kind, eval_cfg()), f'{kind}, single scale')
 
 
 @pytest.mark.parametrize('kind', ('fpn',) + DETECTRON2_KINDS)
 def test_multi_scale_flip_equals_per_image(kind):
-  check(compare(kind, eval_cfg(scales=(0.5, 1.0, 1.5), flip=True)))
+  check(compare(kind, eval_cfg(scales=(0.5, 1.0, 1.5), flip=True)), f'{kind}, multi-scale + flip')
 
 
 def test_slide_equals_per_image():
-  check(compare('fpn', eval_cfg(mode='slide')))
+  check(compare('fpn', eval_cfg(mode='slide')), 'fpn, slide')
 
 
 @pytest.mark.parametrize('kind', NEW_KINDS)
@@ -223,9 +225,9 @@ def test_eight_devices_batch_not_divisible():
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')][-1]
-  for r in json.loads(line[len('RESULT'):]).values():
+  for kind, r in json.loads(line[len('RESULT'):]).items():
     assert r['devices'] == 8 and r['batch'] == 8
-    check(r)
+    check(r, f'8 devices, {kind}')
 
 
 # ------------------------------------------------------------------ eval_plan
