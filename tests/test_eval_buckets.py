@@ -1,5 +1,7 @@
 """Bucketed exact evaluation (evaluation/bucketed.py) against the per-image oracle
-(PerImageInference), and the eval_plan counts.
+(PerImageInference) for every head (SeMask-FPN; Mask2Former with the MSDeformAttn, FaPN
+and MSFaPN pixel decoders; MaskFormer), each head's valid-size forward against the model
+on each image alone, and the eval_plan counts.
 
 Image sizes come from $SEMASK_EVAL_SIZES (default ../shared/reference/ade20k_val_sizes.json
 from the repo root), divided by SCALE_DOWN so that the tiny models run on a CPU, picked
@@ -21,7 +23,9 @@ from flax import nnx
 
 from semask_jax.evaluation import bucketed, buckets
 from semask_jax.evaluation import inference as inference_lib
-from semask_jax.models import SEMASK_MASK2FORMER, build_model, default_model_config
+from semask_jax.models import (SEMASK_MASK2FORMER, SEMASK_MASKFORMER, build_model,
+                               default_model_config, valid)
+from semask_jax.models.fapn import resize_nearest_legacy
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SIZES = os.environ.get('SEMASK_EVAL_SIZES', str(ROOT / '..' / 'shared' / 'reference' /
@@ -42,24 +46,44 @@ def _sizes() -> list[tuple[int, int]]:
           for i in pick]
 
 
+DETECTRON2_KINDS = ('m2f', 'fapn', 'msfapn', 'maskformer')  # pad to 32, scores at stride 1
+NEW_KINDS = ('fapn', 'msfapn', 'maskformer')
+
+
 def tiny_model(kind: str):
+  """A tiny model of `kind` ('fpn', 'm2f' (MSDeformAttn pixel decoder), 'fapn', 'msfapn'
+  or 'maskformer') with random weights: semantic gammas nonzero, and FaPN's DCN offset /
+  mask convs random (their zero init would sample only the integer taps), so that its
+  taps land between pixels and past the image's edge."""
   if kind == 'fpn':
     m = default_model_config('T', NUM_CLASSES)
     m.embed_dim, m.num_heads, m.fpn_channels = 16, (1, 1, 2, 2), 16
   else:
-    m = default_model_config('T', NUM_CLASSES, num_sem_blocks=1, name=SEMASK_MASK2FORMER)
+    name = SEMASK_MASKFORMER if kind == 'maskformer' else SEMASK_MASK2FORMER
+    m = default_model_config('T', NUM_CLASSES, num_sem_blocks=1, name=name)
     m.embed_dim, m.num_heads = 16, (1, 2, 2, 4)
     m.conv_dim = m.mask_dim = m.hidden_dim = 32
-    m.nheads, m.enc_layers, m.enc_dim_feedforward = 4, 1, 32
-    m.num_queries, m.dim_feedforward, m.dec_layers = 6, 32, 3
+    m.nheads, m.num_queries, m.dim_feedforward, m.dec_layers = 4, 6, 32, 3
+    if kind != 'maskformer':
+      m.enc_layers, m.enc_dim_feedforward = 1, 32
+      m.pixel_decoder = {'m2f': 'msdeformattn'}.get(kind, kind)
+      m.deformable_groups = 2
   m.depths = (2, 2, 2, 2)
   m.window_size = m.sem_window_size = 7
   m.drop_path_rate = m.sem_dropout = 0.0
   model = build_model(m, rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, x: x + 0.5 if 'gamma' in jax.tree_util.keystr(p) else x, params)
-  nnx.update(model, params)
+  noise = iter(jax.random.split(jax.random.key(1), 64))
+
+  def perturb(path, x):
+    name = jax.tree_util.keystr(path)
+    if 'gamma' in name:
+      return x + 0.5
+    if 'conv_offset_mask' in name:  # offsets of a few pixels, masks away from 0.5
+      return x + 0.1 * jax.random.normal(next(noise), x.shape, x.dtype)
+    return x
+
+  nnx.update(model, jax.tree_util.tree_map_with_path(perturb, params))
   graphdef, state = nnx.split(model)
   return graphdef, state, type(model)
 
@@ -84,14 +108,18 @@ def compare(kind: str, cfg, num_devices: int = 1):
   graphdef, state, cls = tiny_model(kind)
   seg = lambda p: nnx.merge(graphdef, p).segment  # noqa: E731
   probs = cls.SCORES_ARE_PROBABILITIES
-  pad = 32 if kind == 'm2f' else 0
+  pad = 32 if kind in DETECTRON2_KINDS else 0
   oracle = inference_lib.PerImageInference(seg, state, cfg, NUM_CLASSES, probabilities=probs,
                                            pad_multiple=pad)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:num_devices]), ('data',),
                            axis_types=(jax.sharding.AxisType.Auto,))
+  # The detectron2 heads pad to 32 first, and the ladder has every multiple of 32 up to
+  # 256: each image's canvas would be its own padded size. One program for all makes the
+  # images of a batch differ in size (and it compiles once).
   bucket = bucketed.BucketedInference(seg, state, cfg, NUM_CLASSES, mesh=mesh,
                                       output_stride=4 if kind == 'fpn' else 1,
-                                      probabilities=probs, pad_multiple=pad)
+                                      probabilities=probs, pad_multiple=pad,
+                                      max_programs=1 if pad else None)
   exs = examples(_sizes(), cfg.scales)
   items = [([im.shape[:2] for im in ex['images']], ex['label'].shape) for ex in exs]
   to_canvas, batches = bucket.make_plan(items)
@@ -117,25 +145,60 @@ def compare(kind: str, cfg, num_devices: int = 1):
               batches=len(batches), devices=mesh.devices.size, batch=bucket.batch_size)
 
 
-def check(r):
-  print('exactness', json.dumps(r))  # pytest -s shows the figures
+def check(r, label: str):
+  print('exactness', label, json.dumps(r))  # pytest -s shows the figures
   assert r['rel'] <= 1e-4, r
   assert r['agree'] >= 0.9999, r
   assert r['miou'] <= 1e-4, r
 
 
-@pytest.mark.parametrize('kind', ['fpn', 'm2f'])
+@pytest.mark.parametrize('kind', ('fpn',) + DETECTRON2_KINDS)
 def test_single_scale_equals_per_image(kind):
-  check(compare(kind, eval_cfg()))
+  check(compare(kind, eval_cfg()), f'{kind}, single scale')
 
 
-@pytest.mark.parametrize('kind', ['fpn', 'm2f'])
+@pytest.mark.parametrize('kind', ('fpn',) + DETECTRON2_KINDS)
 def test_multi_scale_flip_equals_per_image(kind):
-  check(compare(kind, eval_cfg(scales=(0.5, 1.0, 1.5), flip=True)))
+  check(compare(kind, eval_cfg(scales=(0.5, 1.0, 1.5), flip=True)), f'{kind}, multi-scale + flip')
 
 
 def test_slide_equals_per_image():
-  check(compare('fpn', eval_cfg(mode='slide')))
+  check(compare('fpn', eval_cfg(mode='slide')), 'fpn, slide')
+
+
+@pytest.mark.parametrize('kind', NEW_KINDS)
+def test_segment_of_a_canvas_equals_each_image_alone(kind):
+  """segment(canvas, valid_hw) against segment(image) per image, model only: two sizes
+  (multiples of 32, the heads' own pad) in one canvas whose padding is random, not zero
+  (the model must not read it)."""
+  graphdef, state, _ = tiny_model(kind)
+  segment = jax.jit(lambda s, x, hw=None: nnx.merge(graphdef, s).segment(x, hw))
+  sizes = [(96, 64), (64, 128)]
+  rng = np.random.default_rng(0)
+  canvas = 3 * rng.standard_normal((len(sizes), 96, 128, 3)).astype(np.float32)
+  alone = [rng.standard_normal((h, w, 3)).astype(np.float32) for h, w in sizes]
+  for i, (h, w) in enumerate(sizes):
+    canvas[i, :h, :w] = alone[i]
+  got = np.asarray(segment(state, canvas, np.asarray(sizes, np.int32)))
+  for i, (h, w) in enumerate(sizes):
+    want = np.asarray(segment(state, alone[i][None]))[0]
+    rel = float(np.abs(got[i, :h, :w] - want).max() / np.abs(want).max())
+    print('model exactness', kind, (h, w), rel)
+    assert np.isfinite(got[i]).all()
+    assert rel <= 1e-4, (kind, (h, w), rel)
+
+
+def test_valid_resize_nearest_is_the_legacy_nearest_per_image():
+  """valid.resize_nearest against F.interpolate(size=, 'nearest') of each image alone,
+  odd ratios included (2 -> 3, 4 -> 7, 3 -> 5)."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((3, 4, 5, 2)).astype(np.float32)
+  in_hw = np.asarray([(2, 4), (4, 3), (3, 5)], np.int32)
+  out_hw = np.asarray([(3, 7), (7, 5), (5, 5)], np.int32)
+  got = np.asarray(valid.resize_nearest(x, in_hw, out_hw, (8, 9)))
+  for i, ((h, w), (ho, wo)) in enumerate(zip(in_hw, out_hw)):
+    want = np.asarray(resize_nearest_legacy(x[i:i + 1, :h, :w], (ho, wo)))[0]
+    np.testing.assert_array_equal(got[i, :ho, :wo], want)
 
 
 _SUBPROCESS = r'''
@@ -162,9 +225,9 @@ def test_eight_devices_batch_not_divisible():
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')][-1]
-  for r in json.loads(line[len('RESULT'):]).values():
+  for kind, r in json.loads(line[len('RESULT'):]).items():
     assert r['devices'] == 8 and r['batch'] == 8
-    check(r)
+    check(r, f'8 devices, {kind}')
 
 
 # ------------------------------------------------------------------ eval_plan

@@ -1,17 +1,18 @@
-"""Heads without a valid-size forward (FaPN / MSFaPN-Mask2Former, MaskFormer) are evaluated
-and predicted exactly, one image at a time, by the same entry points that batch the others
-per bucket canvas."""
+"""Every head has a valid-size forward, so none falls back to one image at a time: the
+evaluation during training, --mode=eval and prediction of MaskFormer and
+FaPN-Mask2Former run batched per bucket canvas and give the per-image oracle's numbers;
+config.eval.per_image=True is the one way left to run --mode=eval one image at a time."""
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 import input_pipeline
-from configs import demo_mask2former, demo_maskformer, tiny
+from configs import demo_mask2former, demo_maskformer
 from semask_jax import sharding as sharding_lib
 from semask_jax.evaluation import evaluator, predict
 from semask_jax.evaluation import inference as inference_lib
-from semask_jax.models import has_valid_size_forward
+from semask_jax.train import modes
 from semask_jax.train import state as state_lib
 
 
@@ -33,23 +34,40 @@ def _fapn():
   return c
 
 
-def test_which_heads_have_a_valid_size_forward():
-  assert has_valid_size_forward(tiny.get_config().model)
-  assert has_valid_size_forward(demo_mask2former.get_config().model)
-  assert not has_valid_size_forward(_maskformer().model)
-  assert not has_valid_size_forward(_fapn().model)
+def _recorded(monkeypatch, module, name: str, calls: list[str]) -> None:
+  """module.name still runs, and appends its name to `calls` when it does."""
+  fn = getattr(module, name)
+
+  def wrapper(*args, **kwargs):
+    calls.append(name)
+    return fn(*args, **kwargs)
+
+  monkeypatch.setattr(module, name, wrapper)
 
 
 @pytest.mark.parametrize('make', [_maskformer, _fapn], ids=['maskformer', 'fapn'])
-def test_eval_and_predict_run_one_image_at_a_time(make, tmp_path):
+def test_eval_and_predict_batch_per_canvas_unless_per_image(make, tmp_path, monkeypatch):
   config = make()
   mesh = sharding_lib.make_mesh(jax.devices()[:1])
   model = state_lib.create_model(config)
   state, graphdef, rest, _, _ = state_lib.init_train_state(config, model, mesh)
-  got = evaluator.make_eval_fn(config, graphdef, rest, mesh)(state)
-  want = evaluator.evaluate_per_image(config, graphdef, rest, state)
-  assert got['mIoU'] == want['mIoU'] and got['aAcc'] == want['aAcc']
-  # Prediction: the per-image inference's class map, written at the original size.
+  monkeypatch.setattr(modes, 'restore_for_inference', lambda *a: (state, graphdef, rest, 0))
+  calls: list[str] = []
+  _recorded(monkeypatch, modes, 'evaluate_per_image', calls)
+  _recorded(monkeypatch, modes, 'evaluate_exact', calls)
+  _recorded(monkeypatch, evaluator, 'evaluate_per_image', calls)
+  config.eval.per_image = True
+  want = modes.evaluate_only(config, str(tmp_path / 'per_image'))
+  assert calls == ['evaluate_per_image']
+  config.eval.per_image = False
+  got = modes.evaluate_only(config, str(tmp_path / 'exact'))
+  assert calls[1:] == ['evaluate_exact']
+  during_training = evaluator.make_eval_fn(config, graphdef, rest, mesh)(state)
+  assert calls[2:] == []  # bucketed as well
+  for res in (got, during_training):
+    assert res['mIoU'] == pytest.approx(want['mIoU'], abs=1e-4)
+    assert res['aAcc'] == pytest.approx(want['aAcc'], abs=1e-4)
+  # Prediction (bucketed): the per-image inference's class map, at the original size.
   image = np.random.default_rng(0).integers(0, 256, (37, 45, 3), dtype=np.uint8)
   Image.fromarray(image).save(tmp_path / 'a.png')
   written = predict.predict_paths(config, graphdef, rest, state.params, state.batch_stats,

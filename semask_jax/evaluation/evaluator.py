@@ -32,7 +32,7 @@ from semask_jax.cli import ConfigError
 from semask_jax.evaluation import predict
 from semask_jax import sharding as sharding_lib
 from semask_jax.evaluation.metrics import format_table
-from semask_jax.models import has_valid_size_forward, model_class
+from semask_jax.models import model_class
 from semask_jax.models.functional import merge_model
 
 
@@ -56,10 +56,6 @@ def make_eval_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
 
   replicated = sharding_lib.replicated(mesh)
   if not config.eval.approximate:
-    if not has_valid_size_forward(config.model):
-      logging.info('%s has no valid-size forward: the evaluation runs one image at a '
-                   'time (exact, one program per input shape)', config.model.name)
-      return functools.partial(evaluate_per_image, config, graphdef, rest)
     cache = {} if cache is None else cache  # one BucketedInference: compiled once per run
 
     def run_exact(state: ParamsAndStats) -> dict[str, Any]:

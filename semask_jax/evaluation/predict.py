@@ -23,8 +23,6 @@ from input_pipeline import transforms as T
 from semask_jax.cli import InputError, PathNotFoundError
 from semask_jax import sharding as sharding_lib
 from semask_jax.evaluation import bucketed
-from semask_jax.evaluation import inference as inference_lib
-from semask_jax.models import has_valid_size_forward
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -124,33 +122,23 @@ def predict_paths(config: ml_collections.ConfigDict, graphdef: Any, rest: Any, p
   local = lambda x: x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable else x  # noqa: E731
   params, batch_stats = jax.tree.map(local, (params, batch_stats))
   recipe = config.data.recipe
-  if has_valid_size_forward(config.model):  # batched per bucket canvas
-    # This process's devices: process 0 alone predicts.
-    inference = bucketed.make_bucketed_inference(config, graphdef, rest, params, batch_stats,
-                                                 sharding_lib.make_mesh(jax.local_devices()))
-    ratios = tuple(float(r) for r in config.eval.scales)
-    tta = pipeline.is_tta(ratios, config.eval.flip)
-    sizes = [image_size(path) for path in files]  # headers only: each image decoded once
-    items = [(pipeline.scale_sizes(hw, config.data, ratios, tta=tta), hw) for hw in sizes]
+  # Batched per bucket canvas on this process's devices: process 0 alone predicts.
+  inference = bucketed.make_bucketed_inference(config, graphdef, rest, params, batch_stats,
+                                               sharding_lib.make_mesh(jax.local_devices()))
+  ratios = tuple(float(r) for r in config.eval.scales)
+  tta = pipeline.is_tta(ratios, config.eval.flip)
+  sizes = [image_size(path) for path in files]  # headers only: each image decoded once
+  items = [(pipeline.scale_sizes(hw, config.data, ratios, tta=tta), hw) for hw in sizes]
 
-    def load(i: int) -> dict[str, Any]:
-      rgb = load_rgb(files[i], recipe)
-      if rgb.shape[:2] != sizes[i]:
-        raise InputError(f'image {files[i]!r} decodes to {rgb.shape[:2]}, its header says '
-                         f'{sizes[i]}')
-      return {'images': scale_images(rgb, config), 'rgb': rgb}
+  def load(i: int) -> dict[str, Any]:
+    rgb = load_rgb(files[i], recipe)
+    if rgb.shape[:2] != sizes[i]:
+      raise InputError(f'image {files[i]!r} decodes to {rgb.shape[:2]}, its header says '
+                       f'{sizes[i]}')
+    return {'images': scale_images(rgb, config), 'rgb': rgb}
 
-    preds = ((i, pred, ex['rgb'])
-             for i, pred, ex in bucketed.predict_bucketed(inference, items, load))
-  else:  # one image at a time (the heads without a valid-size forward), one decode each
-    one = inference_lib.make_per_image_inference(config, graphdef, rest, params, batch_stats)
-
-    def one_at_a_time():
-      for i, path in enumerate(files):
-        image = load_rgb(path, recipe)
-        yield i, one.predict(scale_images(image, config), image.shape[:2]), image
-
-    preds = one_at_a_time()
+  preds = ((i, pred, ex['rgb'])
+           for i, pred, ex in bucketed.predict_bucketed(inference, items, load))
   os.makedirs(output_dir, exist_ok=True)
   stems = output_names(files)
   for i, pred, image in preds:

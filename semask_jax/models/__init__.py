@@ -23,17 +23,6 @@ def model_class(cfg: Mapping[str, Any] | ModelConfig) -> type:
           SEMASK_MASKFORMER: SeMaskMaskFormer}.get(name, SeMaskFPN)
 
 
-def has_valid_size_forward(cfg: Mapping[str, Any] | ModelConfig) -> bool:
-  """Whether the model's segment(images, valid_hw) computes each image of a bucket canvas
-  as alone (models/valid.py): SeMask-FPN and SeMask-Mask2Former with its MSDeformAttn
-  pixel decoder. The FaPN / MSFaPN decoders and MaskFormer do not have it yet; their
-  exact evaluation runs one image at a time."""
-  config = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_config(cfg)
-  if config.name == SEMASK_FPN:
-    return True
-  return config.name == SEMASK_MASK2FORMER and config.head.pixel_decoder == "msdeformattn"
-
-
 def build_model(cfg: Mapping[str, Any] | ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
   """The model of a (flat ml_collections or typed) model config; validates it first."""
   config = ModelConfig.from_config(cfg)
@@ -42,6 +31,6 @@ def build_model(cfg: Mapping[str, Any] | ModelConfig, *, rngs: nnx.Rngs) -> nnx.
 
 __all__ = ["MODEL_NAMES", "SEMASK_FPN", "SEMASK_MASK2FORMER", "SEMASK_MASKFORMER", "VARIANTS",
            "MaskFormerHeadConfig", "SeMaskMaskFormer", "BackboneConfig",
-           "FPNHeadConfig", "Mask2FormerHeadConfig", "ModelConfig", "SeMaskFPN", "SeMaskMask2Former", "build_model", "has_valid_size_forward", "model_class",
+           "FPNHeadConfig", "Mask2FormerHeadConfig", "ModelConfig", "SeMaskFPN", "SeMaskMask2Former", "build_model", "model_class",
            "default_model_config", "model_config_from_dict", "reference_sem_global",
            "resolve_sem_global", "resize_bilinear"]

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from semask_jax.models import layers
+from semask_jax.models import valid
 
 
 def deform_conv2d(x: jax.Array, offset: jax.Array, mask: jax.Array, kernel: jax.Array,
@@ -235,11 +236,19 @@ class DCN(nnx.Module):
     self.stride, self.padding, self.dilation = stride, padding, dilation
     self.deformable_groups = deformable_groups
 
-  def __call__(self, x: jax.Array, offset_feat: jax.Array,
-               aux: dict | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, offset_feat: jax.Array, aux: dict | None = None,
+               valid_hw: jax.Array | None = None) -> jax.Array:
     """x [B, H, W, C] (the map sampled), offset_feat [B, H, W, C'] -> [B, Ho, Wo, O] float32.
-    aux, if given, receives 'offset_mask_raw' (conv_offset_mask's output)."""
-    raw = self.conv_offset_mask(offset_feat).astype(jnp.float32)            # [B, Ho, Wo, 3 dg K]
+    aux, if given, receives 'offset_mask_raw' (conv_offset_mask's output).
+    valid_hw: [B, 2] each image's map in the canvases x and offset_feat (stride 1,
+    models/valid.py): the offset conv pads with zeros beyond it, and x is zeroed there,
+    so a tap past the image's edge reads 0 as on the image alone (its bilinear corners
+    beyond the edge are 0 in both)."""
+    if valid_hw is not None:
+      if self.stride != 1:
+        raise ValueError("DCN: the valid-size forward needs stride 1")
+      x = valid.mask(x, valid_hw)
+    raw = self.conv_offset_mask(offset_feat, valid_hw).astype(jnp.float32)  # [B, Ho, Wo, 3 dg K]
     if aux is not None:
       aux["offset_mask_raw"] = raw
     n = raw.shape[-1] // 3

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from semask_jax.models import layers
+from semask_jax.models import valid
 from semask_jax.models.dcn import DCN
 from semask_jax.models.pixel_decoder import ConvNorm, MSDeformAttnPixelDecoder
 from semask_jax.models.resize import resize_bilinear
@@ -83,17 +84,21 @@ class FeatureAlign(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, feat_l: jax.Array, feat_s: jax.Array, norm: layers.GroupNorm,
-               aux: dict | None = None, prefix: str = "align") -> jax.Array:
+               aux: dict | None = None, prefix: str = "align",
+               valid_hw: jax.Array | None = None) -> jax.Array:
     """feat_l (lateral) and feat_s (top-down) [B, h, w, C] -> [B, h, w, C] in `dtype`.
     aux, if given, receives {prefix}_in_lateral, _in_topdown, _offset_feat,
-    _offset_mask_raw and _dcn (the DCN output before the ReLU)."""
+    _offset_mask_raw and _dcn (the DCN output before the ReLU). valid_hw: [B, 2] each
+    image's map in the canvases (models/valid.py; both maps the same canvas)."""
     if feat_s.shape[1:3] != feat_l.shape[1:3]:
+      if valid_hw is not None:
+        raise ValueError("FeatureAlign: the valid-size forward needs maps of one size")
       feat_s = resize_bilinear(feat_s, feat_l.shape[1:3])
     # The offset conv runs at the compute dtype (under AMP the reference's does too); the
     # DCN casts to float32 inside, as the reference's op exists only in float32.
-    offset = norm(self.offset(jnp.concatenate([feat_l, feat_s * 2], axis=-1)))
+    offset = norm(self.offset(jnp.concatenate([feat_l, feat_s * 2], axis=-1)), valid_hw)
     dcn_aux = {} if aux is not None else None
-    dcn = self.dcpack_L2(feat_s, offset, dcn_aux)                       # [B, h, w, C] float32
+    dcn = self.dcpack_L2(feat_s, offset, dcn_aux, valid_hw)             # [B, h, w, C] float32
     out = jax.nn.relu(dcn) + feat_l.astype(jnp.float32)
     if aux is not None:
       aux.update({f"{prefix}_in_lateral": feat_l, f"{prefix}_in_topdown": feat_s,
@@ -129,21 +134,30 @@ class PixelFANDecoder(nnx.Module):
     self.mask_features = _c2_xavier_conv(conv_dim, mask_dim, 3, use_bias=True, dtype=dtype,
                                          rngs=rngs)
 
-  def __call__(self, feats: list[jax.Array], aux: dict | None = None
+  def __call__(self, feats: list[jax.Array], aux: dict | None = None,
+               valid_sizes: list[jax.Array] | None = None
                ) -> tuple[jax.Array, list[jax.Array]]:
-    """feats: res2..res5 as NHWC maps; aux, if given, receives alignN_* and fpn_res2."""
-    y = self.layer_4(feats[3])                                          # [B, H/32, W/32, C]
+    """feats: res2..res5 as NHWC maps; aux, if given, receives alignN_* and fpn_res2.
+    valid_sizes: their [B, 2] valid grids per image (canvases, models/valid.py): zero
+    conv borders, GroupNorm, the nearest upsampling and the DCN per image's own map."""
+    hw = list(valid_sizes) if valid_sizes is not None else [None] * 4
+    y = self.layer_4(feats[3], hw[3])                                   # [B, H/32, W/32, C]
     multi_scale = [y]
     for n in (3, 2, 1):
-      lateral = getattr(self, f"adapter_{n}")(feats[n - 1])            # [B, h, w, C]
-      top_down = lateral + resize_nearest_legacy(y, lateral.shape[1:3]).astype(lateral.dtype)
+      lateral = getattr(self, f"adapter_{n}")(feats[n - 1], hw[n - 1])  # [B, h, w, C]
+      if valid_sizes is None:
+        up = resize_nearest_legacy(y, lateral.shape[1:3])
+      else:
+        up = valid.resize_nearest(y, hw[n], hw[n - 1], lateral.shape[1:3])
+      top_down = lateral + up.astype(lateral.dtype)
       layer = getattr(self, f"layer_{n}")
-      y = layer(getattr(self, f"align_{n}")(lateral, top_down, layer.norm, aux, f"align{n}"))
+      y = layer(getattr(self, f"align_{n}")(lateral, top_down, layer.norm, aux, f"align{n}",
+                                            hw[n - 1]), hw[n - 1])
       if len(multi_scale) < 3:
         multi_scale.append(y)
     if aux is not None:
       aux["fpn_res2"] = y
-    return self.mask_features(y), multi_scale
+    return self.mask_features(y, hw[0]), multi_scale
 
 
 class MSDeformAttnPixelFANDecoder(MSDeformAttnPixelDecoder):
@@ -157,5 +171,7 @@ class MSDeformAttnPixelFANDecoder(MSDeformAttnPixelDecoder):
                      n_points, dtype=dtype, rngs=rngs)
     self.align_1 = FeatureAlign(conv_dim, deformable_groups, dtype=dtype, rngs=rngs)
 
-  def res2_level(self, lateral: jax.Array, top_down: jax.Array, aux: dict | None) -> jax.Array:
-    return self.layer_1(self.align_1(lateral, top_down, self.layer_1.norm, aux, "align1"))
+  def res2_level(self, lateral: jax.Array, top_down: jax.Array, aux: dict | None,
+                 valid_hw: jax.Array | None = None) -> jax.Array:
+    return self.layer_1(self.align_1(lateral, top_down, self.layer_1.norm, aux, "align1",
+                                     valid_hw), valid_hw)

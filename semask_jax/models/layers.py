@@ -343,7 +343,11 @@ class Conv2d(nnx.Module):
     self.padding = padding
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, valid_hw: jax.Array | None = None) -> jax.Array:
+    """x [B, H, W, Cin] -> [B, Ho, Wo, Cout]. valid_hw: [B, 2] each image's map in the
+    canvas x (models/valid.py): zero padding beyond it, as the image's own border."""
+    if valid_hw is not None and self.padding:
+      x = valid.mask(x, valid_hw)
     if self.kernel.shape[:2] == (1, 1) and self.stride == 1 and self.padding == 0:
       # A 1x1 convolution is a matmul over the channels, and is computed as one: XLA:CPU
       # computed conv_seg's kernel gradient by first transposing its [B, 128, 128, 256]

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from semask_jax.models import layers
+from semask_jax.models import valid
 from semask_jax.models.mask2former_decoder import MLP, MultiheadAttention, _linear
 from semask_jax.models.position_encoding import position_embedding_sine
 
@@ -46,13 +47,16 @@ class TransformerDecoderLayer(nnx.Module):
     self.dropout = dropout
 
   def __call__(self, tgt: jax.Array, memory: jax.Array, memory_with_pos: jax.Array,
-               query_pos: jax.Array, keys: layers.KeyChain) -> jax.Array:
-    """tgt [B, Q, C] float32, memory / memory_with_pos [B, S, C], query_pos [B, Q, C]."""
+               query_pos: jax.Array, keys: layers.KeyChain,
+               memory_mask: jax.Array | None = None) -> jax.Array:
+    """tgt [B, Q, C] float32, memory / memory_with_pos [B, S, C], query_pos [B, Q, C];
+    memory_mask [B, 1, S] bool, True = a key the queries may not attend (None: all)."""
     r = self.dropout
     qk = tgt + query_pos
     x = self.self_attn(qk, qk, tgt, rate=r, rng=keys.next())
     tgt = self.norm1(tgt + layers.dropout(x, r, keys.next()))
-    x = self.multihead_attn(tgt + query_pos, memory_with_pos, memory, rate=r, rng=keys.next())
+    x = self.multihead_attn(tgt + query_pos, memory_with_pos, memory, memory_mask, rate=r,
+                            rng=keys.next())
     tgt = self.norm2(tgt + layers.dropout(x, r, keys.next()))
     x = layers.dropout(jax.nn.relu(self.linear1(tgt)), r, keys.next())
     x = self.linear2(x)
@@ -70,12 +74,13 @@ class TransformerDecoder(nnx.Module):
     self.norm = layers.LayerNorm(dim)
 
   def __call__(self, tgt: jax.Array, memory: jax.Array, memory_with_pos: jax.Array,
-               query_pos: jax.Array, keys: layers.KeyChain) -> jax.Array:
+               query_pos: jax.Array, keys: layers.KeyChain,
+               memory_mask: jax.Array | None = None) -> jax.Array:
     """-> every layer's output through the shared norm [L, B, Q, C] float32
     (return_intermediate=True: the last entry is norm(final output))."""
     hs = []
     for layer in self.layers:
-      tgt = layer(tgt, memory, memory_with_pos, query_pos, keys)
+      tgt = layer(tgt, memory, memory_with_pos, query_pos, keys, memory_mask)
       hs.append(self.norm(tgt))
     return jnp.stack(hs)
 
@@ -115,21 +120,31 @@ class TransformerPredictor(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, res5: jax.Array, mask_features: jax.Array,
-               keys: layers.KeyChain | None = None) -> dict[str, jax.Array]:
+               keys: layers.KeyChain | None = None, valid_hw: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
     """Returns pred_logits [L, B, Q, K+1], pred_masks [L, B, Q, H/4, W/4] (float32; index
     l = after layer l + 1), decoder_hs [L, B, Q, C] (normed layer outputs),
     transformer_in [B, h, w, C] (the memory before flattening) and transformer_pos
-    [h, w, C]. `keys` drives dropout (None or deterministic: eval)."""
+    [h, w, C] ([B, h, w, C] with valid_hw). `keys` drives dropout (None or deterministic:
+    eval). valid_hw: [B, 2] each image's res5 grid in the canvas res5 (models/valid.py):
+    the sine positions of that grid, and cross-attention over its keys only."""
     keys = keys or layers.KeyChain(None)
     b, h, w, _ = res5.shape
     x = res5 if self.input_proj is None else self.input_proj(res5)      # [B, h, w, C]
     memory = x.reshape(b, h * w, self.hidden_dim).astype(jnp.float32)   # [B, S, C]
-    pos = position_embedding_sine(h, w, self.hidden_dim // 2)           # [h, w, C] numpy
-    memory_with_pos = memory + np.asarray(pos).reshape(1, h * w, -1)    # keys carry the position
+    if valid_hw is None:
+      pos = position_embedding_sine(h, w, self.hidden_dim // 2)         # [h, w, C] numpy
+      memory_with_pos = memory + np.asarray(pos).reshape(1, h * w, -1)  # keys carry the position
+      memory_mask = None
+    else:
+      pos = valid.position_embedding_sine(valid_hw, (h, w), self.hidden_dim // 2)
+      memory_with_pos = memory + pos.reshape(b, h * w, -1)              # [B, S, C]
+      memory_mask = ~valid.key_mask(valid_hw, (h, w))[:, None, :]       # [B, 1, S]
     query_pos = self.query_embed()                                      # [Q, C]
     query_pos = jnp.broadcast_to(query_pos[None], (b,) + query_pos.shape)
     tgt = jnp.zeros_like(query_pos)                                     # [B, Q, C] zeros
-    hs = self.transformer.decoder(tgt, memory, memory_with_pos, query_pos, keys)  # [L, B, Q, C]
+    hs = self.transformer.decoder(tgt, memory, memory_with_pos, query_pos, keys,
+                                  memory_mask)                          # [L, B, Q, C]
     logits = self.class_embed(hs).astype(jnp.float32)                   # [L, B, Q, K+1]
     embed = self.mask_embed(hs)                                         # [L, B, Q, D]
     masks = jnp.einsum("lbqd,bhwd->lbqhw", embed, mask_features.astype(self.dtype),

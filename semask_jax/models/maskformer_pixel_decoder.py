@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from semask_jax.models import layers
+from semask_jax.models import valid
 from semask_jax.models.pixel_decoder import ConvNorm
 
 
@@ -68,13 +69,20 @@ class BasePixelDecoder(nnx.Module):
         rngs, (3, 3, conv_dim, mask_dim), math.sqrt(3.0 / (9 * conv_dim))))
     self.mask_features.bias = nnx.Param(jnp.zeros((mask_dim,), jnp.float32))
 
-  def __call__(self, feats: list[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
-    """feats: res2..res5 as NHWC maps."""
-    y = self.layer_4(feats[3])                                           # [B, H/32, W/32, D]
+  def __call__(self, feats: list[jax.Array], valid_sizes: list[jax.Array] | None = None
+               ) -> tuple[jax.Array, list[jax.Array]]:
+    """feats: res2..res5 as NHWC maps. valid_sizes: their [B, 2] valid grids per image
+    (canvases, models/valid.py): zero conv borders, GroupNorm and the nearest upsampling
+    per image's own map."""
+    hw = list(valid_sizes) if valid_sizes is not None else [None] * 4
+    y = self.layer_4(feats[3], hw[3])                                    # [B, H/32, W/32, D]
     outs = [y]
     for k in (3, 2, 1):
-      lateral = getattr(self, f"adapter_{k}")(feats[k - 1])              # [B, h_k, w_k, D]
-      y = lateral + resize_nearest(y, lateral.shape[1:3]).astype(lateral.dtype)
-      y = getattr(self, f"layer_{k}")(y)
+      lateral = getattr(self, f"adapter_{k}")(feats[k - 1], hw[k - 1])   # [B, h_k, w_k, D]
+      if valid_sizes is None:
+        up = resize_nearest(y, lateral.shape[1:3])
+      else:
+        up = valid.resize_nearest(y, hw[k], hw[k - 1], lateral.shape[1:3])
+      y = getattr(self, f"layer_{k}")(lateral + up.astype(lateral.dtype), hw[k - 1])
       outs.append(y)
-    return self.mask_features(y), outs
+    return self.mask_features(y, hw[0]), outs

@@ -366,9 +366,7 @@ class ConvNorm(layers.Conv2d):
 
   def __call__(self, x: jax.Array, valid_hw: jax.Array | None = None) -> jax.Array:
     """valid_hw: [B, 2] (models/valid.py): zero padding beyond it, GroupNorm within."""
-    if valid_hw is not None and self.padding:
-      x = valid.mask(x, valid_hw)
-    y = self.norm(super().__call__(x), valid_hw)
+    y = self.norm(super().__call__(x, valid_hw), valid_hw)
     return jax.nn.relu(y) if self.relu else y
 
 
@@ -411,30 +409,25 @@ class MSDeformAttnPixelDecoder(nnx.Module):
     valid_sizes: their [B, 2] valid grids per image (canvases whose maps are exact
     halvings, as multiples of 32 give; models/valid.py)."""
     res2, res3, res4, res5 = feats
-    if valid_sizes is None:
-      srcs = [proj[1](proj[0](x)) for proj, x in zip(self.input_proj, (res5, res4, res3))]
-      multi_scale = self.transformer(srcs)                               # coarsest first
-      lateral = self.adapter_1(res2)                                     # [B, H/4, W/4, C]
-      y = lateral + resize_bilinear(multi_scale[-1], lateral.shape[1:3]).astype(lateral.dtype)
-      y = self.res2_level(lateral, y, aux)
-      if aux is not None:
-        aux["fpn_res2"] = y
-      return self.mask_features(y), multi_scale
-    if type(self).res2_level is not MSDeformAttnPixelDecoder.res2_level:
-      raise NotImplementedError(f"{type(self).__name__}: no valid-size forward yet (its "
-                                "aligned res2 level); evaluate with eval.per_image=True")
-    hw2, hw3, hw4, hw5 = valid_sizes
-    if any(2 * a != b for a, b in zip(res3.shape[1:3], res2.shape[1:3])):
-      raise ValueError("valid-size pixel decoder: the canvas must be a multiple of 32")
+    hw2, hw3, hw4, hw5 = list(valid_sizes) if valid_sizes is not None else [None] * 4
     srcs = [proj[1](proj[0](x), hw) for proj, x, hw in
             zip(self.input_proj, (res5, res4, res3), (hw5, hw4, hw3))]
-    multi_scale = self.transformer(srcs, [hw5, hw4, hw3])
-    lateral = self.adapter_1(res2, hw2)
-    y = lateral + valid.upsample(multi_scale[-1], hw3, 2).astype(lateral.dtype)
-    y = self.layer_1(y, hw2)
+    multi_scale = self.transformer(srcs, None if valid_sizes is None else [hw5, hw4, hw3])
+    lateral = self.adapter_1(res2, hw2)                                  # [B, H/4, W/4, C]
+    if valid_sizes is None:
+      up = resize_bilinear(multi_scale[-1], lateral.shape[1:3])
+    else:
+      if any(2 * a != b for a, b in zip(res3.shape[1:3], res2.shape[1:3])):
+        raise ValueError("valid-size pixel decoder: the canvas must be a multiple of 32")
+      up = valid.upsample(multi_scale[-1], hw3, 2)
+    y = self.res2_level(lateral, lateral + up.astype(lateral.dtype), aux, hw2)
+    if aux is not None:
+      aux["fpn_res2"] = y
     return self.mask_features(y), multi_scale
 
-  def res2_level(self, lateral: jax.Array, top_down: jax.Array, aux: dict | None) -> jax.Array:
-    """The res2 level's output from its lateral and top-down maps (MSFaPN aligns them)."""
+  def res2_level(self, lateral: jax.Array, top_down: jax.Array, aux: dict | None,
+                 valid_hw: jax.Array | None = None) -> jax.Array:
+    """The res2 level's output from its lateral and top-down maps (MSFaPN aligns them);
+    valid_hw: the res2 grid per image (models/valid.py)."""
     del lateral, aux
-    return self.layer_1(top_down)
+    return self.layer_1(top_down, valid_hw)

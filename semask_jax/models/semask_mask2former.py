@@ -76,14 +76,47 @@ def build_backbone_and_head(model: nnx.Module, config: ModelConfig, head_config:
                             rngs=rngs)
 
 
-class SeMaskMask2Former(nnx.Module):
-  """images [B, H, W, 3] -> Mask2Former predictions + the SeMask semantic prior."""
+class Detectron2Segment:
+  """segment() of the detectron2 heads (Mask2Former, MaskFormer): semantic inference of
+  the final prediction; each head's valid_head gives it in canvases (models/valid.py)."""
 
   # segment() returns class-times-mask scores in [0, 1], averaged as they are over
   # scales and flips (detectron2's test-time augmentation), not through a softmax.
   SCORES_ARE_PROBABILITIES = True
   # segment()'s scores are at the input size.
   OUTPUT_STRIDE = 1
+
+  def valid_head(self, feats: list[jax.Array], sizes: list[jax.Array]
+                 ) -> tuple[jax.Array, jax.Array]:
+    """res2..res5 canvases and their valid grids [B, 2] -> the final prediction's class
+    logits [B, Q, K+1] and mask logits [B, Q, H/4, W/4], per image as alone."""
+    raise NotImplementedError
+
+  def segment(self, images: jax.Array, valid_hw: jax.Array | None = None) -> jax.Array:
+    """Eval-mode per-class scores at the input size [B, H, W, K] (semantic inference).
+
+    valid_hw: [B, 2] int32 multiples of 32, each image's (already padded) size in the
+    canvas `images` (whose sides are multiples of 32; models/valid.py): then per image the
+    scores of images[b, :h, :w] alone, valid over (h, w): detectron2 pads each image to
+    its size divisibility 32 first, so the valid size is the padded one."""
+    if valid_hw is None:
+      return self(images, train=False)["sem_seg"]
+    if images.shape[1] % 32 or images.shape[2] % 32:
+      raise ValueError(f"valid-size forward: canvas {images.shape[1:3]} is not a multiple "
+                       "of 32")
+    valid_hw = valid_hw.astype(jnp.int32)
+    sizes = stage_sizes(valid_hw, 4)
+    feats, _ = self.backbone(images.astype(self.dtype), layers.KeyChain(None), valid_hw)
+    logits, masks = self.valid_head(feats, sizes)                      # [B, Q, K+1], [B, Q, h, w]
+    # semantic_inference at the padded size (= the valid size): masks x4 from their own
+    # valid map, class probabilities times mask sigmoids.
+    masks = valid.upsample(jnp.transpose(masks, (0, 2, 3, 1)), sizes[0], 4)  # [B, H, W, Q]
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., :-1]
+    return jnp.einsum("bqk,bhwq->bhwk", probs, jax.nn.sigmoid(masks))
+
+
+class SeMaskMask2Former(Detectron2Segment, nnx.Module):
+  """images [B, H, W, 3] -> Mask2Former predictions + the SeMask semantic prior."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     build_backbone_and_head(self, config, Mask2FormerHeadConfig, SemSegHead, rngs=rngs)
@@ -114,25 +147,8 @@ class SeMaskMask2Former(nnx.Module):
                multi_scale_features=multi_scale, pixel_decoder_aux=pixel_aux)
     return out
 
-  def segment(self, images: jax.Array, valid_hw: jax.Array | None = None) -> jax.Array:
-    """Eval-mode per-class scores at the input size [B, H, W, K] (semantic inference).
-
-    valid_hw: [B, 2] int32 multiples of 32, each image's (already padded) size in the
-    canvas `images` (whose sides are multiples of 32; models/valid.py): then per image the
-    scores of images[b, :h, :w] alone, valid over (h, w)."""
-    if valid_hw is None:
-      return self(images, train=False)["sem_seg"]
-    if images.shape[1] % 32 or images.shape[2] % 32:
-      raise ValueError(f"valid-size forward: canvas {images.shape[1:3]} is not a multiple "
-                       "of 32")
-    valid_hw = valid_hw.astype(jnp.int32)
-    sizes = stage_sizes(valid_hw, 4)
-    feats, _ = self.backbone(images.astype(self.dtype), layers.KeyChain(None), valid_hw)
+  def valid_head(self, feats: list[jax.Array], sizes: list[jax.Array]
+                 ) -> tuple[jax.Array, jax.Array]:
     mask_features, multi_scale = self.sem_seg_head.pixel_decoder(feats, valid_sizes=sizes)
     out = self.sem_seg_head.predictor(multi_scale, mask_features, sizes[:0:-1])
-    logits, masks = out["pred_logits"][-1], out["pred_masks"][-1]     # [B, Q, K+1], [B, Q, h, w]
-    # semantic_inference at the padded size (= the valid size): masks x4 from their own
-    # valid map, class probabilities times mask sigmoids.
-    masks = valid.upsample(jnp.transpose(masks, (0, 2, 3, 1)), sizes[0], 4)  # [B, H, W, Q]
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., :-1]
-    return jnp.einsum("bqk,bhwq->bhwk", probs, jax.nn.sigmoid(masks))
+    return out["pred_logits"][-1], out["pred_masks"][-1]

@@ -18,7 +18,8 @@ from semask_jax.models import layers
 from semask_jax.models.config import MaskFormerHeadConfig, ModelConfig
 from semask_jax.models.maskformer_decoder import TransformerPredictor
 from semask_jax.models.maskformer_pixel_decoder import BasePixelDecoder
-from semask_jax.models.semask_mask2former import add_semantic_outputs, build_backbone_and_head
+from semask_jax.models.semask_mask2former import (Detectron2Segment, add_semantic_outputs,
+                                                  build_backbone_and_head)
 
 
 class SemSegHead(nnx.Module):
@@ -36,12 +37,8 @@ class SemSegHead(nnx.Module):
         enforce_input_project=c.enforce_input_proj, dtype=dtype, rngs=rngs)
 
 
-class SeMaskMaskFormer(nnx.Module):
+class SeMaskMaskFormer(Detectron2Segment, nnx.Module):
   """images [B, H, W, 3] -> MaskFormer predictions + the SeMask semantic prior."""
-
-  # segment() returns class-times-mask scores in [0, 1], averaged as they are over
-  # scales and flips (detectron2's test-time augmentation), not through a softmax.
-  SCORES_ARE_PROBABILITIES = True
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     build_backbone_and_head(self, config, MaskFormerHeadConfig, SemSegHead, rngs=rngs)
@@ -68,6 +65,8 @@ class SeMaskMaskFormer(nnx.Module):
     out.update(feats=feats, sems=sems, mask_features=mask_features)
     return out
 
-  def segment(self, images: jax.Array) -> jax.Array:
-    """Eval-mode per-class scores at the input size [B, H, W, K] (semantic inference)."""
-    return self(images, train=False)["sem_seg"]
+  def valid_head(self, feats: list[jax.Array], sizes: list[jax.Array]
+                 ) -> tuple[jax.Array, jax.Array]:
+    mask_features, _ = self.sem_seg_head.pixel_decoder(feats, sizes)
+    out = self.sem_seg_head.predictor(feats[-1], mask_features, valid_hw=sizes[3])
+    return out["pred_logits"][-1], out["pred_masks"][-1]

@@ -144,6 +144,25 @@ def resize(x: jax.Array, in_hw: jax.Array, out_hw: jax.Array, out_shape: tuple[i
   return x
 
 
+def resize_nearest(x: jax.Array, in_hw: jax.Array, out_hw: jax.Array,
+                   out_shape: tuple[int, int]) -> jax.Array:
+  """Per image: torch's legacy F.interpolate(x[b, :in_h, :in_w], size=out_hw[b],
+  mode='nearest') in an out_shape canvas [B, Ho, Wo, C]: source index min(floor(dst *
+  float32(in / out)), in - 1) (dst >> 1 for an exact x2, identity for equal sizes)."""
+  f32 = jnp.float32
+  for axis, n_out in ((1, out_shape[0]), (2, out_shape[1])):
+    a = axis - 1
+    scale = in_hw[:, a].astype(f32) / out_hw[:, a].astype(f32)              # [B]
+    src = jnp.floor(jnp.arange(n_out, dtype=f32)[None] * scale[:, None]).astype(jnp.int32)
+    src = jnp.minimum(src, in_hw[:, a, None] - 1)                            # [B, n_out]
+    shape = (x.shape[0], n_out, 1, 1) if axis == 1 else (x.shape[0], 1, n_out, 1)
+    full = list(x.shape)
+    full[axis] = n_out
+    x = jnp.take_along_axis(x, jnp.broadcast_to(src.reshape(shape), tuple(full[:3]) + (1,)),
+                            axis=axis)
+  return x
+
+
 @functools.lru_cache(maxsize=None)
 def _phases(factor: int) -> tuple[tuple[int, float], ...]:
   """(offset of the first tap, weight of the second) per output phase of an exact x factor

@@ -21,7 +21,6 @@ from semask_jax.evaluation import predict
 from semask_jax.evaluation.evaluator import (evaluate_exact, evaluate_per_image,
                                              write_eval_results)
 from semask_jax.evaluation.metrics import format_table
-from semask_jax.models import has_valid_size_forward
 from semask_jax.train.state import restore_for_inference
 
 
@@ -29,8 +28,7 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   """--mode eval: the latest checkpoint of workdir (or init_from) on the eval split."""
   mesh = sharding_lib.make_mesh()
   state, graphdef, rest, step = restore_for_inference(config, workdir, mesh)
-  # One image at a time: the test oracle, and the heads without a valid-size forward.
-  if config.eval.per_image or not has_valid_size_forward(config.model):
+  if config.eval.per_image:  # one image at a time: the test oracle
     results = evaluate_per_image(config, graphdef, rest, state)
   else:  # the same numbers, batched per bucket canvas on every device
     results = evaluate_exact(config, graphdef, rest, state, mesh)
