@@ -11,7 +11,6 @@ padding enters Mask2Former's norms and attention; not the reference's numbers).
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 from typing import Any, Callable, Protocol
@@ -20,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
 import input_pipeline
 from input_pipeline import pipeline
