@@ -25,7 +25,7 @@ from semask_jax.evaluation import bucketed, buckets
 from semask_jax.evaluation import inference as inference_lib
 from semask_jax.models import (SEMASK_MASK2FORMER, SEMASK_MASKFORMER, build_model,
                                default_model_config, valid)
-from semask_jax.models.fapn import resize_nearest_legacy
+from semask_jax.models.resize import resize_nearest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SIZES = os.environ.get('SEMASK_EVAL_SIZES', str(ROOT / '..' / 'shared' / 'reference' /
@@ -197,7 +197,7 @@ def test_valid_resize_nearest_is_the_legacy_nearest_per_image():
   out_hw = np.asarray([(3, 7), (7, 5), (5, 5)], np.int32)
   got = np.asarray(valid.resize_nearest(x, in_hw, out_hw, (8, 9)))
   for i, ((h, w), (ho, wo)) in enumerate(zip(in_hw, out_hw)):
-    want = np.asarray(resize_nearest_legacy(x[i:i + 1, :h, :w], (ho, wo)))[0]
+    want = np.asarray(resize_nearest(x[i:i + 1, :h, :w], (ho, wo)))[0]
     np.testing.assert_array_equal(got[i, :ho, :wo], want)
 
 

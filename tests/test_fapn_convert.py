@@ -11,7 +11,7 @@ from flax import nnx
 
 from convert_weights import convert_semask_mask2former, names
 from semask_jax.models import build_model, model_config_from_dict
-from semask_jax.models.fapn import _nearest_index, resize_nearest_legacy
+from semask_jax.models.resize import nearest_index, resize_nearest
 
 
 def _config(decoder):
@@ -68,19 +68,19 @@ def test_fapn_round_trip_other_settings(decoder):
 
 def test_legacy_nearest():
   """torch's F.interpolate(mode='nearest'): floor(dst * in / out), no half-pixel offset."""
-  assert list(_nearest_index(2, 3)) == [0, 0, 1]
-  assert list(_nearest_index(4, 7)) == [0, 0, 1, 1, 2, 2, 3]
-  assert list(_nearest_index(3, 5)) == [0, 0, 1, 1, 2]
-  assert list(_nearest_index(3, 6)) == [0, 0, 1, 1, 2, 2]
+  assert list(nearest_index(2, 3)) == [0, 0, 1]
+  assert list(nearest_index(4, 7)) == [0, 0, 1, 1, 2, 2, 3]
+  assert list(nearest_index(3, 5)) == [0, 0, 1, 1, 2]
+  assert list(nearest_index(3, 6)) == [0, 0, 1, 1, 2, 2]
   x = jnp.arange(2 * 3, dtype=jnp.float32).reshape(1, 2, 3, 1)
-  y = resize_nearest_legacy(x, (3, 7))
+  y = resize_nearest(x, (3, 7))
   np.testing.assert_array_equal(np.asarray(y[0, :, :, 0]), np.asarray(
       x[0][np.array([0, 0, 1])][:, np.array([0, 0, 0, 1, 1, 2, 2]), 0]))
   torch = pytest.importorskip("torch")
   for (h, w), (oh, ow) in (((2, 3), (3, 7)), ((3, 2), (5, 3)), ((5, 3), (10, 6))):
     x = np.random.default_rng(0).normal(size=(1, 2, h, w)).astype(np.float32)
     want = torch.nn.functional.interpolate(torch.tensor(x), size=(oh, ow), mode="nearest")
-    got = resize_nearest_legacy(jnp.asarray(x.transpose(0, 2, 3, 1)), (oh, ow))
+    got = resize_nearest(jnp.asarray(x.transpose(0, 2, 3, 1)), (oh, ow))
     np.testing.assert_array_equal(np.asarray(got).transpose(0, 3, 1, 2), want.numpy())
 
 

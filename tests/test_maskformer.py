@@ -14,7 +14,7 @@ from semask_jax.losses import maskformer as mfl
 from semask_jax.train import state as state_lib
 from semask_jax.models import (SEMASK_MASKFORMER, ModelConfig, SeMaskMaskFormer, build_model,
                                default_model_config, reference_sem_global)
-from semask_jax.models.maskformer_pixel_decoder import resize_nearest
+from semask_jax.models.resize import resize_nearest
 from tests import agreement
 from tests.param_masks import masks_by_name
 

@@ -39,7 +39,7 @@ from semask_jax.losses.mask2former import (IGNORE_INDEX, _bce_with_logits,
                                            check_slots_and_groups, group_mean,
                                            present_classes, semantic_ce)
 from semask_jax.losses.matching import linear_sum_assignment
-from semask_jax.models.maskformer_pixel_decoder import _nearest_index
+from semask_jax.models.resize import nearest_index
 from semask_jax.models.resize import resize_bilinear
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -72,8 +72,8 @@ def nearest_label(label: jax.Array, size: tuple[int, int]) -> jax.Array:
   """label [B, H, W] read at the prediction's grid `size` by torch 'nearest' (source
   pixel floor(dst * in / out): (4i, 4j) at stride 4) -> [B, h, w]. Resizing the label
   then comparing is resizing each 0/1 target mask: nearest only picks pixels."""
-  rows = _nearest_index(label.shape[1], int(size[0]))
-  cols = _nearest_index(label.shape[2], int(size[1]))
+  rows = nearest_index(label.shape[1], int(size[0]))
+  cols = nearest_index(label.shape[2], int(size[1]))
   return label[:, rows][:, :, cols]
 
 

@@ -13,7 +13,6 @@ checked equal and dropped by the converter). Maps are NHWC.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -25,7 +24,7 @@ from semask_jax.models import layers
 from semask_jax.models import valid
 from semask_jax.models.dcn import DCN
 from semask_jax.models.pixel_decoder import ConvNorm, MSDeformAttnPixelDecoder
-from semask_jax.models.resize import resize_bilinear
+from semask_jax.models.resize import resize_bilinear, resize_nearest
 
 
 def _c2_xavier_conv(in_ch: int, out_ch: int, kernel_size: int, *, use_bias: bool,
@@ -39,35 +38,6 @@ def _c2_xavier_conv(in_ch: int, out_ch: int, kernel_size: int, *, use_bias: bool
   if use_bias:
     conv.bias = nnx.Param(jnp.zeros((out_ch,), jnp.float32))
   return conv
-
-
-@functools.lru_cache(maxsize=None)
-def _nearest_index(in_size: int, out_size: int) -> np.ndarray:
-  """torch's legacy 'nearest' source index: min(floor(dst * (in / out)), in - 1), the
-  scale a float32 (no half-pixel offset: 2 -> 3 reads 0, 0, 1)."""
-  if out_size == in_size:
-    return np.arange(out_size)
-  if out_size == 2 * in_size:
-    return np.arange(out_size) >> 1
-  scale = np.float32(in_size) / np.float32(out_size)
-  src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-  return np.minimum(src, in_size - 1)
-
-
-def resize_nearest_legacy(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """F.interpolate(x, size, mode='nearest') on [B, H, W, C]; a repeat where the index is
-  one (no gather, so no scatter in the backward pass)."""
-  for axis, out_size in ((1, int(size[0])), (2, int(size[1]))):
-    in_size = x.shape[axis]
-    if in_size == out_size:
-      continue
-    idx = _nearest_index(in_size, out_size)
-    factor = out_size // in_size
-    if factor * in_size == out_size and np.array_equal(idx, np.arange(out_size) // factor):
-      x = jnp.repeat(x, factor, axis=axis)
-    else:
-      x = jnp.take(x, jnp.asarray(idx, jnp.int32), axis=axis)
-  return x
 
 
 class FeatureAlign(nnx.Module):
@@ -146,7 +116,7 @@ class PixelFANDecoder(nnx.Module):
     for n in (3, 2, 1):
       lateral = getattr(self, f"adapter_{n}")(feats[n - 1], hw[n - 1])  # [B, h, w, C]
       if valid_sizes is None:
-        up = resize_nearest_legacy(y, lateral.shape[1:3])
+        up = resize_nearest(y, lateral.shape[1:3])
       else:
         up = valid.resize_nearest(y, hw[n], hw[n - 1], lateral.shape[1:3])
       top_down = lateral + up.astype(lateral.dtype)

@@ -9,7 +9,6 @@ follow the checkpoint (`sem_seg_head.pixel_decoder.adapter_k`, `layer_k`,
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -20,30 +19,7 @@ from flax import nnx
 from semask_jax.models import layers
 from semask_jax.models import valid
 from semask_jax.models.pixel_decoder import ConvNorm
-
-
-@functools.lru_cache(maxsize=None)
-def _nearest_index(in_size: int, out_size: int) -> np.ndarray:
-  """torch F.interpolate(mode='nearest') source indices: floor(dst * in / out) in float32
-  (the legacy rule, not the half-pixel one of jax.image.resize), clamped to in - 1."""
-  scale = np.float32(in_size) / np.float32(out_size)
-  src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int32)
-  return np.minimum(src, in_size - 1)
-
-
-def resize_nearest(x: jax.Array, size: tuple[int, int], axes: tuple[int, int] = (1, 2)
-                   ) -> jax.Array:
-  """torch 'nearest' resize of the two spatial `axes` of x to `size`. An exact integer
-  upscale is a broadcast (no gather, so no scatter in the backward pass)."""
-  for axis, out in zip(axes, size):
-    n = x.shape[axis]
-    if n == out:
-      continue
-    if out % n == 0:  # floor(dst / f) = dst // f: repeat each row f times
-      x = jnp.repeat(x, out // n, axis=axis)
-    else:
-      x = jnp.take(x, _nearest_index(n, out), axis=axis)
-  return x
+from semask_jax.models.resize import resize_nearest
 
 
 class BasePixelDecoder(nnx.Module):

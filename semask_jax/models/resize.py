@@ -129,3 +129,34 @@ def resize_bilinear_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Ar
     w = jnp.asarray(w1.reshape(shape), x.dtype)
     x = jnp.take(x, i0, axis=axis) * (1 - w) + jnp.take(x, i1, axis=axis) * w
   return x
+
+
+@functools.lru_cache(maxsize=None)
+def nearest_index(in_size: int, out_size: int) -> np.ndarray:
+  """torch's legacy 'nearest' source index (F.interpolate(size=, mode='nearest')):
+  min(floor(dst * (in / out)), in - 1), the scale a float32 (no half-pixel offset:
+  2 -> 3 reads 0, 0, 1)."""
+  if out_size == in_size:
+    return np.arange(out_size)
+  if out_size == 2 * in_size:
+    return np.arange(out_size) >> 1
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+  return np.minimum(src, in_size - 1)
+
+
+def resize_nearest(x: jax.Array, size: tuple[int, int], axes: tuple[int, int] = (1, 2)
+                   ) -> jax.Array:
+  """F.interpolate(x, size, mode='nearest') of the two spatial `axes` of x; a repeat where
+  the index is one (no gather, so no scatter in the backward pass)."""
+  for axis, out_size in zip(axes, (int(size[0]), int(size[1]))):
+    in_size = x.shape[axis]
+    if in_size == out_size:
+      continue
+    idx = nearest_index(in_size, out_size)
+    factor = out_size // in_size
+    if factor * in_size == out_size and np.array_equal(idx, np.arange(out_size) // factor):
+      x = jnp.repeat(x, factor, axis=axis)
+    else:
+      x = jnp.take(x, jnp.asarray(idx, jnp.int32), axis=axis)
+  return x
