@@ -85,14 +85,20 @@ class BucketedInference:
                          if max_programs is None else max_programs)
     self._rep = sharding_lib.replicated(mesh)
     self._data = NamedSharding(mesh, P(sharding_lib.DATA_AXIS))
+    self._replicate = jax.jit(lambda p: p, out_shardings=self._rep)
     self.set_params(params)
     self._compiled: dict[tuple, Any] = {}
     self.compile_seconds = 0.0
     self.model_canvases: set[tuple[int, int]] = set()
 
   def set_params(self, params: Any) -> None:
-    """The model state evaluated next (placed whole on every device of the mesh)."""
-    self.params = jax.device_put(params, self._rep)
+    """The model state evaluated next, placed whole on every device of the mesh. A state
+    split over several processes (config.state_sharding='fsdp') is gathered by one jitted
+    identity (its all-gathers in one program): jax.device_put reshards it leaf by leaf,
+    and two such calls in a row (the evaluation's, then the summary images') hung on
+    XLA:CPU's gloo collectives (tests/test_distributed.py)."""
+    local = all(getattr(x, 'is_fully_addressable', True) for x in jax.tree.leaves(params))
+    self.params = jax.device_put(params, self._rep) if local else self._replicate(params)
 
   # ------------------------------------------------------------------ programs
 
