@@ -95,11 +95,28 @@ def decode_label(data: bytes | np.ndarray, what: str = 'label') -> np.ndarray:
 
 
 # detectron2 _apply_exif_orientation: EXIF Orientation tag -> PIL transpose.
-EXIF_ORIENTATION = 0x0112
+_EXIF_ORIENTATION = 0x0112
 _EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
                    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
                    8: Image.Transpose.ROTATE_90}
+_EXIF_SWAPS_SIDES = (5, 6, 7, 8)  # the orientations whose transpose swaps height and width
+
+
+def exif_orientation(im: Image.Image) -> int | None:
+  """The EXIF Orientation tag of an open PIL image (None when absent or unreadable: a
+  corrupt EXIF is ignored, as detectron2 does)."""
+  try:
+    return im.getexif().get(_EXIF_ORIENTATION)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def oriented_size(im: Image.Image) -> tuple[int, int]:
+  """(height, width) of an open PIL image once its EXIF orientation is applied (from the
+  header: nothing decoded)."""
+  w, h = im.size
+  return (w, h) if exif_orientation(im) in _EXIF_SWAPS_SIDES else (h, w)
 
 
 def decode_image_pil(data: bytes | np.ndarray, what: str = 'image') -> np.ndarray:
@@ -114,10 +131,7 @@ def decode_image_pil(data: bytes | np.ndarray, what: str = 'image') -> np.ndarra
     return data
   try:
     with Image.open(io.BytesIO(data)) as im:
-      try:
-        orientation = im.getexif().get(EXIF_ORIENTATION)
-      except Exception:  # pylint: disable=broad-except  (corrupt EXIF: as detectron2)
-        orientation = None
+      orientation = exif_orientation(im)
       out = im.transpose(_EXIF_TRANSPOSE[orientation]) if orientation in _EXIF_TRANSPOSE else im
       return np.asarray(out.convert('RGB'))
   except Exception as e:

@@ -49,7 +49,7 @@ def make_plans(config, sizes: Sequence[Sequence[int]], scales: Sequence[float] |
     items = [(pipeline.scale_sizes(tuple(hw), config.data, ratios, tta=tta), tuple(hw))
              for hw in sizes]
     out[name] = (buckets.plan([s for sz, _ in items for s in sz], spec, cap),
-                 buckets.small_programs(items, spec, batch, cap))
+                 buckets.small_programs(items, spec, batch, cap, flip))
   return out
 
 

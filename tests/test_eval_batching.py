@@ -92,6 +92,10 @@ def test_small_programs_are_counted_and_few():
   items = _items(100)
   spec = buckets.BucketSpec()
   small = buckets.small_programs(items, spec, 1)
+  # A flipped term never starts the sum: single scale + flip has each pair twice.
+  flipped = buckets.small_programs(items, spec, 1, flip=True)
+  assert flipped['resize_programs'] == 2 * small['resize_programs']
+  assert flipped['output_canvases'] == small['output_canvases']
   _, batches = buckets.plan_batches(items, spec, 1)
   outs = {buckets.out_canvas([items[i][1] for i in idx], spec) for idx in batches}
   assert small['output_canvases'] == len(outs)

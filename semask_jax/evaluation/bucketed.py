@@ -357,7 +357,7 @@ def load_batches(inference: BucketedInference, items: Items, load: Callable[[int
   `num_threads` threads (decoding releases the GIL) about two batches' worth."""
   import grain  # noqa: PLC0415  (the data loader: only where images are read)
   to_canvas, batches = inference.make_plan(items)
-  local = inference.local_rows()
+  local = set(inference.local_rows())
   wanted = [i for idx in batches for j, i in enumerate(idx) if j in local]
   examples = iter(())
   if wanted:

@@ -228,16 +228,17 @@ def out_canvas(hws: Iterable[Sequence[int]], spec: BucketSpec) -> tuple[int, int
 
 
 def small_programs(items: Sequence[tuple[Sequence[Sequence[int]], Sequence[int]]],
-                   spec: BucketSpec, batch: int, max_programs: int | None = None
-                   ) -> dict[str, int]:
+                   spec: BucketSpec, batch: int, max_programs: int | None = None,
+                   flip: bool = False) -> dict[str, int]:
   """The small programs an evaluation compiles beside the model's: resize + softmax + sum
-  (one per canvas and output canvas, and whether it starts the sum) and argmax +
-  confusion matrix (one per output canvas)."""
+  (one per canvas and output canvas, and whether it starts the sum: the first term of an
+  image, scale 0 unflipped) and argmax + confusion matrix (one per output canvas)."""
   to_canvas, batches = plan_batches(items, spec, batch, max_programs)
   post, outs = set(), set()
   for idx in batches:
     out = out_canvas((items[i][1] for i in idx), spec)
     outs.add(out)
     for r, hw in enumerate(items[idx[0]][0]):
-      post.add((to_canvas[spec.model_size(hw)], out, r == 0))
+      for f in ((False, True) if flip else (False,)):
+        post.add((to_canvas[spec.model_size(hw)], out, r == 0 and not f))
   return {'resize_programs': len(post), 'output_canvases': len(outs)}

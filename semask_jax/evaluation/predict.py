@@ -62,29 +62,20 @@ def output_names(files: list[str]) -> list[str]:
           for s, f in zip(stems, files)]
 
 
+def image_size(path: str) -> tuple[int, int]:
+  """(height, width) of an image file as load_rgb decodes it (EXIF orientation applied),
+  from its header; an unreadable file is refused in one line."""
+  try:
+    with Image.open(path) as im:
+      return T.oriented_size(im)
+  except OSError as e:
+    raise InputError(f'cannot read image {path!r}: {e}') from e
+
+
 def check_readable(paths: list[str]) -> None:
   """Opens each image's header (cheap), so that an unreadable file fails before the model is built."""
   for path in paths:
-    try:
-      with Image.open(path):
-        pass
-    except OSError as e:
-      raise InputError(f'cannot read image {path!r}: {e}') from e
-
-
-def image_size(path: str) -> tuple[int, int]:
-  """(height, width) of an image file as load_rgb decodes it (EXIF orientation applied),
-  from its header."""
-  try:
-    with Image.open(path) as im:
-      w, h = im.size
-      try:
-        orientation = im.getexif().get(T.EXIF_ORIENTATION)
-      except Exception:  # pylint: disable=broad-except  (corrupt EXIF: as the decoders)
-        orientation = None
-  except OSError as e:
-    raise InputError(f'cannot read image {path!r}: {e}') from e
-  return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # the transposing orientations
+    image_size(path)
 
 
 def colorize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
